@@ -1,0 +1,1 @@
+"""Data: schema, metadata, image decoding, TFRecords, tf.data, synthetic films."""

@@ -1,0 +1,112 @@
+"""Names shared by every stage: findings, TFRecord feature keys, normalisation."""
+
+import dataclasses
+
+# Canonical order of Wang et al. 2017; the first 8 have ground-truth boxes.
+FINDINGS = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+NUM_FINDINGS = len(FINDINGS)
+BOXED_FINDINGS = FINDINGS[:8]
+NO_FINDING = "No Finding"
+
+# Spellings seen in real files, mapped to the canonical names.
+FINDING_ALIASES = {
+    "Infiltrate": "Infiltration",
+    "Pleural Thickening": "Pleural_Thickening",
+    "Pleural_thickening": "Pleural_Thickening",
+}
+
+SPLITS = ("train", "val", "test")
+
+# tf.train.Example keys (the conventional TF Object Detection API names).
+KEY_IMAGE = "image/encoded"
+KEY_HEIGHT = "image/height"
+KEY_WIDTH = "image/width"
+KEY_FORMAT = "image/format"
+KEY_IMAGE_ID = "image/id"
+KEY_ORIGINAL_HEIGHT = "image/original_height"
+KEY_ORIGINAL_WIDTH = "image/original_width"
+KEY_PATIENT_ID = "patient/id"
+KEY_LABELS = "image/class/multilabel"
+KEY_BBOX_XMIN = "image/object/bbox/xmin"
+KEY_BBOX_YMIN = "image/object/bbox/ymin"
+KEY_BBOX_XMAX = "image/object/bbox/xmax"
+KEY_BBOX_YMAX = "image/object/bbox/ymax"
+KEY_BBOX_LABEL = "image/object/class/label"
+KEY_VIEW_POSITION = "image/view_position"
+KEY_PATIENT_AGE = "patient/age"
+KEY_PATIENT_SEX = "patient/sex"
+
+TFRECORD_PATTERN = "{split}-*.tfrecord.gz"
+INGEST_REPORT = "ingest_report.json"
+
+
+def canonical_finding(name):
+  """Returns the canonical spelling of a finding name, or raises ValueError.
+
+  Args:
+    name: a finding label as written in a data set file.
+
+  Returns:
+    The name as spelled in `FINDINGS`.
+
+  Raises:
+    ValueError: the name is not one of the 14 findings.
+  """
+  cleaned = name.strip()
+  cleaned = FINDING_ALIASES.get(cleaned, cleaned)
+  if cleaned not in FINDINGS:
+    raise ValueError(
+        f"Unknown finding label {name!r}. Expected one of {FINDINGS} "
+        f"(or an alias in {sorted(FINDING_ALIASES)}).")
+  return cleaned
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+  """Pixel normalisation, on the 0..255 grayscale scale: (x - mean) / std."""
+  mean: float
+  std: float
+
+
+# keras.applications backbones follow the ImageNet ("torch") convention; for a
+# single grayscale channel the channel means and stds are averaged, and the
+# model maps back to per-channel values when it loads ImageNet weights.
+IMAGENET_GRAY = Normalization(mean=0.449 * 255.0, std=0.226 * 255.0)
+# Our own backbones use the fixed convention of the public PCAM code.
+FIXED = Normalization(mean=128.0, std=64.0)
+
+_NORMALIZATION = {
+    "resnet34": FIXED,
+    "infomask": FIXED,
+    "densenet121": IMAGENET_GRAY,
+    "resnet50": IMAGENET_GRAY,
+}
+
+
+def normalization_for(backbone):
+  """Returns the `Normalization` a backbone is trained with.
+
+  Raises:
+    ValueError: unknown backbone.
+  """
+  try:
+    return _NORMALIZATION[backbone]
+  except KeyError:
+    raise ValueError(f"Unknown `backbone`. Expected one of "
+                     f"{sorted(_NORMALIZATION)}. Received: backbone={backbone!r}"
+                     ) from None

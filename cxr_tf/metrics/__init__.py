@@ -1,0 +1,1 @@
+"""Metrics: classification (AUROC) and localization (IoBB, IoU, IoP)."""

@@ -1,0 +1,1 @@
+"""TFX-style pipeline: ingest, statistics, train, evaluate, push."""

@@ -1,0 +1,1 @@
+"""Serving: client, local PredictionService, TF Serving configs."""
