@@ -14,8 +14,10 @@ SAMPLE_DIR = SHARED_DIR / "cxr14_sample"
 
 @pytest.fixture(scope="session")
 def cxr14_sample():
-  """The real NIH sample in ../shared/cxr14_sample, or a skip saying why."""
-  if not (SAMPLE_DIR / "meta").is_dir():
-    pytest.skip(f"real ChestX-ray14 sample not found at {SAMPLE_DIR}: these "
-                "tests run inside the project checkout next to ../shared")
-  return SAMPLE_DIR
+    """The real NIH sample in ../shared/cxr14_sample, or a skip saying why."""
+    if not (SAMPLE_DIR / "meta").is_dir():
+        pytest.skip(
+            f"real ChestX-ray14 sample not found at {SAMPLE_DIR}: these "
+            "tests run inside the project checkout next to ../shared"
+        )
+    return SAMPLE_DIR

@@ -5,13 +5,14 @@ import setuptools
 setuptools.setup(
     name="cxr_tf",
     version="0.1.0",
-    description=("Weakly supervised thoracic disease classification and "
-                 "localization on chest X-rays (PCAM pooling, InfoMask)."),
+    description=(
+        "Weakly supervised thoracic disease classification and "
+        "localization on chest X-rays (PCAM pooling, InfoMask)."
+    ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=setuptools.find_packages(include=("cxr_tf*", "pipeline*",
-                                               "serving*")),
+    packages=setuptools.find_packages(include=("cxr_tf*", "pipeline*", "serving*")),
     package_data={"serving": ["*.config"]},
     install_requires=[
         "tensorflow>=2.21,<2.22",

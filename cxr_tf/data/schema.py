@@ -56,31 +56,33 @@ INGEST_REPORT = "ingest_report.json"
 
 
 def canonical_finding(name):
-  """Returns the canonical spelling of a finding name, or raises ValueError.
+    """Returns the canonical spelling of a finding name, or raises ValueError.
 
-  Args:
-    name: a finding label as written in a data set file.
+    Args:
+      name: a finding label as written in a data set file.
 
-  Returns:
-    The name as spelled in `FINDINGS`.
+    Returns:
+      The name as spelled in `FINDINGS`.
 
-  Raises:
-    ValueError: the name is not one of the 14 findings.
-  """
-  cleaned = name.strip()
-  cleaned = FINDING_ALIASES.get(cleaned, cleaned)
-  if cleaned not in FINDINGS:
-    raise ValueError(
-        f"Unknown finding label {name!r}. Expected one of {FINDINGS} "
-        f"(or an alias in {sorted(FINDING_ALIASES)}).")
-  return cleaned
+    Raises:
+      ValueError: the name is not one of the 14 findings.
+    """
+    cleaned = name.strip()
+    cleaned = FINDING_ALIASES.get(cleaned, cleaned)
+    if cleaned not in FINDINGS:
+        raise ValueError(
+            f"Unknown finding label {name!r}. Expected one of {FINDINGS} "
+            f"(or an alias in {sorted(FINDING_ALIASES)})."
+        )
+    return cleaned
 
 
 @dataclasses.dataclass(frozen=True)
 class Normalization:
-  """Pixel normalisation, on the 0..255 grayscale scale: (x - mean) / std."""
-  mean: float
-  std: float
+    """Pixel normalisation, on the 0..255 grayscale scale: (x - mean) / std."""
+
+    mean: float
+    std: float
 
 
 # keras.applications backbones follow the ImageNet ("torch") convention; for a
@@ -99,14 +101,15 @@ _NORMALIZATION = {
 
 
 def normalization_for(backbone):
-  """Returns the `Normalization` a backbone is trained with.
+    """Returns the `Normalization` a backbone is trained with.
 
-  Raises:
-    ValueError: unknown backbone.
-  """
-  try:
-    return _NORMALIZATION[backbone]
-  except KeyError:
-    raise ValueError(f"Unknown `backbone`. Expected one of "
-                     f"{sorted(_NORMALIZATION)}. Received: backbone={backbone!r}"
-                     ) from None
+    Raises:
+      ValueError: unknown backbone.
+    """
+    try:
+        return _NORMALIZATION[backbone]
+    except KeyError:
+        raise ValueError(
+            f"Unknown `backbone`. Expected one of "
+            f"{sorted(_NORMALIZATION)}. Received: backbone={backbone!r}"
+        ) from None

@@ -10,75 +10,92 @@ BACKBONES = ("resnet34", "densenet121", "resnet50", "infomask")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """What `build_model` needs.
+    """What `build_model` needs.
 
-  Attributes:
-    backbone: one of `BACKBONES`.
-    pooling: a pooling name of `cxr_tf.layers.POOLING_NAMES` (ignored by the
-      `infomask` backbone, whose classifier pools globally).
-    num_classes: number of findings (14 for ChestX-ray14).
-    image_size: square input side in pixels.
-    channels: input channels (1 for grayscale films).
-    weights: None (random init) or "imagenet" (keras.applications only).
-    pooling_options: extra keyword arguments of the pooling layer, as sorted
-      (name, value) pairs so the config stays hashable (e.g. gamma for LSE).
-    infomask_variant: "infomask", "featuremask" or "regl1" (InfoMask backbone).
-    infomask_alpha: weight of the KL (or L1) term of the mask.
-    infomask_tau: mask offset, M = clip(sigmoid(z) - tau, 0, 1).
-  """
-  backbone: str = "resnet34"
-  pooling: str = "pcam"
-  num_classes: int = schema.NUM_FINDINGS
-  image_size: int = 512
-  channels: int = 1
-  weights: str | None = None
-  pooling_options: tuple = ()
-  infomask_variant: str = "infomask"
-  infomask_alpha: float = 0.5
-  infomask_tau: float = 0.2
+    Attributes:
+      backbone: one of `BACKBONES`.
+      pooling: a pooling name of `cxr_tf.layers.POOLING_NAMES` (ignored by the
+        `infomask` backbone, whose classifier pools globally).
+      num_classes: number of findings (14 for ChestX-ray14).
+      image_size: square input side in pixels.
+      channels: input channels (1 for grayscale films).
+      weights: None (random init) or "imagenet" (keras.applications only).
+      pooling_options: extra keyword arguments of the pooling layer, as sorted
+        (name, value) pairs so the config stays hashable (e.g. gamma for LSE).
+      infomask_variant: "infomask", "featuremask" or "regl1" (InfoMask backbone).
+      infomask_alpha: weight of the KL (or L1) term of the mask.
+      infomask_tau: mask offset, M = clip(sigmoid(z) - tau, 0, 1).
+    """
 
-  def __post_init__(self):
-    if self.backbone not in BACKBONES:
-      raise ValueError(f"`backbone` must be one of {BACKBONES}. "
-                       f"Received: backbone={self.backbone!r}")
-    if not isinstance(self.num_classes, int) or self.num_classes < 1:
-      raise ValueError("`num_classes` must be a positive int. "
-                       f"Received: num_classes={self.num_classes!r}")
-    if not isinstance(self.image_size, int) or self.image_size < 32:
-      raise ValueError("`image_size` must be an int >= 32. "
-                       f"Received: image_size={self.image_size!r}")
-    if self.channels not in (1, 3):
-      raise ValueError("`channels` must be 1 or 3. "
-                       f"Received: channels={self.channels!r}")
-    if self.weights not in (None, "imagenet"):
-      raise ValueError("`weights` must be None or 'imagenet'. "
-                       f"Received: weights={self.weights!r}")
-    if self.weights == "imagenet" and self.backbone not in ("densenet121",
-                                                            "resnet50"):
-      raise ValueError("`weights='imagenet'` exists only for the "
-                       "keras.applications backbones (densenet121, resnet50). "
-                       f"Received: backbone={self.backbone!r}")
-    if isinstance(self.pooling_options, dict):
-      object.__setattr__(self, "pooling_options",
-                         tuple(sorted(self.pooling_options.items())))
+    backbone: str = "resnet34"
+    pooling: str = "pcam"
+    num_classes: int = schema.NUM_FINDINGS
+    image_size: int = 512
+    channels: int = 1
+    weights: str | None = None
+    pooling_options: tuple = ()
+    infomask_variant: str = "infomask"
+    infomask_alpha: float = 0.5
+    infomask_tau: float = 0.2
 
-  @property
-  def normalization(self):
-    return schema.normalization_for(self.backbone)
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ValueError(
+                f"`backbone` must be one of {BACKBONES}. "
+                f"Received: backbone={self.backbone!r}"
+            )
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(
+                "`num_classes` must be a positive int. "
+                f"Received: num_classes={self.num_classes!r}"
+            )
+        if not isinstance(self.image_size, int) or self.image_size < 32:
+            raise ValueError(
+                "`image_size` must be an int >= 32. "
+                f"Received: image_size={self.image_size!r}"
+            )
+        if self.channels not in (1, 3):
+            raise ValueError(
+                "`channels` must be 1 or 3. " f"Received: channels={self.channels!r}"
+            )
+        if self.weights not in (None, "imagenet"):
+            raise ValueError(
+                "`weights` must be None or 'imagenet'. "
+                f"Received: weights={self.weights!r}"
+            )
+        if self.weights == "imagenet" and self.backbone not in (
+            "densenet121",
+            "resnet50",
+        ):
+            raise ValueError(
+                "`weights='imagenet'` exists only for the "
+                "keras.applications backbones (densenet121, resnet50). "
+                f"Received: backbone={self.backbone!r}"
+            )
+        if isinstance(self.pooling_options, dict):
+            object.__setattr__(
+                self, "pooling_options", tuple(sorted(self.pooling_options.items()))
+            )
 
-  def to_dict(self):
-    d = dataclasses.asdict(self)
-    d["pooling_options"] = dict(self.pooling_options)
-    return d
+    @property
+    def normalization(self):
+        return schema.normalization_for(self.backbone)
 
-  @classmethod
-  def from_dict(cls, d):
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - fields
-    if unknown:
-      raise ValueError(f"Unknown ModelConfig fields {sorted(unknown)}; "
-                       f"expected a subset of {sorted(fields)}")
-    return cls(**d)
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["pooling_options"] = dict(self.pooling_options)
+        return d
 
-  def to_json(self):
-    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+    @classmethod
+    def from_dict(cls, d):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(
+                f"Unknown ModelConfig fields {sorted(unknown)}; "
+                f"expected a subset of {sorted(fields)}"
+            )
+        return cls(**d)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
