@@ -1,0 +1,192 @@
+"""Step records and caching: what every pipeline step shares (TFX's metadata store)."""
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import traceback
+
+from absl import logging
+
+import cxr_tf
+
+RECORD_FILE = "record.json"
+_CODE_ROOTS = ("cxr_tf", "pipeline")
+
+
+class StepFailedError(RuntimeError):
+    """A pipeline step failed; the message names the step and its record."""
+
+
+class AnomaliesFoundError(RuntimeError):
+    """Data validation found anomalies; the message names each one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A finished step's output: where it lives and its record."""
+
+    step: str
+    run_id: str
+    uri: str
+    record: dict
+
+    @property
+    def outputs(self):
+        return self.record["outputs"]
+
+
+def code_version():
+    """Returns the package version plus a hash of the pipeline's source files.
+
+    A step's cache key includes it, so editing the code reruns the steps (TFX
+    does the same through the component's spec and executor versions).
+    """
+    digest = hashlib.sha256()
+    top = pathlib.Path(__file__).resolve().parent.parent
+    for root in _CODE_ROOTS:
+        for path in sorted((top / root).rglob("*.py")):
+            digest.update(str(path.relative_to(top)).encode())
+            digest.update(path.read_bytes())
+    return f"{cxr_tf.__version__}+{digest.hexdigest()[:12]}"
+
+
+def fingerprint(step, parameters, inputs, code):
+    """The cache key of a step run: step, parameters, upstream ids and code.
+
+    Args:
+      step: step name.
+      parameters: JSON-serialisable dict of the step's parameters.
+      inputs: dict of input name -> upstream `Artifact` or plain path string.
+      code: the code version string.
+
+    Returns:
+      A 16-character hex string, used as the run id.
+    """
+    upstream = {
+        name: (a.run_id if isinstance(a, Artifact) else str(a))
+        for name, a in sorted(inputs.items())
+    }
+    blob = json.dumps(
+        {"step": step, "parameters": parameters, "inputs": upstream, "code": code},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_record(step_dir):
+    """Returns the record dict in `step_dir`, or None if there is none."""
+    path = pathlib.Path(step_dir) / RECORD_FILE
+    if not path.exists():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_record(step_dir, record):
+    path = pathlib.Path(step_dir) / RECORD_FILE
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def run_step(pipeline_root, step, fn, parameters, inputs, force=False, keep=False):
+    """Runs `fn` once per distinct (parameters, inputs, code); reuses earlier output.
+
+    The output folder is PIPELINE_ROOT/<step>/<run_id>/ with run_id the cache
+    key, so a rerun after a crash lands in the same folder: a step that can
+    resume (training) picks up where it stopped.
+
+    Args:
+      pipeline_root: root folder of all artifacts.
+      step: step name.
+      fn: callable(output_dir, **inputs) -> dict of outputs (JSON-serialisable).
+      parameters: dict of the step's parameters (part of the cache key).
+      inputs: dict name -> upstream `Artifact` (or path), passed to `fn`.
+      force: run even when a succeeded record exists.
+      keep: when rerunning a failed or forced step, keep the folder's files
+        (training resumes from its backup) instead of starting clean.
+
+    Returns:
+      The step's `Artifact`.
+
+    Raises:
+      StepFailedError: `fn` raised; the record says `failed` with the error.
+    """
+    code = code_version()
+    run_id = fingerprint(step, parameters, inputs, code)
+    out = pathlib.Path(pipeline_root) / step / run_id
+    earlier = read_record(out)
+    if earlier and earlier.get("status") == "succeeded" and not force:
+        logging.info("%s: reusing %s (inputs and parameters unchanged)", step, out)
+        return Artifact(step, run_id, str(out), earlier)
+    if out.exists() and not keep:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "step": step,
+        "run_id": run_id,
+        "uri": str(out),
+        "inputs": {
+            k: (v.uri if isinstance(v, Artifact) else str(v)) for k, v in inputs.items()
+        },
+        "parameters": parameters,
+        "code_version": code,
+        "start_time": _now(),
+        "end_time": None,
+        "status": "running",
+        "outputs": {},
+    }
+    _write_record(out, record)
+    logging.info("%s: running into %s", step, out)
+    try:
+        outputs = fn(str(out), **inputs)
+    except BaseException as e:  # Recorded, then re-raised for the caller.
+        record.update(
+            status="failed",
+            end_time=_now(),
+            error=f"{type(e).__name__}: {e}",
+            traceback=traceback.format_exc(),
+        )
+        _write_record(out, record)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise StepFailedError(
+            f"Step {step!r} failed: {type(e).__name__}: {e} (record: {out / RECORD_FILE})"
+        ) from e
+    record.update(status="succeeded", end_time=_now(), outputs=outputs or {})
+    _write_record(out, record)
+    return Artifact(step, run_id, str(out), record)
+
+
+@contextlib.contextmanager
+def atomic_directory(final_path):
+    """Yields a temporary sibling folder that is renamed to `final_path` on success.
+
+    A reader watching the parent (TF Serving polling its base path) sees
+    either nothing or the whole folder, never half of it.
+    """
+    final_path = pathlib.Path(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final_path.parent / f".{final_path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final_path.exists():
+        raise FileExistsError(f"{final_path} already exists; refusing to overwrite it")
+    os.rename(tmp, final_path)
