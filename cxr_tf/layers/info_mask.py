@@ -1,0 +1,177 @@
+"""InfoMask (Taghanaki et al. 2019): a variational spatial mask of the input."""
+
+import keras
+from keras import ops
+
+VARIANTS = ("infomask", "featuremask", "regl1")
+
+
+@keras.saving.register_keras_serializable(package="cxr_tf")
+class InfoMask(keras.layers.Layer):
+    """Learned mask M that keeps the discriminative pixels of the input.
+
+    From the encoder features: attention A = ReLU(1x1 conv), one channel,
+    upsampled bilinearly to the image size; mu = 1x1 conv(A) and
+    log-variance = 1x1 conv(A); sigma = exp(logvar / 2); z = mu + sigma * eps
+    with eps ~ N(0, 1) drawn only when training (z = mu otherwise);
+    M = clip(sigmoid(z) - tau, 0, 1) (eq. 4) and the output is images * M.
+
+    Regulariser, added with `self.add_loss` on every call:
+    - "infomask": alpha * KL(N(mu, sigma^2) || N(0, 1)), the KL averaged over
+      batch and pixels (not summed), so alpha keeps its meaning at any image
+      size: alpha * mean(0.5 * (mu^2 + sigma^2 - 1 - logvar)).
+    - "featuremask": none, and z = mu also in training (deterministic mask).
+    - "regl1": alpha * mean |M| over batch and pixels instead of the KL; z is
+      still sampled in training.
+    The mask parameters and the regulariser run in float32.
+
+    Input shape:
+      A list `[encoder_features, images]`: (B, h, w, C) and (B, H, W, Ci).
+
+    Output shape:
+      A tuple `(masked_images, mask)`: (B, H, W, Ci) and (B, H, W, 1) in
+      [0, 1 - tau].
+
+    Example:
+    >>> masked, mask = InfoMask(seed=0)(
+    ...     [np.ones((2, 8, 8, 16), "float32"), np.ones((2, 32, 32, 1), "float32")])
+
+    Args:
+      variant: "infomask", "featuremask" or "regl1".
+      alpha: weight of the KL (or L1) term, a float >= 0.
+      tau: mask offset in [0, 1).
+      seed: int or None, seed of the noise eps.
+      kernel_initializer: initializer of the three 1x1 conv kernels.
+      bias_initializer: initializer of the three 1x1 conv biases.
+      **kwargs: base `keras.layers.Layer` arguments.
+
+    Raises:
+      ValueError: on an unknown `variant`, a negative `alpha`, `tau` outside
+        [0, 1) or a non-int `seed`.
+    """
+
+    def __init__(
+        self,
+        variant="infomask",
+        alpha=0.5,
+        tau=0.2,
+        seed=None,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        # Weights are read in float32 and cast by hand where float16 is safe.
+        kwargs["autocast"] = False
+        super().__init__(**kwargs)
+        if variant not in VARIANTS:
+            raise ValueError(
+                f"`variant` must be one of {VARIANTS}. Received: variant={variant!r}"
+            )
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not 0 <= alpha < float("inf")
+        ):
+            raise ValueError(
+                f"`alpha` must be a finite float >= 0. Received: alpha={alpha!r}"
+            )
+        if (
+            isinstance(tau, bool)
+            or not isinstance(tau, (int, float))
+            or not (0 <= tau < 1)
+        ):
+            raise ValueError(f"`tau` must be a float in [0, 1). Received: tau={tau!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"`seed` must be an int or None. Received: seed={seed!r}")
+        self.variant = variant
+        self.alpha = alpha
+        self.tau = tau
+        self.seed = seed
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        if not isinstance(input_shape, (list, tuple)) or len(input_shape) != 2:
+            raise ValueError(
+                "InfoMask expects a list [encoder_features, images]. "
+                f"Received: input_shape={input_shape}"
+            )
+        features_shape, images_shape = input_shape
+        if len(features_shape) != 4 or len(images_shape) != 4:
+            raise ValueError(
+                "InfoMask expects rank-4 encoder features and images. "
+                f"Received: input_shape={input_shape}"
+            )
+        if features_shape[-1] is None:
+            raise ValueError(
+                "InfoMask needs a known channel dimension of the encoder "
+                f"features. Received: input_shape={input_shape}"
+            )
+        self.attention_kernel = self._kernel("attention_kernel", features_shape[-1])
+        self.attention_bias = self._bias("attention_bias")
+        self.mu_kernel = self._kernel("mu_kernel", 1)
+        self.mu_bias = self._bias("mu_bias")
+        self.logvar_kernel = self._kernel("logvar_kernel", 1)
+        self.logvar_bias = self._bias("logvar_bias")
+
+    def _kernel(self, name, channels):
+        return self.add_weight(
+            name=name, shape=(channels, 1), initializer=self.kernel_initializer
+        )
+
+    def _bias(self, name):
+        return self.add_weight(name=name, shape=(1,), initializer=self.bias_initializer)
+
+    def attention(self, features, height, width):
+        """A = ReLU(1x1 conv(features)) upsampled bilinearly, (B, H, W, 1)."""
+        dtype = self.compute_dtype
+        attention = ops.matmul(features, ops.cast(self.attention_kernel, dtype))
+        attention = ops.relu(attention + ops.cast(self.attention_bias, dtype))
+        return ops.image.resize(
+            attention, (height, width), interpolation="bilinear", antialias=False
+        )
+
+    def call(self, inputs, training=None):
+        # With autocast off Keras leaves the inputs alone too.
+        features = ops.cast(inputs[0], self.compute_dtype)
+        images = ops.cast(inputs[1], self.compute_dtype)
+        height, width = ops.shape(images)[1], ops.shape(images)[2]
+        attention = ops.cast(self.attention(features, height, width), "float32")
+        mu = attention * self.mu_kernel[0, 0] + self.mu_bias[0]
+        logvar = attention * self.logvar_kernel[0, 0] + self.logvar_bias[0]
+        z = mu
+        if training and self.variant != "featuremask":
+            eps = keras.random.normal(
+                ops.shape(mu), dtype="float32", seed=self.seed_generator
+            )
+            z = mu + ops.exp(0.5 * logvar) * eps
+        mask = ops.clip(ops.sigmoid(z) - ops.cast(self.tau, "float32"), 0.0, 1.0)
+        alpha = ops.cast(self.alpha, "float32")
+        if self.variant == "infomask":
+            kl = 0.5 * (ops.square(mu) + ops.exp(logvar) - 1.0 - logvar)
+            self.add_loss(alpha * ops.mean(kl))
+        elif self.variant == "regl1":
+            self.add_loss(alpha * ops.mean(ops.abs(mask)))
+        mask = ops.cast(mask, self.compute_dtype)
+        return images * mask, mask
+
+    def compute_output_shape(self, input_shape):
+        images_shape = tuple(input_shape[1])
+        return images_shape, images_shape[:-1] + (1,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "variant": self.variant,
+                "alpha": self.alpha,
+                "tau": self.tau,
+                "seed": self.seed,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            }
+        )
+        return config
