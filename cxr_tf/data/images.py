@@ -1,0 +1,405 @@
+"""Decodes chest X-ray files (PNG, JPEG, DICOM) to 2-D uint8 grayscale arrays."""
+
+import io
+import pathlib
+import warnings
+
+from absl import logging
+import numpy as np
+from PIL import Image
+from PIL import ImageOps
+import pydicom
+from pydicom import uid as dicom_uid
+from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_voi
+
+# Larger images are refused before their pixels are decoded (decompression
+# bombs); a chest X-ray is at most ~4300x4300 (18 MP).
+MAX_IMAGE_PIXELS = 50_000_000
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8"
+DICOM_MAGIC = b"DICM"
+DICOM_MAGIC_OFFSET = 128
+
+# Values of these tags identify a patient: never put them in a message or log.
+_IDENTIFYING_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "PatientMotherBirthName",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "OtherPatientIDsSequence",
+    "IssuerOfPatientID",
+    "MedicalRecordLocator",
+    "AccessionNumber",
+    "StudyID",
+    "InstitutionName",
+    "InstitutionAddress",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+)
+_MAX_REASON_CHARS = 300
+
+
+class ImageDecodeError(ValueError):
+    """A file that is not a decodable PNG, JPEG or DICOM image.
+
+    Attributes:
+      source: the file name (or "<bytes>") the error is about.
+      reason: why it could not be decoded.
+    """
+
+    def __init__(self, source, reason):
+        self.source = source
+        self.reason = reason
+        super().__init__(f"Cannot decode image {source!r}: {reason}")
+
+
+def read_image(path, max_pixels=MAX_IMAGE_PIXELS):
+    """Reads and decodes an image file; see `decode_image`.
+
+    Args:
+      path: path of a PNG, JPEG or DICOM file.
+      max_pixels: images with more pixels are refused.
+
+    Returns:
+      A 2-D `np.uint8` array (height, width).
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      ImageDecodeError: the file is empty, truncated, corrupt or not an image.
+    """
+    path = pathlib.Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Image file not found: {str(path)!r}") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(str(path), "is a directory") from None
+    return decode_image(data, name=str(path), max_pixels=max_pixels)
+
+
+def decode_image(data, name="<bytes>", max_pixels=MAX_IMAGE_PIXELS):
+    """Decodes PNG, JPEG or DICOM bytes to a 2-D uint8 grayscale image.
+
+    The format is detected from the magic bytes (PNG `\\x89PNG`, JPEG
+    `\\xff\\xd8`, DICOM `DICM` at offset 128); other bytes are tried as a
+    DICOM data set without preamble and accepted only if they parse as one
+    with pixel data.
+
+    - PNG / JPEG: 8-bit grayscale is returned as is; RGB(A) with R=G=B (as
+      NIH ships some images) gives that channel, other colour images their
+      ITU-R 601 luma; alpha is ignored; palette images go through their
+      palette; 16-bit and 32-bit images are min-max scaled to 0..255. JPEG
+      EXIF orientation is applied.
+    - DICOM: modality LUT (Rescale Slope/Intercept), then the VOI LUT if the
+      file has one, else the first window (Window Center/Width, VOI LUT
+      Function), else min-max scaling; MONOCHROME1 is inverted so that
+      bone is bright. Multi-frame files give their first frame. Values of
+      patient-identifying tags never appear in errors or logs.
+
+    Args:
+      data: the file's bytes.
+      name: the file name used in error messages.
+      max_pixels: images with more pixels are refused before decoding.
+
+    Returns:
+      A 2-D `np.uint8` array (height, width) at the file's resolution.
+
+    Raises:
+      ImageDecodeError: (a `ValueError`) empty, truncated, corrupt,
+        oversized or unsupported data; the message names `name`.
+      TypeError: `data` is not bytes-like.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"`data` must be bytes. Received: data of type {type(data).__name__}"
+        )
+    data = bytes(data)
+    if not data:
+        raise ImageDecodeError(name, "the file is empty (0 bytes)")
+    if data.startswith(PNG_MAGIC):
+        return _decode_pillow(data, name, "PNG", max_pixels)
+    if data.startswith(JPEG_MAGIC):
+        return _decode_pillow(data, name, "JPEG", max_pixels)
+    if data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == DICOM_MAGIC:
+        return _decode_dicom(data, name, max_pixels, force=False)
+    return _decode_dicom(data, name, max_pixels, force=True)
+
+
+def _short(error):
+    text = f"{type(error).__name__}: {error}"
+    if len(text) > _MAX_REASON_CHARS:
+        text = text[: _MAX_REASON_CHARS - 3] + "..."
+    return text
+
+
+def _decode_pillow(data, name, image_format, max_pixels):
+    """Decodes PNG or JPEG with Pillow (truncated images stay errors)."""
+    try:
+        with warnings.catch_warnings():
+            # Our own (lower) pixel cap applies; Pillow's bomb warning is noise.
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data), formats=[image_format])
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise ImageDecodeError(name, f"invalid size {width}x{height}")
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    name,
+                    f"{width}x{height} pixels is more than max_pixels="
+                    f"{max_pixels} (refused as a possible decompression bomb)",
+                )
+            if image_format == "PNG":
+                # verify() checks every chunk CRC, IDAT included, which load()
+                # does not; it needs its own fresh image object.
+                Image.open(io.BytesIO(data), formats=["PNG"]).verify()
+            image.load()
+            if image_format == "JPEG":
+                image = ImageOps.exif_transpose(image)
+            return _pillow_to_gray(image, name)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageDecodeError(
+            name, f"more than max_pixels={max_pixels} (decompression bomb)"
+        ) from None
+    except Exception as e:  # pylint: disable=broad-except
+        # Pillow signals corrupt data with OSError, SyntaxError, ValueError,
+        # zlib/struct errors, ...: all mean "not decodable" here.
+        raise ImageDecodeError(
+            name, f"corrupt or truncated {image_format} ({_short(e)})"
+        ) from e
+
+
+def _pillow_to_gray(image, name):
+    """Converts a loaded Pillow image to 2-D uint8."""
+    mode = image.mode
+    if mode == "L":
+        return np.array(image, dtype=np.uint8)
+    if mode in ("1",):
+        return np.array(image.convert("L"), dtype=np.uint8)
+    if mode in ("LA", "La"):
+        return np.array(image, dtype=np.uint8)[..., 0].copy()
+    if mode in ("P", "PA"):
+        image = image.convert("RGB")
+        mode = "RGB"
+    if mode in ("RGB", "RGBA", "RGBX", "RGBa"):
+        rgb = np.asarray(image, dtype=np.uint8)[..., :3]
+        red = rgb[..., 0]
+        if np.array_equal(red, rgb[..., 1]) and np.array_equal(red, rgb[..., 2]):
+            return red.copy()
+        return np.array(image.convert("RGB").convert("L"), dtype=np.uint8)
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _min_max(np.asarray(image))
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        return np.array(image.convert("RGB").convert("L"), dtype=np.uint8)
+    raise ImageDecodeError(name, f"unsupported image mode {mode!r}")
+
+
+def _min_max(arr):
+    """Scales an array linearly so its min and max become 0 and 255."""
+    arr = np.asarray(arr, dtype=np.float64)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return np.zeros(arr.shape, dtype=np.uint8)
+    low = float(arr[finite].min())
+    high = float(arr[finite].max())
+    if high <= low:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    scaled = (np.where(finite, arr, low) - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _identifying_strings(ds):
+    """Returns the values of identifying tags, to be scrubbed from messages."""
+    values = []
+    for keyword in _IDENTIFYING_KEYWORDS:
+        try:
+            tag = pydicom.datadict.tag_for_keyword(keyword)
+            if tag is None or tag not in ds:
+                continue
+            raw = ds.get_item(tag).value
+            for value in (raw, ds[tag].value):
+                if isinstance(value, bytes):
+                    value = value.decode("latin-1", "replace")
+                for part in (
+                    str(value),
+                    *str(value).split("^"),
+                    *str(value).split("\\"),
+                ):
+                    part = part.strip(" \x00")
+                    if len(part) >= 2:
+                        values.append(part)
+        except Exception:  # pylint: disable=broad-except
+            continue
+    return sorted(set(values), key=len, reverse=True)
+
+
+def _scrubbed(error, ds):
+    text = _short(error)
+    if ds is not None:
+        for value in _identifying_strings(ds):
+            text = text.replace(value, "<redacted>")
+    return text
+
+
+def _decode_dicom(data, name, max_pixels, force):
+    """Decodes DICOM pixel data; `force` reads files without preamble."""
+    ds = None
+    try:
+        with warnings.catch_warnings():
+            # pydicom warns with element values (possibly a patient's name).
+            warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(io.BytesIO(data), force=force)
+            except Exception as e:  # pylint: disable=broad-except
+                if force:
+                    raise ImageDecodeError(
+                        name, "not a PNG, JPEG or DICOM image"
+                    ) from None
+                raise ImageDecodeError(
+                    name, f"unreadable DICOM header ({_scrubbed(e, None)})"
+                ) from None
+            if "PixelData" not in ds:
+                if force:
+                    raise ImageDecodeError(name, "not a PNG, JPEG or DICOM image")
+                raise ImageDecodeError(name, "DICOM file has no pixel data")
+            return _dicom_to_gray(ds, name, max_pixels)
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # pylint: disable=broad-except
+        # `from None`: the original message may carry tag values.
+        raise ImageDecodeError(
+            name, f"cannot decode DICOM pixel data ({_scrubbed(e, ds)})"
+        ) from None
+
+
+def _dicom_int(ds, keyword, default=None):
+    value = ds.get(keyword, default)
+    if value is None or value == "":
+        return default
+    return int(value)
+
+
+def _dicom_to_gray(ds, name, max_pixels):
+    if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
+        # Files without preamble/meta header: the encoding pydicom detected.
+        implicit, little = ds.original_encoding
+        if implicit:
+            syntax = dicom_uid.ImplicitVRLittleEndian
+        elif little:
+            syntax = dicom_uid.ExplicitVRLittleEndian
+        else:
+            syntax = dicom_uid.ExplicitVRBigEndian
+        if getattr(ds, "file_meta", None) is None:
+            ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = syntax
+    rows = _dicom_int(ds, "Rows", 0)
+    cols = _dicom_int(ds, "Columns", 0)
+    frames = _dicom_int(ds, "NumberOfFrames", 1)
+    samples = _dicom_int(ds, "SamplesPerPixel", 1)
+    if rows <= 0 or cols <= 0 or frames <= 0 or samples not in (1, 3):
+        raise ImageDecodeError(
+            name,
+            f"invalid DICOM image geometry rows={rows}, columns={cols}, "
+            f"frames={frames}, samples_per_pixel={samples}",
+        )
+    if rows * cols * frames > max_pixels:
+        raise ImageDecodeError(
+            name,
+            f"{frames} frame(s) of {cols}x{rows} pixels is more than "
+            f"max_pixels={max_pixels} (refused as a possible decompression bomb)",
+        )
+    if frames > 1:
+        arr = pydicom.pixels.pixel_array(ds, index=0)
+    else:
+        arr = ds.pixel_array
+    if samples == 3:
+        # Colour DICOMs are rare for X-ray; pydicom gives RGB, we take luma.
+        arr = np.asarray(arr, dtype=np.float64)
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise ImageDecodeError(name, f"unexpected colour array shape {arr.shape}")
+        return _min_max(arr @ np.array([0.299, 0.587, 0.114]))
+    arr = np.asarray(arr)
+    if arr.ndim != 2:
+        raise ImageDecodeError(name, f"unexpected pixel array shape {arr.shape}")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    out = _apply_voi(values, ds, arr, name)
+    if photometric == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def _apply_voi(values, ds, stored, name):
+    """VOI LUT, else window, else min-max: modality values -> uint8."""
+    if ds.get("VOILUTSequence"):
+        try:
+            item = ds.VOILUTSequence[0]
+            lut = np.asarray(item.LUTData, dtype=np.float64)
+            # apply_voi maps through the LUT; scale by the LUT's own range,
+            # since LUT descriptors often claim more bits than used.
+            mapped = np.asarray(apply_voi(values, ds, index=0), dtype=np.float64)
+            low, high = float(lut.min()), float(lut.max())
+            if high > low:
+                scaled = (mapped - low) * (255.0 / (high - low))
+                return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        except Exception as e:  # pylint: disable=broad-except
+            logging.warning(
+                "%s: unusable VOI LUT (%s); using the window or min-max.",
+                name,
+                type(e).__name__,
+            )
+    window = _window(ds)
+    if window is not None:
+        center, width, function = window
+        if function == "SIGMOID":
+            unit = 1.0 / (
+                1.0 + np.exp(np.clip(-4.0 * (values - center) / width, -700, 700))
+            )
+        elif function == "LINEAR_EXACT":
+            unit = (values - center) / width + 0.5
+        else:
+            # PS3.3 C.11.2.1.2.1 (LINEAR).
+            unit = (values - (center - 0.5)) / (width - 1.0) + 0.5
+        return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+    return _min_max(values)
+
+
+def _window(ds):
+    """Returns (center, width, function) of the first valid window, or None."""
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    try:
+        center = ds.WindowCenter
+        width = ds.WindowWidth
+        center = float(
+            center[0]
+            if isinstance(center, (list, tuple, pydicom.multival.MultiValue))
+            else center
+        )
+        width = float(
+            width[0]
+            if isinstance(width, (list, tuple, pydicom.multival.MultiValue))
+            else width
+        )
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    except Exception:  # pylint: disable=broad-except
+        return None
+    if not (np.isfinite(center) and np.isfinite(width)):
+        return None
+    if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        function = "LINEAR"
+    if (function == "LINEAR" and width <= 1.0) or width <= 0.0:
+        return None
+    return center, width, function
