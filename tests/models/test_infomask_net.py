@@ -1,0 +1,43 @@
+"""Tests for cxr_tf.models.infomask_net."""
+
+import numpy as np
+import pytest
+
+from cxr_tf.models import infomask_net
+
+
+def _conv_params(layout, channels):
+    total = 0
+    for entry in layout:
+        if entry != "pool":
+            total += 3 * 3 * channels * entry + entry
+            channels = entry
+    return total
+
+
+def test_encoder_shape_and_parameters():
+    model = infomask_net.InfoMaskEncoder((64, 64, 1))
+    assert model.output.shape == (None, 16, 16, 16)
+    # conv(64) conv(64) pool conv(128) conv(128) pool conv(256) conv(16).
+    assert model.count_params() == _conv_params((64, 64, 128, 128, 256, 16), 1)
+    assert model.count_params() == 591_056
+    features = np.asarray(model(np.ones((2, 64, 64, 1), "float32")))
+    assert np.all(features >= 0.0)
+
+
+def test_classifier_shape_and_parameters():
+    model = infomask_net.InfoMaskClassifier((64, 64, 1))
+    assert model.output.shape == (None, 16, 16, 64)
+    assert model.count_params() == _conv_params((128, 64, 64), 1)
+    # The paper: about 700,000 parameters in all; encoder + classifier convs
+    # are 703,056 before the mask and output layers.
+    encoder = infomask_net.InfoMaskEncoder((64, 64, 1))
+    assert 650_000 < model.count_params() + encoder.count_params() < 750_000
+
+
+@pytest.mark.parametrize(
+    "builder", [infomask_net.InfoMaskEncoder, infomask_net.InfoMaskClassifier]
+)
+def test_invalid_input_shape_names_value(builder):
+    with pytest.raises(ValueError, match=r"input_shape=\(64, 64, 0\)"):
+        builder((64, 64, 0))
