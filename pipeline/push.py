@@ -1,0 +1,98 @@
+"""Pusher: exports a blessed model as the next numbered serving version, atomically.
+
+python -m pipeline.push --model_dir=M --blessing=B --serving_model_dir=S
+"""
+
+import json
+import pathlib
+
+from absl import app, flags
+
+from pipeline import _subprocess, base
+
+
+def next_version(serving_model_dir):
+    """1 + the largest numeric version folder under `serving_model_dir` (1 if none)."""
+    root = pathlib.Path(serving_model_dir)
+    versions = [int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def run_push(output_dir, model, evaluation, serving_model_dir, export_args=()):
+    """Exports the model into `serving_model_dir/<next version>` if it is blessed.
+
+    The export goes to a hidden sibling folder first and is renamed into place,
+    so a server polling the base path never loads half a model.
+
+    Args:
+      output_dir: the step's folder.
+      model: the train artifact (or model dir).
+      evaluation: the evaluate artifact (or a dict with `blessed`, `reasons`,
+        `summary`).
+      serving_model_dir: the TF Serving model base path.
+      export_args: extra `--flag=value` strings for `cxr_tf.export`.
+
+    Returns:
+      dict with `pushed`, and `version`/`version_dir` when pushed, or `reasons`.
+    """
+    outputs = getattr(evaluation, "outputs", evaluation)
+    if not outputs["blessed"]:
+        return {"pushed": False, "reasons": outputs["reasons"]}
+    model_dir = getattr(model, "uri", model)
+    version = next_version(serving_model_dir)
+    final = pathlib.Path(serving_model_dir) / str(version)
+    with base.atomic_directory(final) as tmp:
+        # cxr_tf.export writes <export_dir>/<version>; export into the temporary
+        # folder's parent-less twin and move its content up.
+        staging = tmp / "export"
+        _subprocess.run_module(
+            "cxr_tf.export",
+            [
+                f"--model={model_dir}",
+                f"--export_dir={staging}",
+                "--version=1",
+                *export_args,
+            ],
+            log_path=pathlib.Path(output_dir) / "export.log",
+        )
+        for child in (staging / "1").iterdir():
+            child.rename(tmp / child.name)
+        (staging / "1").rmdir()
+        staging.rmdir()
+    return {
+        "pushed": True,
+        "version": version,
+        "version_dir": str(final),
+        "summary": outputs["summary"],
+    }
+
+
+def main(argv):
+    with open(_BLESSING.value, encoding="utf-8") as f:
+        blessing = json.load(f)
+    evaluation = {
+        "blessed": blessing["blessed"],
+        "reasons": blessing["reasons"],
+        "summary": blessing["candidate"],
+    }
+    print(
+        json.dumps(
+            run_push(
+                _OUTPUT_DIR.value,
+                _MODEL_DIR.value,
+                evaluation,
+                _SERVING_MODEL_DIR.value,
+                argv[1:],
+            ),
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Trained model dir.")
+    _BLESSING = flags.DEFINE_string("blessing", None, "blessing.json of evaluate.")
+    _SERVING_MODEL_DIR = flags.DEFINE_string("serving_model_dir", None, "Base path.")
+    _OUTPUT_DIR = flags.DEFINE_string("output_dir", ".", "Where to write logs.")
+    flags.mark_flags_as_required(["model_dir", "blessing", "serving_model_dir"])
+    app.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
