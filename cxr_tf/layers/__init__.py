@@ -52,14 +52,15 @@ def pooling_options(name):
     return tuple(sorted(options))
 
 
-def get_pooling(name, num_classes, **options):
+def get_pooling(name, num_classes, /, **options):
     """Builds the global pooling head called `name`.
 
     Args:
       name: one of `POOLING_NAMES`.
       num_classes: K, the number of classes, a positive int.
       **options: constructor options of that pooling, e.g. `gamma` for "lse",
-        `gamma0` for "lse_lba", `attention_dim` for "attention".
+        `gamma0` for "lse_lba", `attention_dim` for "attention", and the
+        layer's own `name` / `dtype` (hence `name` above is positional-only).
 
     Returns:
       A `keras.layers.Layer` whose `call(features)` returns
