@@ -1,0 +1,796 @@
+"""gRPC (or REST) client for the exported chest X-ray model on TensorFlow Serving.
+
+Usage:
+  python serving/client.py --server=localhost:8500 --model_name=cxr \
+      [--signature=serving_default] [--version=N | --version_label=L] \
+      [--tls --ca_cert=ca.pem] [--timeout=30] [--batch_size=8] \
+      [--overlay_dir=DIR] IMAGE_OR_DIR...
+  python serving/client.py --rest=localhost:8501 --model_name=cxr IMAGE...
+
+Prints one JSON line per image, in the form of `cxr_tf.predict`:
+  {"image": name, "probabilities": {finding: p},
+   "boxes": [{"finding", "x", "y", "w", "h", "score"}]}
+(an image that cannot be read or served gets {"image": name, "error": msg}
+and the exit status is 1).
+
+The client reads the model's metadata first (GetModelMetadata) to find the
+signature's input and output keys, and the finding names from the model's
+`model_info` signature when it has one (else `cxr_tf.data.schema.FINDINGS`, or
+the built-in list when cxr_tf is not installed). UNAVAILABLE is retried with
+exponential backoff until the deadline (`--timeout`, per batch). DICOM files
+are decoded locally (needs cxr_tf and pydicom) and sent as PNG.
+
+Importable: `from serving.client import CxrClient`.
+"""
+
+import base64
+import io
+import json
+import os
+import ssl
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+try:  # Optional: the client runs without the cxr_tf package installed.
+    from cxr_tf.data import schema as _schema
+
+    DEFAULT_FINDINGS = tuple(_schema.FINDINGS)
+except ImportError:  # pragma: no cover - depends on the installation
+    DEFAULT_FINDINGS = (
+        "Atelectasis",
+        "Cardiomegaly",
+        "Effusion",
+        "Infiltration",
+        "Mass",
+        "Nodule",
+        "Pneumonia",
+        "Pneumothorax",
+        "Consolidation",
+        "Edema",
+        "Emphysema",
+        "Fibrosis",
+        "Pleural_Thickening",
+        "Hernia",
+    )
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+MODEL_INFO_SIGNATURE = "model_info"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class ServingError(RuntimeError):
+    """A request that failed; `code` is the grpc.StatusCode (or HTTP status)."""
+
+    def __init__(self, code, message):
+        super().__init__(f"{getattr(code, 'name', code)}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _is_dicom(data, name):
+    return (len(data) > 132 and data[128:132] == b"DICM") or name.lower().endswith(
+        (".dcm", ".dicom")
+    )
+
+
+def encode_for_serving(data, name="<bytes>"):
+    """Returns bytes the serving signature accepts (PNG/JPEG as is, DICOM -> PNG).
+
+    Args:
+      data: the file's bytes.
+      name: file name, for messages and to recognise DICOM by extension.
+
+    Returns:
+      Encoded PNG or JPEG bytes.
+
+    Raises:
+      ValueError: empty data, an unknown format, or DICOM without cxr_tf.
+    """
+    if not data:
+        raise ValueError(f"{name}: empty file")
+    if data.startswith(_PNG_MAGIC) or data.startswith(_JPEG_MAGIC):
+        return data
+    if _is_dicom(data, name):
+        try:
+            from cxr_tf.data import images  # pylint: disable=g-import-not-at-top
+        except ImportError as e:
+            raise ValueError(
+                f"{name}: DICOM needs the cxr_tf package (cxr_tf.data.images) "
+                f"to decode locally: {e}"
+            ) from None
+        pixels = images.decode_image(data, name)
+        return _png_bytes(pixels)
+    raise ValueError(
+        f"{name}: not a PNG, JPEG or DICOM file (first bytes {data[:8]!r})"
+    )
+
+
+def _png_bytes(pixels):
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def expand_paths(paths):
+    """Files named, plus the image files (sorted) of directories named.
+
+    Raises:
+      FileNotFoundError: a path that does not exist.
+    """
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            files.extend(
+                os.path.join(path, n)
+                for n in sorted(os.listdir(path))
+                if n.lower().endswith(IMAGE_EXTENSIONS)
+            )
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"No such image file or directory: {path}")
+    return files
+
+
+def _tensor_info_dict(tensor_info):
+    from tensorflow.core.framework import (  # pylint: disable=g-import-not-at-top
+        types_pb2,
+    )
+
+    shape = (
+        None
+        if tensor_info.tensor_shape.unknown_rank
+        else [d.size for d in tensor_info.tensor_shape.dim]
+    )
+    return {"dtype": types_pb2.DataType.Name(tensor_info.dtype), "shape": shape}
+
+
+def _signature_dict(signature_map):
+    return {
+        name: {
+            "inputs": {k: _tensor_info_dict(v) for k, v in sig.inputs.items()},
+            "outputs": {k: _tensor_info_dict(v) for k, v in sig.outputs.items()},
+        }
+        for name, sig in signature_map.signature_def.items()
+        if not name.startswith("__")
+    }
+
+
+def _make_tensor_proto(array):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    return tf.make_tensor_proto(np.asarray(array))
+
+
+def _make_ndarray(proto):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    return tf.make_ndarray(proto)
+
+
+class CxrClient:
+    """Talks to TF Serving (or serving.local_server) about the exported model.
+
+    Example:
+      >>> client = CxrClient("localhost:8500", model_name="cxr")
+      >>> for result in client.predict_files(["00000100_000.png"]):
+      ...     print(result["probabilities"]["Effusion"])
+    """
+
+    def __init__(
+        self,
+        server=None,
+        model_name="cxr",
+        signature_name="serving_default",
+        version=None,
+        version_label=None,
+        tls=False,
+        ca_cert=None,
+        tls_server_name=None,
+        timeout=30.0,
+        batch_size=8,
+        rest=None,
+        findings=None,
+        initial_backoff=0.05,
+        max_backoff=1.0,
+    ):
+        """Creates the client (connects lazily).
+
+        Args:
+          server: "host:port" of the gRPC API (8500 by default in TF Serving).
+          model_name: the served model name.
+          signature_name: "serving_default" (encoded images) or
+            "predict_pixels" (the client preprocesses).
+          version: ask for this numeric version.
+          version_label: ask for this version label (exclusive with version).
+          tls: use TLS (gRPC) / https (REST).
+          ca_cert: PEM file of the CA to trust (TLS); None = system roots.
+          tls_server_name: override the name checked in the server's cert.
+          timeout: deadline in seconds of one batch, retries included.
+          batch_size: images per request.
+          rest: "host:port" of the REST API; used instead of gRPC when given.
+          findings: finding names; None = from the model, else the default list.
+          initial_backoff: first wait before retrying UNAVAILABLE, seconds.
+          max_backoff: longest wait between retries, seconds.
+
+        Raises:
+          ValueError: inconsistent arguments.
+        """
+        if bool(server) == bool(rest):
+            raise ValueError(
+                "Give exactly one of `server` (gRPC) and `rest`. Received: "
+                f"server={server!r}, rest={rest!r}"
+            )
+        if version is not None and version_label:
+            raise ValueError(
+                "`version` and `version_label` are exclusive. Received: "
+                f"version={version!r}, version_label={version_label!r}"
+            )
+        if batch_size < 1:
+            raise ValueError(
+                f"`batch_size` must be a positive int. Received: batch_size={batch_size}"
+            )
+        if not timeout or timeout <= 0:
+            raise ValueError(f"`timeout` must be > 0 seconds. Received: {timeout!r}")
+        if ca_cert and not os.path.isfile(ca_cert):
+            raise ValueError(f"`ca_cert` file not found: {ca_cert}")
+        self.server = server
+        self.rest = rest
+        self.model_name = model_name
+        self.signature_name = signature_name
+        self.version = version
+        self.version_label = version_label
+        self.tls = tls or bool(ca_cert)
+        self.ca_cert = ca_cert
+        self.tls_server_name = tls_server_name
+        self.timeout = float(timeout)
+        self.batch_size = batch_size
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self._findings = tuple(findings) if findings else None
+        self._model_info = None
+        self._metadata = None
+        self._channel = None
+        self._stub = None
+        self._lock = threading.Lock()
+        # Counts UNAVAILABLE answers that were retried (tests wait on it).
+        self.retries = 0
+        self.retry_event = threading.Event()
+
+    # ------------------------------------------------------------------ transport
+    def _get_stub(self):
+        with self._lock:
+            if self._stub is None:
+                options = [
+                    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+                    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+                    # Reconnect quickly after the server comes up, so that
+                    # retries within the deadline can reach it.
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000),
+                ]
+                if self.tls:
+                    root = None
+                    if self.ca_cert:
+                        with open(self.ca_cert, "rb") as f:
+                            root = f.read()
+                    if self.tls_server_name:
+                        options.append(
+                            ("grpc.ssl_target_name_override", self.tls_server_name)
+                        )
+                    self._channel = grpc.secure_channel(
+                        self.server,
+                        grpc.ssl_channel_credentials(root_certificates=root),
+                        options=options,
+                    )
+                else:
+                    self._channel = grpc.insecure_channel(self.server, options=options)
+                self._stub = prediction_service_pb2_grpc.PredictionServiceStub(
+                    self._channel
+                )
+            return self._stub
+
+    def close(self):
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = None
+            self._stub = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _with_retries(self, call, what):
+        """Runs `call(remaining_seconds)`, retrying UNAVAILABLE until the deadline."""
+        deadline = time.monotonic() + self.timeout
+        delay = self.initial_backoff
+        last = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServingError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"{what}: no answer within {self.timeout:g} s"
+                    + (f" (last error: {last})" if last else ""),
+                )
+            try:
+                return call(remaining)
+            except grpc.RpcError as e:
+                code = e.code()
+                if code != grpc.StatusCode.UNAVAILABLE:
+                    raise ServingError(code, f"{what}: {e.details()}") from None
+                last = e.details()
+            except ServingError as e:
+                if e.code not in (503, grpc.StatusCode.UNAVAILABLE):
+                    raise
+                last = e.message
+            self.retries += 1
+            self.retry_event.set()
+            wait = min(delay, deadline - time.monotonic())
+            if wait > 0:
+                time.sleep(wait)  # Backoff between attempts, not synchronisation.
+            delay = min(delay * 2, self.max_backoff)
+
+    def _model_spec(self, spec, signature_name):
+        spec.name = self.model_name
+        if signature_name:
+            spec.signature_name = signature_name
+        if self.version is not None:
+            spec.version.value = int(self.version)
+        elif self.version_label:
+            spec.version_label = self.version_label
+
+    def _rest_url(self, verb=""):
+        scheme = "https" if self.tls else "http"
+        url = f"{scheme}://{self.rest}/v1/models/{self.model_name}"
+        if self.version is not None:
+            url += f"/versions/{int(self.version)}"
+        elif self.version_label:
+            url += f"/labels/{self.version_label}"
+        return url + verb
+
+    def _rest(self, url, body=None, timeout=None):
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        request = urllib.request.Request(
+            url, data=data, headers={"Content-Type": "application/json"}
+        )
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(cafile=self.ca_cert)
+        try:
+            with urllib.request.urlopen(
+                request, timeout=timeout, context=context
+            ) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read()).get("error", "")
+            except ValueError:
+                message = str(e)
+            raise ServingError(e.code, f"{url}: {message}") from None
+        except (urllib.error.URLError, ConnectionError) as e:
+            # Connection refused and the like: the REST twin of UNAVAILABLE.
+            raise ServingError(503, f"{url}: {getattr(e, 'reason', e)}") from None
+
+    # ------------------------------------------------------------------ metadata
+    def metadata(self):
+        """The model's signatures, read from the server (cached).
+
+        Returns:
+          {"version": int or None, "signatures": {name: {"inputs": {key:
+          {"dtype", "shape"}}, "outputs": {...}}}}.
+
+        Raises:
+          ServingError: the server answered with an error.
+        """
+        if self._metadata is not None:
+            return self._metadata
+        if self.rest:
+            body = self._with_retries(
+                lambda t: self._rest(self._rest_url("/metadata"), timeout=t),
+                "GetModelMetadata (REST)",
+            )
+            from google.protobuf import (  # pylint: disable=g-import-not-at-top
+                json_format,
+            )
+
+            signature_map = json_format.ParseDict(
+                body["metadata"]["signature_def"],
+                get_model_metadata_pb2.SignatureDefMap(),
+            )
+            version = body.get("model_spec", {}).get("version")
+        else:
+            request = get_model_metadata_pb2.GetModelMetadataRequest()
+            self._model_spec(request.model_spec, "")
+            request.metadata_field.append("signature_def")
+            stub = self._get_stub()
+            response = self._with_retries(
+                lambda t: stub.GetModelMetadata(request, timeout=t),
+                "GetModelMetadata",
+            )
+            signature_map = get_model_metadata_pb2.SignatureDefMap()
+            response.metadata["signature_def"].Unpack(signature_map)
+            version = (
+                response.model_spec.version.value
+                if response.model_spec.HasField("version")
+                else None
+            )
+        self._metadata = {
+            "version": int(version) if version is not None else None,
+            "signatures": _signature_dict(signature_map),
+        }
+        return self._metadata
+
+    def _signature(self, name):
+        signatures = self.metadata()["signatures"]
+        if name not in signatures:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"The model has no signature {name!r}; it has {sorted(signatures)}",
+            )
+        return signatures[name]
+
+    def model_info(self):
+        """Finding names, thresholds and preprocessing, from the model.
+
+        Returns:
+          {"findings": tuple, "thresholds": tuple or None, "preprocessing":
+          dict or None}. Falls back to the default finding list when the
+          model has no `model_info` signature.
+        """
+        if self._model_info is not None:
+            return self._model_info
+        info = {"findings": None, "thresholds": None, "preprocessing": None}
+        if MODEL_INFO_SIGNATURE in self.metadata()["signatures"]:
+            outputs = self.predict_raw({}, signature_name=MODEL_INFO_SIGNATURE)
+            info["findings"] = tuple(
+                v.decode("utf-8") for v in np.ravel(outputs["findings"])
+            )
+            if "thresholds" in outputs:
+                info["thresholds"] = tuple(
+                    float(v) for v in np.ravel(outputs["thresholds"])
+                )
+            if "preprocessing" in outputs:
+                raw = np.ravel(outputs["preprocessing"])[0]
+                info["preprocessing"] = json.loads(
+                    raw.decode("utf-8") if isinstance(raw, bytes) else raw
+                )
+        if self._findings:
+            info["findings"] = self._findings
+        elif not info["findings"]:
+            info["findings"] = DEFAULT_FINDINGS
+        self._model_info = info
+        return info
+
+    # ------------------------------------------------------------------ predict
+    def predict_raw(self, inputs, signature_name=None):
+        """Runs one signature on numpy inputs.
+
+        Args:
+          inputs: {input key: np.ndarray} (string arrays as dtype=object bytes).
+          signature_name: defaults to the client's signature.
+
+        Returns:
+          {output key: np.ndarray}.
+
+        Raises:
+          ServingError: the server answered with an error (after retries).
+        """
+        name = signature_name or self.signature_name
+        if self.rest:
+            columns = {}
+            for key, value in inputs.items():
+                value = np.asarray(value)
+                if value.dtype == object:
+                    columns[key] = [
+                        {"b64": base64.b64encode(v).decode("ascii")}
+                        for v in value.reshape(-1)
+                    ]
+                else:
+                    columns[key] = value.tolist()
+            body = {"signature_name": name, "inputs": columns}
+            reply = self._with_retries(
+                lambda t: self._rest(self._rest_url(":predict"), body, timeout=t),
+                f"Predict {name} (REST)",
+            )
+            outputs = reply["outputs"]
+            if not isinstance(outputs, dict):
+                outputs = {next(iter(self._signature(name)["outputs"])): outputs}
+            arrays = {}
+            for k, v in outputs.items():
+                array = np.asarray(v)
+                if array.dtype.kind == "U":
+                    array = np.vectorize(lambda x: x.encode("utf-8"), otypes=[object])(
+                        array
+                    )
+                arrays[k] = array
+            return arrays
+        request = predict_pb2.PredictRequest()
+        self._model_spec(request.model_spec, name)
+        for key, value in inputs.items():
+            request.inputs[key].CopyFrom(_make_tensor_proto(value))
+        stub = self._get_stub()
+        response = self._with_retries(
+            lambda t: stub.Predict(request, timeout=t), f"Predict {name}"
+        )
+        return {k: _make_ndarray(v) for k, v in response.outputs.items()}
+
+    def _results(self, names, outputs, offsets=None):
+        findings = self.model_info()["findings"]
+        probabilities = np.asarray(outputs["probabilities"])
+        if probabilities.shape[-1] != len(findings):
+            raise ServingError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"The model returns {probabilities.shape[-1]} probabilities but "
+                f"{len(findings)} finding names are known",
+            )
+        results = []
+        for i, name in enumerate(names):
+            result = {
+                "image": name,
+                "probabilities": {
+                    f: float(p) for f, p in zip(findings, probabilities[i])
+                },
+                "boxes": [],
+            }
+            if "boxes" in outputs:
+                boxes = np.asarray(outputs["boxes"])[i]
+                scores = np.asarray(outputs["box_scores"])[i]
+                counts = np.asarray(outputs["num_boxes"])[i]
+                for k, finding in enumerate(findings):
+                    for j in range(int(counts[k])):
+                        x, y, w, h = (float(v) for v in boxes[k, j])
+                        if offsets is not None:
+                            scale, dx, dy = offsets[i]
+                            x, y, w, h = (
+                                (x - dx) * scale,
+                                (y - dy) * scale,
+                                w * scale,
+                                h * scale,
+                            )
+                        result["boxes"].append(
+                            {
+                                "finding": finding,
+                                "x": x,
+                                "y": y,
+                                "w": w,
+                                "h": h,
+                                "score": float(scores[k, j]),
+                            }
+                        )
+            results.append(result)
+        return results
+
+    def predict_bytes(self, items, return_maps=False):
+        """Predicts encoded images, `batch_size` per request.
+
+        Args:
+          items: list of (name, bytes) with PNG/JPEG/DICOM bytes.
+          return_maps: also put "localization_maps" (14,h,w) arrays in results.
+
+        Returns:
+          One dict per item, in order: the JSON form described in the module
+          docstring, or {"image": name, "error": message} for an item that
+          could not be encoded or was refused (INVALID_ARGUMENT).
+
+        Raises:
+          ServingError: a failure that is not about one image (unreachable
+            server, deadline, unknown model).
+        """
+        results = [None] * len(items)
+        ready = []
+        for index, (name, data) in enumerate(items):
+            try:
+                ready.append((index, name, encode_for_serving(data, name)))
+            except ValueError as e:
+                results[index] = {"image": name, "error": str(e)}
+        for start in range(0, len(ready), self.batch_size):
+            batch = ready[start : start + self.batch_size]
+            for index, result in self._predict_batch(batch, return_maps):
+                results[index] = result
+        return results
+
+    def _predict_batch(self, batch, return_maps):
+        signature = self._signature(self.signature_name)
+        try:
+            if self.signature_name == "predict_pixels" or (
+                len(signature["inputs"]) == 1
+                and next(iter(signature["inputs"].values()))["dtype"] == "DT_FLOAT"
+            ):
+                outputs, offsets = self._predict_pixels(batch, signature)
+            else:
+                key = next(iter(signature["inputs"]))
+                outputs = self.predict_raw(
+                    {key: np.array([data for _, _, data in batch], dtype=object)}
+                )
+                offsets = None
+        except ServingError as e:
+            if e.code not in (grpc.StatusCode.INVALID_ARGUMENT, 400):
+                raise
+            if len(batch) == 1:
+                return [(batch[0][0], {"image": batch[0][1], "error": e.message})]
+            # One bad image fails its whole batch: find it by sending singly.
+            pairs = []
+            for item in batch:
+                pairs.extend(self._predict_batch([item], return_maps))
+            return pairs
+        results = self._results([name for _, name, _ in batch], outputs, offsets)
+        if return_maps and "localization_maps" in outputs:
+            for i, result in enumerate(results):
+                result["localization_maps"] = np.asarray(outputs["localization_maps"])[
+                    i
+                ]
+        return [(index, result) for (index, _, _), result in zip(batch, results)]
+
+    def _predict_pixels(self, batch, signature):
+        """predict_pixels: letterbox + normalise here, map boxes back."""
+        from PIL import Image  # pylint: disable=g-import-not-at-top
+
+        key, info = next(iter(signature["inputs"].items()))
+        size = info["shape"][1]
+        pre = self.model_info()["preprocessing"] or {}
+        if "mean" not in pre or "std" not in pre:
+            raise ServingError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "predict_pixels needs the model's normalisation (model_info "
+                "signature with 'preprocessing'); use serving_default instead",
+            )
+        pixels, offsets = [], []
+        for _, name, data in batch:
+            image = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+            h, w = image.shape
+            scale = max(h, w) / size
+            nh, nw = max(1, round(h / scale)), max(1, round(w / scale))
+            resized = np.asarray(
+                Image.fromarray(image).resize((nw, nh), Image.BILINEAR), np.float32
+            )
+            canvas = np.zeros((size, size), np.float32)
+            dy, dx = (size - nh) // 2, (size - nw) // 2
+            canvas[dy : dy + nh, dx : dx + nw] = resized
+            pixels.append((canvas - pre["mean"]) / pre["std"])
+            offsets.append((scale, dx, dy))
+        outputs = self.predict_raw({key: np.stack(pixels)[..., None]})
+        return outputs, offsets
+
+    def predict_files(self, paths, return_maps=False):
+        """Reads image files (or directories of them) and predicts them.
+
+        Returns:
+          As `predict_bytes`, named by file base name.
+        """
+        items = []
+        for path in expand_paths(paths):
+            with open(path, "rb") as f:
+                items.append((os.path.basename(path), f.read()))
+        return self.predict_bytes(items, return_maps=return_maps)
+
+
+def write_overlay(path, image_bytes, result, findings):
+    """Writes an overlay PNG of the maps and boxes with cxr_tf.visualize.
+
+    Returns:
+      The path written, or None when cxr_tf.visualize is not importable.
+    """
+    try:
+        from cxr_tf import visualize  # pylint: disable=g-import-not-at-top
+        from cxr_tf.data import images  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        return None
+    image = images.decode_image(image_bytes, result["image"])
+    maps = np.asarray(result["localization_maps"])
+    probabilities = np.array([result["probabilities"][f] for f in findings])
+    boxes = {f: [] for f in findings}
+    for box in result["boxes"]:
+        boxes[box["finding"]].append(
+            (box["x"], box["y"], box["w"], box["h"], box["score"])
+        )
+    png = visualize.overlay_figure(
+        image, np.moveaxis(maps, 0, -1), boxes, probabilities
+    )
+    with open(path, "wb") as f:
+        f.write(png)
+    return path
+
+
+def main(argv=None):
+    """The CLI; returns the exit status (0, or 1 when any image failed)."""
+    import argparse  # pylint: disable=g-import-not-at-top
+
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n", 1)[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    parser.add_argument("--server", help="gRPC host:port (TF Serving: 8500)")
+    parser.add_argument("--rest", help="REST host:port instead of gRPC (8501)")
+    parser.add_argument("--model_name", default="cxr")
+    parser.add_argument("--signature", default="serving_default")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--version", type=int)
+    group.add_argument("--version_label")
+    parser.add_argument("--tls", action="store_true")
+    parser.add_argument("--ca_cert", help="PEM CA file to trust (implies --tls)")
+    parser.add_argument("--tls_server_name", help="Name to check in the cert")
+    parser.add_argument("--timeout", type=float, default=30.0, help="Seconds/batch")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--overlay_dir", help="Write overlay PNGs here")
+    args = parser.parse_args(argv)
+    if bool(args.server) == bool(args.rest):
+        parser.error("give exactly one of --server and --rest")
+    try:
+        client = CxrClient(
+            server=args.server,
+            rest=args.rest,
+            model_name=args.model_name,
+            signature_name=args.signature,
+            version=args.version,
+            version_label=args.version_label,
+            tls=args.tls,
+            ca_cert=args.ca_cert,
+            tls_server_name=args.tls_server_name,
+            timeout=args.timeout,
+            batch_size=args.batch_size,
+        )
+        paths = expand_paths(args.images)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    if not paths:
+        parser.error(f"no image files found in {args.images}")
+    if args.overlay_dir:
+        os.makedirs(args.overlay_dir, exist_ok=True)
+    status = 0
+    try:
+        with client:
+            for start in range(0, len(paths), args.batch_size):
+                chunk = paths[start : start + args.batch_size]
+                items = []
+                for path in chunk:
+                    with open(path, "rb") as f:
+                        items.append((os.path.basename(path), f.read()))
+                results = client.predict_bytes(
+                    items, return_maps=bool(args.overlay_dir)
+                )
+                for (name, data), result in zip(items, results):
+                    if "error" in result:
+                        status = 1
+                    elif args.overlay_dir:
+                        written = write_overlay(
+                            os.path.join(
+                                args.overlay_dir, os.path.splitext(name)[0] + ".png"
+                            ),
+                            data,
+                            result,
+                            client.model_info()["findings"],
+                        )
+                        if written is None:
+                            print(
+                                "--overlay_dir needs cxr_tf.visualize; "
+                                "no overlay written",
+                                file=sys.stderr,
+                            )
+                    result.pop("localization_maps", None)
+                    print(json.dumps(result), flush=True)
+    except ServingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
