@@ -1,0 +1,1150 @@
+"""Training logic, flag-free: config, distribution strategy, callbacks, resume."""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+
+from absl import logging
+import numpy as np
+
+from cxr_tf.data import schema
+
+CONFIG_FILE = "config.json"
+FINAL_MODEL = "model.keras"
+BEST_CHECKPOINT = os.path.join("checkpoints", "best.keras")
+LATEST_CHECKPOINT = os.path.join("checkpoints", "latest.keras")
+BACKUP_DIR = "backup"
+LOG_DIR = "logs"
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "step", "exponential")
+STRATEGIES = ("mirrored", "multi_worker", "default")
+MIXED_PRECISION = ("none", "mixed_float16", "mixed_bfloat16")
+JIT_COMPILE = ("auto", "true", "false")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; written as JSON next to its outputs.
+
+    Attributes:
+      data_dir: directory of ingested TFRecords (`{split}-*.tfrecord.gz`).
+      model_dir: output directory (config, checkpoints, logs, final model).
+      backbone: a `cxr_tf.models.config.BACKBONES` name.
+      pooling: a `cxr_tf.layers.POOLING_NAMES` name.
+      pooling_options: extra pooling arguments as sorted (name, value) pairs.
+      image_size: square network input side in pixels.
+      weights: None or "imagenet" (keras.applications backbones only).
+      findings: the findings to train on, a subset of `schema.FINDINGS` in
+        canonical order (the InfoMask setup trains on Pneumonia alone).
+      batch_size: global batch size, split across replicas.
+      epochs: number of epochs.
+      steps_per_epoch: steps per epoch; None counts the train split and uses
+        ceil(examples / batch_size).
+      validation_steps: batches of the val split per evaluation; None = all.
+      optimizer: one of `OPTIMIZERS`.
+      learning_rate: peak learning rate.
+      lr_schedule: one of `LR_SCHEDULES`.
+      lr_warmup_steps: linear warm-up steps (cosine schedule).
+      lr_decay_epochs: epochs at which the step schedule multiplies the rate by
+        `lr_decay_factor`.
+      lr_decay_factor: factor of the step and exponential (per epoch)
+        schedules.
+      weight_decay: decoupled weight decay (adamw, sgd).
+      momentum: SGD momentum.
+      loss: a `cxr_tf.losses.get_loss` name.
+      mixed_precision: one of `MIXED_PRECISION`.
+      seed: global random seed.
+      strategy: "mirrored" (all local GPUs or `num_cpu_devices` logical CPUs),
+        "multi_worker" (MultiWorkerMirroredStrategy from TF_CONFIG) or
+        "default" (no distribution).
+      num_cpu_devices: logical CPU devices to create (0 = leave as is).
+      jit_compile: "auto" (XLA where Keras supports it: not on CPU-only
+        machines), "true" or "false".
+      augment: random augmentation of training images.
+      flip: horizontal flips among the augmentations (off by default: the
+        heart is on the left).
+      shuffle_buffer: training shuffle buffer (examples).
+      backup_every_steps: steps between fault-tolerance backups.
+      num_overlay_images: validation images whose maps go to TensorBoard.
+      infomask_variant: InfoMask backbone variant.
+      infomask_alpha: weight of the InfoMask KL (or L1) term.
+      infomask_tau: InfoMask mask offset.
+      verbose: Keras progress output (1 = progress bar, 2 = one line/epoch).
+    """
+
+    data_dir: str
+    model_dir: str
+    backbone: str = "resnet34"
+    pooling: str = "pcam"
+    pooling_options: tuple = ()
+    image_size: int = 512
+    weights: str | None = None
+    findings: tuple = schema.FINDINGS
+    batch_size: int = 16
+    epochs: int = 10
+    steps_per_epoch: int | None = None
+    validation_steps: int | None = None
+    optimizer: str = "adam"
+    learning_rate: float = 1e-4
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_decay_epochs: tuple = ()
+    lr_decay_factor: float = 0.1
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    loss: str = "balanced_bce"
+    mixed_precision: str = "none"
+    seed: int = 0
+    strategy: str = "mirrored"
+    num_cpu_devices: int = 0
+    jit_compile: str = "auto"
+    augment: bool = True
+    flip: bool = False
+    shuffle_buffer: int = 1024
+    backup_every_steps: int = 50
+    num_overlay_images: int = 4
+    infomask_variant: str = "infomask"
+    infomask_alpha: float = 0.5
+    infomask_tau: float = 0.2
+    verbose: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.pooling_options, dict):
+            object.__setattr__(
+                self, "pooling_options", tuple(sorted(self.pooling_options.items()))
+            )
+        for name in ("findings", "lr_decay_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        object.__setattr__(
+            self,
+            "pooling_options",
+            tuple(tuple(item) for item in self.pooling_options),
+        )
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_choice("jit_compile", self.jit_compile, JIT_COMPILE)
+        for name in ("batch_size", "epochs", "backup_every_steps"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("steps_per_epoch", "validation_steps"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        if not isinstance(self.num_cpu_devices, int) or self.num_cpu_devices < 0:
+            raise ValueError(
+                "`num_cpu_devices` must be an int >= 0. "
+                f"Received: num_cpu_devices={self.num_cpu_devices!r}"
+            )
+        if not self.learning_rate > 0:
+            raise ValueError(
+                "`learning_rate` must be > 0. "
+                f"Received: learning_rate={self.learning_rate!r}"
+            )
+        if not self.findings:
+            raise ValueError("`findings` must name at least one finding.")
+        canonical = tuple(schema.canonical_finding(f) for f in self.findings)
+        if len(set(canonical)) != len(canonical):
+            raise ValueError(
+                f"`findings` has duplicates. Received: findings={self.findings!r}"
+            )
+        # Canonical order keeps label columns and model outputs aligned with
+        # the TFRecord label vector.
+        object.__setattr__(
+            self, "findings", tuple(f for f in schema.FINDINGS if f in canonical)
+        )
+        if not self.data_dir:
+            raise ValueError("`data_dir` must be a directory of TFRecords.")
+        if not self.model_dir:
+            raise ValueError("`model_dir` must be an output directory.")
+        # Validates backbone, image size, weights.
+        self.model_config()
+
+    def model_config(self):
+        """Returns the `ModelConfig` this run builds."""
+        from cxr_tf.models.config import ModelConfig
+
+        return ModelConfig(
+            backbone=self.backbone,
+            pooling=self.pooling,
+            num_classes=len(self.findings),
+            image_size=self.image_size,
+            channels=1,
+            weights=self.weights,
+            pooling_options=self.pooling_options,
+            infomask_variant=self.infomask_variant,
+            infomask_alpha=self.infomask_alpha,
+            infomask_tau=self.infomask_tau,
+        )
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["pooling_options"] = dict(self.pooling_options)
+        d["findings"] = list(self.findings)
+        d["lr_decay_epochs"] = list(self.lr_decay_epochs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(
+                f"Unknown TrainConfig fields {sorted(unknown)}; "
+                f"expected a subset of {sorted(fields)}"
+            )
+        return cls(**d)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {choices}. Received: {name}={value!r}"
+        )
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
+
+
+def map_kind(model_config):
+    """Returns "probability" or "cam": how a model's maps are thresholded."""
+    if model_config.backbone == "infomask" or model_config.pooling == "pcam":
+        return "probability"
+    return "cam"
+
+
+# ---------------------------------------------------------------------------
+# Saved-model bundle: config.json + .keras files.
+
+
+def write_model_config(directory, model_config, findings, train_config=None):
+    """Writes `config.json`, which tells evaluate/predict/export how to use a model.
+
+    Args:
+      directory: the model directory.
+      model_config: the `ModelConfig` the model was built from.
+      findings: the finding names of the model's output columns.
+      train_config: the `TrainConfig` of the run, if any.
+
+    Returns:
+      The path written.
+    """
+    os.makedirs(directory, exist_ok=True)
+    norm = model_config.normalization
+    payload = {
+        "model": model_config.to_dict(),
+        "findings": list(findings),
+        "map_kind": map_kind(model_config),
+        "normalization": {"mean": norm.mean, "std": norm.std},
+        "train": train_config.to_dict() if train_config is not None else None,
+    }
+    path = os.path.join(directory, CONFIG_FILE)
+    _atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A trained model and what is needed to feed it and read its maps."""
+
+    model: object
+    model_config: object
+    findings: tuple
+    map_kind: str
+    path: str
+
+    @property
+    def normalization(self):
+        return self.model_config.normalization
+
+    @property
+    def image_size(self):
+        return self.model_config.image_size
+
+
+def resolve_model_path(path, checkpoint="final"):
+    """Finds the `.keras` file and `config.json` of a model directory or file.
+
+    Args:
+      path: a model directory (as written by `train`) or a `.keras` file in it
+        (or in its `checkpoints/`).
+      checkpoint: for a directory: "final" (model.keras), "best" (best
+        validation mean AUC) or "latest" (end of the last finished epoch).
+        "final" falls back to best, then latest, when training did not finish.
+
+    Returns:
+      (keras_path, config_path).
+
+    Raises:
+      FileNotFoundError: no model or no config.json found.
+      ValueError: unknown `checkpoint`.
+    """
+    choices = {
+        "final": FINAL_MODEL,
+        "best": BEST_CHECKPOINT,
+        "latest": LATEST_CHECKPOINT,
+    }
+    if checkpoint not in choices:
+        raise ValueError(
+            f"`checkpoint` must be one of {sorted(choices)}. "
+            f"Received: checkpoint={checkpoint!r}"
+        )
+    if os.path.isdir(path):
+        order = [checkpoint] + (["best", "latest"] if checkpoint == "final" else [])
+        keras_path = None
+        for name in order:
+            candidate = os.path.join(path, choices[name])
+            if os.path.isfile(candidate):
+                keras_path = candidate
+                break
+        if keras_path is None:
+            raise FileNotFoundError(
+                f"No {checkpoint!r} model in {path}: expected "
+                f"{os.path.join(path, choices[checkpoint])}"
+            )
+        config_dirs = [path]
+    elif os.path.isfile(path):
+        if not path.endswith(".keras"):
+            raise ValueError(
+                f"Expected a .keras file or a model directory. Received: {path}"
+            )
+        keras_path = path
+        here = os.path.dirname(os.path.abspath(path))
+        config_dirs = [here, os.path.dirname(here)]
+    else:
+        raise FileNotFoundError(f"Model path does not exist: {path}")
+    for directory in config_dirs:
+        config_path = os.path.join(directory, CONFIG_FILE)
+        if os.path.isfile(config_path):
+            return keras_path, config_path
+    raise FileNotFoundError(
+        f"No {CONFIG_FILE} next to {keras_path} (looked in {config_dirs}); "
+        "it is written by training (or `write_model_config`)."
+    )
+
+
+def load_model(path, checkpoint="final"):
+    """Loads a trained model with its config.
+
+    Args:
+      path: model directory or `.keras` file (see `resolve_model_path`).
+      checkpoint: "final", "best" or "latest" for a directory.
+
+    Returns:
+      A `LoadedModel`.
+    """
+    import keras
+
+    from cxr_tf.models.config import ModelConfig
+
+    keras_path, config_path = resolve_model_path(path, checkpoint)
+    with open(config_path) as f:
+        payload = json.load(f)
+    model_config = ModelConfig.from_dict(payload["model"])
+    _import_custom_objects()
+    model = keras.saving.load_model(keras_path, compile=False)
+    logging.info("Loaded %s (config %s)", keras_path, config_path)
+    return LoadedModel(
+        model=model,
+        model_config=model_config,
+        findings=tuple(payload["findings"]),
+        map_kind=payload.get("map_kind", map_kind(model_config)),
+        path=keras_path,
+    )
+
+
+def _import_custom_objects():
+    # Importing registers the layers' serializable classes with Keras.
+    import cxr_tf.layers  # noqa: F401
+    import cxr_tf.models  # noqa: F401
+
+
+# ---------------------------------------------------------------------------
+# Devices and strategy.
+
+
+def configure_devices(num_cpu_devices):
+    """Splits the CPU into logical devices; must run before TF touches devices.
+
+    Args:
+      num_cpu_devices: number of logical CPU devices (0 leaves the default).
+
+    Raises:
+      RuntimeError: devices were already initialised with another layout.
+    """
+    import tensorflow as tf
+
+    if not num_cpu_devices:
+        return
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0],
+            [tf.config.LogicalDeviceConfiguration() for _ in range(num_cpu_devices)],
+        )
+    except RuntimeError as e:
+        existing = tf.config.list_logical_devices("CPU")
+        if len(existing) != num_cpu_devices:
+            raise RuntimeError(
+                f"Cannot create {num_cpu_devices} logical CPU devices: TensorFlow "
+                f"already initialised {len(existing)}. Set `num_cpu_devices` before "
+                "anything runs on a device."
+            ) from e
+
+
+def make_strategy(name, num_cpu_devices=0):
+    """Creates the distribution strategy.
+
+    Args:
+      name: "mirrored", "multi_worker" or "default".
+      num_cpu_devices: logical CPU devices to mirror over when > 0 (testing).
+
+    Returns:
+      A `tf.distribute.Strategy`.
+    """
+    import tensorflow as tf
+
+    _check_choice("strategy", name, STRATEGIES)
+    if name == "multi_worker":
+        # Before devices initialise: the strategy starts the collective server.
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        configure_devices(num_cpu_devices)
+        return strategy
+    configure_devices(num_cpu_devices)
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if num_cpu_devices:
+        devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    else:
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+    if len(devices) <= 1:
+        # One device: mirroring would only add overhead.
+        logging.info("One device (%s): not distributing.", devices or "CPU")
+        return tf.distribute.get_strategy()
+    return tf.distribute.MirroredStrategy(devices=devices)
+
+
+def is_chief(strategy):
+    """True on the worker that writes outputs (always true outside multi-worker)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "cluster_spec", None):
+        return True
+    spec = resolver.cluster_spec().as_dict()
+    if not spec:
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type == "chief":
+        return True
+    return "chief" not in spec and task_type == "worker" and task_id == 0
+
+
+# ---------------------------------------------------------------------------
+# Data.
+
+
+def count_examples(data_dir, split):
+    """Counts the records of one split, preferring the ingest report.
+
+    Args:
+      data_dir: directory of ingested TFRecords.
+      split: "train", "val" or "test".
+
+    Returns:
+      The number of examples.
+
+    Raises:
+      FileNotFoundError: no TFRecord of the split.
+    """
+    import tensorflow as tf
+
+    report = os.path.join(data_dir, schema.INGEST_REPORT)
+    if os.path.isfile(report):
+        with open(report) as f:
+            payload = json.load(f)
+        count = _find_split_count(payload, split)
+        if count is not None:
+            return count
+    files = tf.io.gfile.glob(
+        os.path.join(data_dir, schema.TFRECORD_PATTERN.format(split=split))
+    )
+    if not files:
+        raise FileNotFoundError(
+            f"No {schema.TFRECORD_PATTERN.format(split=split)} files in {data_dir}"
+        )
+    ds = tf.data.TFRecordDataset(sorted(files), compression_type="GZIP")
+    return int(ds.reduce(np.int64(0), lambda n, _: n + 1).numpy())
+
+
+def _find_split_count(payload, split):
+    # The ingest report format belongs to the ingest helper; accept the
+    # plausible layouts rather than failing when it changes.
+    for key in ("splits", "split_counts", "counts", "examples"):
+        value = payload.get(key) if isinstance(payload, dict) else None
+        if isinstance(value, dict) and split in value:
+            entry = value[split]
+            if isinstance(entry, int):
+                return entry
+            if isinstance(entry, dict):
+                for sub in ("examples", "count", "num_examples", "images"):
+                    if isinstance(entry.get(sub), int):
+                        return entry[sub]
+    return None
+
+
+def input_config(config, training):
+    """The `InputConfig` of the input pipeline for this run."""
+    from cxr_tf.data import input_pipeline
+
+    return input_pipeline.InputConfig(
+        image_size=config.image_size,
+        batch_size=config.batch_size,
+        normalization=config.model_config().normalization,
+        augment=bool(config.augment and training),
+        flip=bool(config.flip and training),
+        shuffle_buffer=config.shuffle_buffer,
+        seed=config.seed,
+    )
+
+
+def finding_indices(findings):
+    """Columns of `findings` in the 14-finding label vector."""
+    return [schema.FINDINGS.index(f) for f in findings]
+
+
+def select_labels(labels, findings):
+    """Keeps the label columns of `findings` (a TF op, usable in tf.data)."""
+    import tensorflow as tf
+
+    if tuple(findings) == schema.FINDINGS:
+        return labels
+    return tf.gather(labels, finding_indices(findings), axis=-1)
+
+
+def make_dataset(config, split, training, with_info=False, batch_size=None):
+    """The run's dataset of (image, {"logits": labels}) (or with_info features).
+
+    Args:
+      config: a `TrainConfig`.
+      split: "train", "val" or "test".
+      training: shuffle, augment and repeat.
+      with_info: pass the input pipeline's info features through.
+      batch_size: overrides the config's batch size.
+
+    Returns:
+      A `tf.data.Dataset`.
+    """
+    import tensorflow as tf
+
+    from cxr_tf.data import input_pipeline
+
+    cfg = input_config(config, training)
+    if batch_size is not None:
+        cfg = dataclasses.replace(cfg, batch_size=batch_size)
+    ds = input_pipeline.build_dataset(
+        config.data_dir, split, cfg, training=training, with_info=with_info
+    )
+    findings = config.findings
+
+    if with_info:
+        ds = ds.map(lambda f, y: (f, select_labels(y, findings)))
+    else:
+        ds = ds.map(lambda x, y: (x, {"logits": select_labels(y, findings)}))
+    if training:
+        if ds.cardinality() != tf.data.INFINITE_CARDINALITY:
+            ds = ds.repeat()
+        options = tf.data.Options()
+        # Small data sets have fewer files than workers: shard by element.
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        ds = ds.with_options(options)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------
+# Optimizer and schedule.
+
+
+def make_learning_rate(config, steps_per_epoch):
+    """A float or `keras.optimizers.schedules.LearningRateSchedule`."""
+    import keras
+
+    total = config.epochs * steps_per_epoch
+    lr = config.learning_rate
+    if config.lr_schedule == "constant":
+        return lr
+    if config.lr_schedule == "cosine":
+        warmup = min(config.lr_warmup_steps, max(total - 1, 0))
+        return keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup else lr,
+            decay_steps=max(total - warmup, 1),
+            warmup_target=lr if warmup else None,
+            warmup_steps=warmup,
+        )
+    if config.lr_schedule == "step":
+        boundaries = [int(e * steps_per_epoch) for e in sorted(config.lr_decay_epochs)]
+        if not boundaries:
+            raise ValueError(
+                "`lr_schedule='step'` needs `lr_decay_epochs`. "
+                f"Received: lr_decay_epochs={config.lr_decay_epochs!r}"
+            )
+        values = [lr * config.lr_decay_factor**i for i in range(len(boundaries) + 1)]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    return keras.optimizers.schedules.ExponentialDecay(
+        lr, decay_steps=steps_per_epoch, decay_rate=config.lr_decay_factor
+    )
+
+
+def make_optimizer(config, steps_per_epoch):
+    """The run's Keras optimizer."""
+    import keras
+
+    lr = make_learning_rate(config, steps_per_epoch)
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate=lr)
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(
+            learning_rate=lr, weight_decay=config.weight_decay
+        )
+    return keras.optimizers.SGD(
+        learning_rate=lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay or None,
+    )
+
+
+def resolve_jit_compile(config, strategy):
+    """The `jit_compile` argument of `model.compile` for this run."""
+    if config.jit_compile == "false":
+        return False
+    if config.jit_compile == "true":
+        return True
+    return "auto"
+
+
+# ---------------------------------------------------------------------------
+# Callbacks.
+
+
+def _atomic_write_text(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _callback_classes():
+    """Defines the callbacks lazily so importing train_lib stays light."""
+    import keras
+    import tensorflow as tf
+
+    class NaNGuardCallback(keras.callbacks.Callback):
+        """TerminateOnNaN that also records the step and blocks checkpoints."""
+
+        def __init__(self):
+            super().__init__()
+            self.triggered = False
+            self.step = None
+            self.value = None
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is None or self.triggered:
+                return
+            loss = float(loss)
+            if not math.isfinite(loss):
+                self.triggered = True
+                self.step = int(self.model.optimizer.iterations.numpy())
+                self.value = loss
+                logging.error(
+                    "Loss became %s at step %d: stopping (the last good "
+                    "checkpoints are kept).",
+                    loss,
+                    self.step,
+                )
+                self.model.stop_training = True
+
+    class StepBackup(keras.callbacks.Callback):
+        """Saves weights + optimizer state every N steps, atomically.
+
+        Unlike `keras.callbacks.BackupAndRestore`, which restarts an
+        interrupted epoch from its first batch, the state here carries the
+        global step (the optimizer's `iterations`) so a resumed run finishes
+        with exactly the planned number of steps.
+        """
+
+        def __init__(self, backup_dir, every_steps, guard, write):
+            super().__init__()
+            self.backup_dir = backup_dir
+            self.every_steps = every_steps
+            self.guard = guard
+            self.write = write
+
+        def on_train_batch_end(self, batch, logs=None):
+            step = int(self.model.optimizer.iterations.numpy())
+            if step % self.every_steps == 0:
+                self.save(step)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.save(int(self.model.optimizer.iterations.numpy()))
+
+        def save(self, step):
+            if self.guard.triggered:
+                return
+            save_backup(self.model, self.backup_dir, step, write=self.write)
+
+    class ValidationCallback(keras.callbacks.Callback):
+        """Val loss and per-class AUC each epoch; map overlays to TensorBoard.
+
+        Adds `val_loss` and `val_mean_auc` to the epoch logs, so callbacks
+        after it (checkpoints, TensorBoard, history) see them.
+        """
+
+        def __init__(
+            self,
+            dataset,
+            findings,
+            loss_fn,
+            log_dir,
+            overlay_images,
+            jit_compile,
+            guard,
+            write,
+        ):
+            super().__init__()
+            self.dataset = dataset
+            self.findings = tuple(findings)
+            self.loss_fn = loss_fn
+            self.overlay_images = overlay_images
+            self.jit_compile = jit_compile
+            self.guard = guard
+            self.write = write
+            self.writer = tf.summary.create_file_writer(log_dir) if write else None
+            self._predict = None
+
+        def _predict_fn(self):
+            if self._predict is None:
+                model = self.model
+
+                @tf.function(jit_compile=self.jit_compile, reduce_retracing=True)
+                def predict(images):
+                    out = model(images, training=False)
+                    return out["logits"], out["localization_maps"]
+
+                self._predict = predict
+            return self._predict
+
+        def evaluate(self):
+            """Runs the model on the val set: (labels, logits), both (N, K)."""
+            predict = self._predict_fn()
+            labels, logits = [], []
+            for images, targets in self.dataset:
+                batch_logits, _ = predict(images)
+                labels.append(targets["logits"].numpy())
+                logits.append(batch_logits.numpy())
+            if not labels:
+                raise ValueError("The validation split yielded no batches.")
+            return np.concatenate(labels), np.concatenate(logits).astype(np.float64)
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.guard.triggered:
+                return
+            from cxr_tf.metrics import classification
+
+            logs = logs if logs is not None else {}
+            start = time.time()
+            labels, logits = self.evaluate()
+            loss = float(
+                self.loss_fn(labels.astype(np.float32), logits.astype(np.float32))
+            )
+            probs = 1.0 / (1.0 + np.exp(-logits))
+            aucs = classification.auroc_per_class(labels, probs, self.findings)
+            values = [v for v in aucs.values() if v is not None]
+            mean_auc = float(np.mean(values)) if values else float("nan")
+            logs["val_loss"] = loss
+            logs["val_mean_auc"] = mean_auc
+            logging.info(
+                "Epoch %d validation: loss %.4f, mean AUC %.4f over %d classes "
+                "(%.1f s)",
+                epoch + 1,
+                loss,
+                mean_auc,
+                len(values),
+                time.time() - start,
+            )
+            if self.writer is None:
+                return
+            step = int(self.model.optimizer.iterations.numpy())
+            with self.writer.as_default(step=step):
+                for name, value in aucs.items():
+                    if value is not None:
+                        tf.summary.scalar(f"auc/{name}", value)
+                tf.summary.scalar("auc/mean", mean_auc)
+                if self.overlay_images is not None:
+                    images, probs_o, maps = self._overlay_inputs()
+                    tf.summary.image(
+                        "localization_maps",
+                        overlay_grid(images, maps, probs_o, self.findings),
+                        max_outputs=len(images),
+                    )
+            self.writer.flush()
+
+        def _overlay_inputs(self):
+            images = self.overlay_images
+            logits, maps = self._predict_fn()(images)
+            return images.numpy(), 1.0 / (1.0 + np.exp(-logits.numpy())), maps.numpy()
+
+    class LatestCheckpoint(keras.callbacks.Callback):
+        """Saves the whole model at the end of each finished epoch."""
+
+        def __init__(self, path, guard):
+            super().__init__()
+            self.path = path
+            self.guard = guard
+
+        def on_epoch_end(self, epoch, logs=None):
+            if not self.guard.triggered:
+                save_model_atomic(self.model, self.path)
+
+    class BestCheckpoint(keras.callbacks.Callback):
+        """Keeps the model of the best validation mean AUC (survives resume)."""
+
+        def __init__(self, path, guard, state_path):
+            super().__init__()
+            self.path = path
+            self.guard = guard
+            self.state_path = state_path
+            self.best = -math.inf
+            if os.path.isfile(state_path):
+                with open(state_path) as f:
+                    self.best = json.load(f)["val_mean_auc"]
+
+        def on_epoch_end(self, epoch, logs=None):
+            value = (logs or {}).get("val_mean_auc")
+            if self.guard.triggered or value is None or not math.isfinite(value):
+                return
+            if value > self.best:
+                logging.info(
+                    "Validation mean AUC improved %.4f -> %.4f: saving %s",
+                    self.best,
+                    value,
+                    self.path,
+                )
+                self.best = value
+                save_model_atomic(self.model, self.path)
+                _atomic_write_text(
+                    self.state_path,
+                    json.dumps({"val_mean_auc": value, "epoch": epoch + 1}),
+                )
+
+    return {
+        "NaNGuard": NaNGuardCallback,
+        "StepBackup": StepBackup,
+        "Validation": ValidationCallback,
+        "Latest": LatestCheckpoint,
+        "Best": BestCheckpoint,
+    }
+
+
+def save_model_atomic(model, path):
+    """Saves a `.keras` file via a temporary name so a kill never leaves half."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path[:-len('.keras')]}.tmp-{os.getpid()}.keras"
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def save_backup(model, backup_dir, step, write=True):
+    """Writes the fault-tolerance state (weights, optimizer, step) atomically.
+
+    Args:
+      model: the compiled, built model.
+      backup_dir: directory of the backup.
+      step: the global step reached.
+      write: False on non-chief workers (they save to a scratch dir).
+    """
+    target = backup_dir if write else tempfile.mkdtemp(prefix="cxr_backup_")
+    os.makedirs(target, exist_ok=True)
+    weights = os.path.join(target, f"step-{step}.weights.h5")
+    tmp = os.path.join(target, f"tmp-{os.getpid()}.weights.h5")
+    model.save_weights(tmp)
+    os.replace(tmp, weights)
+    _atomic_write_text(
+        os.path.join(target, "state.json"),
+        json.dumps({"step": step, "weights": os.path.basename(weights)}),
+    )
+    # Only after state.json points at the new file is the old one removable.
+    for name in os.listdir(target):
+        if name.startswith("step-") and name != os.path.basename(weights):
+            os.remove(os.path.join(target, name))
+    if not write:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def restore_backup(model, backup_dir):
+    """Loads the last backup into a compiled model; returns its step (0 if none)."""
+    state_path = os.path.join(backup_dir, "state.json")
+    if not os.path.isfile(state_path):
+        return 0
+    with open(state_path) as f:
+        state = json.load(f)
+    weights = os.path.join(backup_dir, state["weights"])
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.load_weights(weights)
+    step = int(model.optimizer.iterations.numpy())
+    if step != state["step"]:
+        raise RuntimeError(
+            f"Backup {weights} holds step {step} but {state_path} says "
+            f"{state['step']}: the backup is inconsistent."
+        )
+    return step
+
+
+def overlay_grid(images, maps, probabilities, findings, max_classes=1):
+    """RGB overlays (N, S, S, 3) in [0, 1] of each image's top finding's map.
+
+    Args:
+      images: (N, S, S, 1) network inputs (normalised; rescaled per image).
+      maps: (N, h, w, K) localization maps.
+      probabilities: (N, K).
+      findings: K names (unused in pixels; kept for symmetry with visualize).
+      max_classes: findings per image (the most probable ones).
+
+    Returns:
+      float32 array (N, S, S*max_classes, 3).
+    """
+    import matplotlib
+
+    cmap = matplotlib.colormaps["jet"]
+    del findings
+    out = []
+    for image, image_maps, probs in zip(images, maps, probabilities):
+        gray = image[..., 0].astype(np.float64)
+        gray = (gray - gray.min()) / max(gray.max() - gray.min(), 1e-8)
+        size = gray.shape
+        panels = []
+        for k in np.argsort(-probs)[:max_classes]:
+            m = _resize_bilinear(image_maps[..., k], size)
+            m = (m - m.min()) / max(m.max() - m.min(), 1e-8)
+            heat = cmap(m)[..., :3]
+            panels.append(0.6 * gray[..., None] + 0.4 * heat)
+        out.append(np.concatenate(panels, axis=1))
+    return np.asarray(out, dtype=np.float32)
+
+
+def _resize_bilinear(array, size):
+    import tensorflow as tf
+
+    return tf.image.resize(array[None, ..., None], size, method="bilinear").numpy()[
+        0, ..., 0
+    ]
+
+
+# ---------------------------------------------------------------------------
+# The run.
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` returns."""
+
+    model_dir: str
+    steps: int
+    initial_step: int
+    history: dict
+    final_model: str
+    best_val_mean_auc: float | None
+
+
+def train(config):
+    """Trains a model as configured; resumes from `model_dir/backup` if present.
+
+    Args:
+      config: a `TrainConfig`.
+
+    Returns:
+      A `TrainResult`.
+
+    Raises:
+      FileNotFoundError: no training TFRecords in `data_dir`.
+      FloatingPointError: the loss became NaN/inf; the last good checkpoints
+        and backup are kept.
+    """
+    import keras
+    import tensorflow as tf
+
+    from cxr_tf import losses
+    from cxr_tf.models import build_model
+
+    strategy = make_strategy(config.strategy, config.num_cpu_devices)
+    chief = is_chief(strategy)
+    if not tf.io.gfile.glob(
+        os.path.join(config.data_dir, schema.TFRECORD_PATTERN.format(split="train"))
+    ):
+        raise FileNotFoundError(
+            f"No training records "
+            f"{schema.TFRECORD_PATTERN.format(split='train')} in "
+            f"`data_dir`={config.data_dir}"
+        )
+    keras.utils.set_random_seed(config.seed)
+    if config.mixed_precision != "none":
+        keras.mixed_precision.set_global_policy(config.mixed_precision)
+
+    steps_per_epoch = config.steps_per_epoch or max(
+        1, math.ceil(count_examples(config.data_dir, "train") / config.batch_size)
+    )
+    total_steps = config.epochs * steps_per_epoch
+    model_config = config.model_config()
+    model_dir = config.model_dir
+    if chief:
+        os.makedirs(model_dir, exist_ok=True)
+        write_model_config(model_dir, model_config, config.findings, config)
+        with open(os.path.join(model_dir, "train_config.json"), "w") as f:
+            json.dump(
+                {**config.to_dict(), "resolved_steps_per_epoch": steps_per_epoch},
+                f,
+                indent=2,
+                sort_keys=True,
+            )
+    logging.info(
+        "Training %s/%s at %d px: %d epochs x %d steps, global batch %d on %d "
+        "replica(s).",
+        config.backbone,
+        config.pooling,
+        config.image_size,
+        config.epochs,
+        steps_per_epoch,
+        config.batch_size,
+        strategy.num_replicas_in_sync,
+    )
+
+    jit = resolve_jit_compile(config, strategy)
+    with strategy.scope():
+        model = build_model(model_config)
+        loss_fn = losses.get_loss(config.loss)
+        model.compile(
+            optimizer=make_optimizer(config, steps_per_epoch),
+            loss={"logits": loss_fn},
+            jit_compile=jit,
+        )
+        model.optimizer.build(model.trainable_variables)
+    backup_dir = os.path.join(model_dir, BACKUP_DIR)
+    initial_step = restore_backup(model, backup_dir)
+    if initial_step:
+        logging.info(
+            "Resuming from step %d of %d (%s).", initial_step, total_steps, backup_dir
+        )
+
+    train_ds = make_dataset(config, "train", training=True)
+    val_ds = make_dataset(config, "val", training=False)
+    if config.validation_steps:
+        val_ds = val_ds.take(config.validation_steps)
+    overlay_images = None
+    if config.num_overlay_images:
+        for images, _ in make_dataset(
+            config, "val", training=False, batch_size=config.num_overlay_images
+        ).take(1):
+            overlay_images = images
+
+    classes = _callback_classes()
+    guard = classes["NaNGuard"]()
+    log_dir = os.path.join(model_dir, LOG_DIR) if chief else tempfile.mkdtemp()
+    callbacks = [
+        guard,
+        classes["StepBackup"](backup_dir, config.backup_every_steps, guard, chief),
+        classes["Validation"](
+            val_ds,
+            config.findings,
+            loss_fn,
+            os.path.join(log_dir, "validation"),
+            overlay_images,
+            jit_compile=(jit is True),
+            guard=guard,
+            write=chief,
+        ),
+    ]
+    if chief:
+        callbacks += [
+            classes["Latest"](os.path.join(model_dir, LATEST_CHECKPOINT), guard),
+            classes["Best"](
+                os.path.join(model_dir, BEST_CHECKPOINT),
+                guard,
+                os.path.join(model_dir, "checkpoints", "best.json"),
+            ),
+        ]
+    callbacks.append(
+        keras.callbacks.TensorBoard(
+            log_dir=log_dir, update_freq="epoch", write_graph=False
+        )
+    )
+
+    history = {}
+    epoch, done = divmod(initial_step, steps_per_epoch)
+    while epoch < config.epochs and not guard.triggered:
+        # A resumed epoch runs only its remaining steps; the rest run whole.
+        remaining = steps_per_epoch - done
+        if done:
+            end_epoch = epoch + 1
+            steps = remaining
+        else:
+            end_epoch = config.epochs
+            steps = steps_per_epoch
+        fit_history = model.fit(
+            train_ds,
+            epochs=end_epoch,
+            initial_epoch=epoch,
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            verbose=config.verbose,
+            shuffle=False,
+        )
+        for key, values in fit_history.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+        epoch, done = divmod(int(model.optimizer.iterations.numpy()), steps_per_epoch)
+
+    steps_done = int(model.optimizer.iterations.numpy())
+    if guard.triggered:
+        raise FloatingPointError(
+            f"Training stopped: the loss became {guard.value} at step {guard.step}. "
+            f"Kept the last good state: backup {backup_dir} (resume with the same "
+            f"command after fixing the cause, e.g. a lower learning rate), "
+            f"checkpoints in {os.path.join(model_dir, 'checkpoints')}."
+        )
+    final_path = os.path.join(model_dir, FINAL_MODEL)
+    if chief:
+        save_model_atomic(model, final_path)
+        with open(os.path.join(model_dir, "history.json"), "w") as f:
+            json.dump({"steps": steps_done, "history": history}, f, indent=2)
+    else:
+        scratch = tempfile.mkdtemp()
+        save_model_atomic(model, os.path.join(scratch, FINAL_MODEL))
+        shutil.rmtree(scratch, ignore_errors=True)
+    best = None
+    best_state = os.path.join(model_dir, "checkpoints", "best.json")
+    if os.path.isfile(best_state):
+        with open(best_state) as f:
+            best = json.load(f)["val_mean_auc"]
+    logging.info(
+        "Finished %d steps (%d this run). Final model %s; best val mean AUC %s.",
+        steps_done,
+        steps_done - initial_step,
+        final_path,
+        best,
+    )
+    return TrainResult(
+        model_dir=model_dir,
+        steps=steps_done,
+        initial_step=initial_step,
+        history=history,
+        final_model=final_path,
+        best_val_mean_auc=best,
+    )
