@@ -85,6 +85,11 @@ class CAMHead(keras.layers.Layer):
         """Hook for subclasses that own more weights than the 1x1 conv."""
         del channels
 
+    @property
+    def pool_dtype(self):
+        """float32, or float64 when the layer computes in float64."""
+        return "float64" if self.compute_dtype == "float64" else "float32"
+
     def cam(self, features):
         """The class activation map s (B, H, W, K) in the compute dtype."""
         dtype = self.compute_dtype
@@ -92,9 +97,9 @@ class CAMHead(keras.layers.Layer):
         return ops.matmul(features, kernel) + ops.cast(self.bias, dtype)
 
     def fc32(self, pooled):
-        """The same 1x1 conv applied, in float32, to pooled vectors (B, C)."""
-        kernel = ops.cast(self.kernel, "float32")
-        bias = ops.cast(self.bias, "float32")
+        """The same 1x1 conv applied, in `pool_dtype`, to pooled vectors (B, C)."""
+        kernel = ops.cast(self.kernel, self.pool_dtype)
+        bias = ops.cast(self.bias, self.pool_dtype)
         return ops.matmul(pooled, kernel) + bias
 
     def call(self, features):

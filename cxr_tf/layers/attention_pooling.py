@@ -76,11 +76,11 @@ class AttentionPooling(_cam_head.CAMHead):
         dtype = self.compute_dtype
         hidden = ops.tanh(ops.matmul(features, ops.cast(self.attention_v, dtype)))
         scores = ops.matmul(hidden, ops.cast(self.attention_u, dtype))
-        return _cam_head.spatial_softmax_weights(ops.cast(scores, "float32"))
+        return _cam_head.spatial_softmax_weights(ops.cast(scores, self.pool_dtype))
 
     def pool(self, features, cam):
         weights = self.attention(features)
-        return ops.sum(weights * ops.cast(cam, "float32"), axis=(1, 2))
+        return ops.sum(weights * ops.cast(cam, self.pool_dtype), axis=(1, 2))
 
     def get_config(self):
         config = super().get_config()

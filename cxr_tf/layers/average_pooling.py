@@ -32,5 +32,5 @@ class AveragePooling(_cam_head.CAMHead):
 
     def pool(self, features, cam):
         del cam
-        pooled = ops.mean(ops.cast(features, "float32"), axis=(1, 2))
+        pooled = ops.mean(ops.cast(features, self.pool_dtype), axis=(1, 2))
         return self.fc32(pooled)

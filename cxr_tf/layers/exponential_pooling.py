@@ -32,6 +32,6 @@ class ExponentialPooling(_cam_head.CAMHead):
 
     def pool(self, features, cam):
         del cam
-        features = ops.cast(features, "float32")
+        features = ops.cast(features, self.pool_dtype)
         weights = _cam_head.spatial_softmax_weights(features)
         return self.fc32(ops.sum(weights * features, axis=(1, 2)))

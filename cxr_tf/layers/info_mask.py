@@ -123,6 +123,11 @@ class InfoMask(keras.layers.Layer):
     def _bias(self, name):
         return self.add_weight(name=name, shape=(1,), initializer=self.bias_initializer)
 
+    @property
+    def pool_dtype(self):
+        """float32, or float64 when the layer computes in float64."""
+        return "float64" if self.compute_dtype == "float64" else "float32"
+
     def attention(self, features, height, width):
         """A = ReLU(1x1 conv(features)) upsampled bilinearly, (B, H, W, 1)."""
         dtype = self.compute_dtype
@@ -137,17 +142,17 @@ class InfoMask(keras.layers.Layer):
         features = ops.cast(inputs[0], self.compute_dtype)
         images = ops.cast(inputs[1], self.compute_dtype)
         height, width = ops.shape(images)[1], ops.shape(images)[2]
-        attention = ops.cast(self.attention(features, height, width), "float32")
+        attention = ops.cast(self.attention(features, height, width), self.pool_dtype)
         mu = attention * self.mu_kernel[0, 0] + self.mu_bias[0]
         logvar = attention * self.logvar_kernel[0, 0] + self.logvar_bias[0]
         z = mu
         if training and self.variant != "featuremask":
             eps = keras.random.normal(
-                ops.shape(mu), dtype="float32", seed=self.seed_generator
+                ops.shape(mu), dtype=self.pool_dtype, seed=self.seed_generator
             )
             z = mu + ops.exp(0.5 * logvar) * eps
-        mask = ops.clip(ops.sigmoid(z) - ops.cast(self.tau, "float32"), 0.0, 1.0)
-        alpha = ops.cast(self.alpha, "float32")
+        mask = ops.clip(ops.sigmoid(z) - ops.cast(self.tau, self.pool_dtype), 0.0, 1.0)
+        alpha = ops.cast(self.alpha, self.pool_dtype)
         if self.variant == "infomask":
             kl = 0.5 * (ops.square(mu) + ops.exp(logvar) - 1.0 - logvar)
             self.add_loss(alpha * ops.mean(kl))

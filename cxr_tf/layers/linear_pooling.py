@@ -43,9 +43,9 @@ class LinearPooling(_cam_head.CAMHead):
 
     def pool(self, features, cam):
         del cam
-        features = ops.cast(features, "float32")
+        features = ops.cast(features, self.pool_dtype)
         total = ops.sum(features, axis=(1, 2))
-        total = ops.maximum(total, ops.cast(self.epsilon, "float32"))
+        total = ops.maximum(total, ops.cast(self.epsilon, self.pool_dtype))
         pooled = ops.sum(ops.square(features), axis=(1, 2)) / total
         return self.fc32(pooled)
 

@@ -50,12 +50,14 @@ class LSELBAPooling(_cam_head.CAMHead):
 
     def sharpness(self):
         """r_k = gamma0 + exp(beta_k), float32 (K,)."""
-        beta = ops.cast(self.beta, "float32")
-        return ops.cast(self.gamma0, "float32") + ops.exp(beta)
+        beta = ops.cast(self.beta, self.pool_dtype)
+        return ops.cast(self.gamma0, self.pool_dtype) + ops.exp(beta)
 
     def pool(self, features, cam):
         del features
-        return lse_pooling.log_mean_exp_pool(ops.cast(cam, "float32"), self.sharpness())
+        return lse_pooling.log_mean_exp_pool(
+            ops.cast(cam, self.pool_dtype), self.sharpness()
+        )
 
     def get_config(self):
         config = super().get_config()

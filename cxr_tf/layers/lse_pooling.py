@@ -59,8 +59,8 @@ class LSEPooling(_cam_head.CAMHead):
 
     def pool(self, features, cam):
         del cam
-        gamma = ops.cast(self.gamma, "float32")
-        pooled = log_mean_exp_pool(ops.cast(features, "float32"), gamma)
+        gamma = ops.cast(self.gamma, self.pool_dtype)
+        pooled = log_mean_exp_pool(ops.cast(features, self.pool_dtype), gamma)
         return self.fc32(pooled)
 
     def get_config(self):

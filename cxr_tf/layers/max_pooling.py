@@ -29,5 +29,5 @@ class MaxPooling(_cam_head.CAMHead):
 
     def pool(self, features, cam):
         del cam
-        pooled = ops.max(ops.cast(features, "float32"), axis=(1, 2))
+        pooled = ops.max(ops.cast(features, self.pool_dtype), axis=(1, 2))
         return self.fc32(pooled)

@@ -43,7 +43,7 @@ class PCAMPooling(_cam_head.CAMHead):
 
     def pool(self, features, cam):
         del features
-        cam = ops.cast(cam, "float32")
+        cam = ops.cast(cam, self.pool_dtype)
         weights = _cam_head.spatial_softmax_weights(ops.log_sigmoid(cam))
         return ops.sum(weights * cam, axis=(1, 2))
 
