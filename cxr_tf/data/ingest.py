@@ -1,0 +1,794 @@
+"""Beam ingestion: ChestX-ray14 tables and images -> sharded GZIP TFRecords + report."""
+
+import collections
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import re
+import shutil
+import typing
+import uuid
+
+from absl import logging
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+import numpy as np
+from PIL import Image
+import tensorflow as tf
+
+from cxr_tf.data import images
+from cxr_tf.data import metadata
+from cxr_tf.data import schema
+from cxr_tf.data import tfrecord
+
+# Candidate names (lower case) of each table the search looks for. A version
+# suffix is allowed (Data_Entry_2017_v2020.csv), other suffixes are not, so
+# hand-edited variants (BBox_List_2017.excel_resaved.csv) are not picked up.
+TABLE_PATTERNS = {
+    "data_entry": re.compile(r"^data_entry_2017(_v\d+)?\.csv$"),
+    "bbox_list": re.compile(r"^bbox_list_2017(_v\d+)?\.csv$"),
+    "train_val_list": re.compile(r"^train_val_list(_v\d+)?\.txt$"),
+    "test_list": re.compile(r"^test_list(_v\d+)?\.txt$"),
+}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+SHARD_TEMPLATE = "{split}-{shard:05d}-of-{num_shards:05d}.tfrecord.gz"
+
+# Reasons a Data_Entry row is skipped (the report's `skipped[*].reason`).
+MISSING_FILE = "missing_file"
+CORRUPT_IMAGE = "corrupt_image"
+UNREADABLE_FILE = "unreadable_file"
+NOT_IN_SPLIT_LIST = "not_in_split_list"
+DUPLICATE = "duplicate"
+UNKNOWN_LABEL = "unknown_label"
+MALFORMED_ROW = "malformed_row"
+
+_RUNNING_MODES = ("multi_processing", "multi_threading", "in_memory")
+# Shards of about this many bytes (PNG of a chest film: ~0.5 byte / pixel).
+_TARGET_SHARD_BYTES = 128 << 20
+
+
+class SkipFractionExceededError(RuntimeError):
+    """More rows were skipped than `max_skip_fraction` allows.
+
+    Raised after the records and the report are written; `report` holds it.
+    """
+
+    def __init__(self, message, report):
+        super().__init__(message)
+        self.report = report
+
+
+class AmbiguousTableError(ValueError):
+    """The search under `data_dir` found two or more candidates for one table."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestConfig:
+    """What to ingest and how.
+
+    Attributes:
+      data_dir: folder with the tables and images (NIH layout `images/`, the
+        Kaggle layout `images_001/images/`..., or any subfolders).
+      output_dir: where the records and `ingest_report.json` go.
+      data_entry: the label table; None searches `data_dir`.
+      bbox_list: the box list; None searches (absent: no boxes).
+      train_val_list: official train/val list; None searches (absent: a
+        patient-wise random split).
+      test_list: official test list; None searches.
+      image_size: longer side of the stored images (aspect kept, area
+        resampling, never upscaled); 0 keeps the files' resolution.
+      val_fraction: fraction of train/val patients drawn for validation.
+      test_fraction: fraction of patients drawn for test without a test list.
+      seed: seed of the patient draw.
+      max_skip_fraction: the job fails (after writing the report) when more
+        than this fraction of Data_Entry rows is skipped.
+      images_per_shard: images per record file; 0 picks shards of ~128 MB.
+      num_workers: DirectRunner worker processes; 0 uses every CPU core.
+      running_mode: DirectRunner mode ("multi_processing", "multi_threading"
+        or "in_memory"); other runners ignore it.
+      overwrite: replace records already in `output_dir` (else an error).
+    """
+
+    data_dir: str
+    output_dir: str
+    data_entry: str | None = None
+    bbox_list: str | None = None
+    train_val_list: str | None = None
+    test_list: str | None = None
+    image_size: int = 1024
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+    max_skip_fraction: float = 0.01
+    images_per_shard: int = 0
+    num_workers: int = 0
+    running_mode: str = "multi_processing"
+    overwrite: bool = False
+
+    def __post_init__(self):
+        for name in ("data_dir", "output_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(
+                    f"`{name}` must be a non-empty path. Received: {name}={value!r}"
+                )
+        for name in ("image_size", "images_per_shard", "num_workers", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(
+                    f"`{name}` must be a non-negative int. Received: {name}={value!r}"
+                )
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ValueError(
+                "`max_skip_fraction` must be in [0, 1]. "
+                f"Received: max_skip_fraction={self.max_skip_fraction!r}"
+            )
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(
+                    f"`{name}` must be in [0, 1). Received: {name}={value!r}"
+                )
+        if self.running_mode not in _RUNNING_MODES:
+            raise ValueError(
+                f"`running_mode` must be one of {_RUNNING_MODES}. "
+                f"Received: running_mode={self.running_mode!r}"
+            )
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _is_remote(path):
+    return "://" in str(path)
+
+
+def _walk(root, skip_dir=None):
+    """Yields (folder, file name) of every file under `root`, in sorted order."""
+    if _is_remote(root):
+        for folder, _, names in tf.io.gfile.walk(root):
+            for name in sorted(names):
+                yield folder, name
+        return
+    skip_dir = os.path.realpath(skip_dir) if skip_dir else None
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith(".")
+            and os.path.realpath(os.path.join(folder, d)) != skip_dir
+        )
+        for name in sorted(names):
+            yield folder, name
+
+
+def scan_data_dir(data_dir, skip_dir=None):
+    """Lists the tables and image files under `data_dir`, walking it once.
+
+    Args:
+      data_dir: root folder.
+      skip_dir: a folder not to descend into (the output folder).
+
+    Returns:
+      `(tables, images)`: `tables` maps each key of `TABLE_PATTERNS` to the
+      sorted list of candidate paths; `images` maps a file name to the sorted
+      list of paths with that name (files with an `IMAGE_EXTENSIONS` suffix).
+    """
+    tables = {key: [] for key in TABLE_PATTERNS}
+    images = collections.defaultdict(list)
+    for folder, name in _walk(data_dir, skip_dir):
+        lower = name.lower()
+        path = os.path.join(folder, name)
+        if lower.endswith(IMAGE_EXTENSIONS):
+            images[name].append(path)
+            continue
+        for key, pattern in TABLE_PATTERNS.items():
+            if pattern.match(lower):
+                tables[key].append(path)
+    return tables, dict(images)
+
+
+def resolve_tables(config, found):
+    """Picks the table files: the config's paths, else the single candidate.
+
+    Args:
+      config: `IngestConfig`.
+      found: candidates per table, from `scan_data_dir`.
+
+    Returns:
+      dict table key -> path or None (optional table not found).
+
+    Raises:
+      FileNotFoundError: a path given in the config does not exist, or no
+        Data_Entry table was found.
+      AmbiguousTableError: two or more candidates for a table not given
+        outright; the message lists them and names the flag to pass.
+    """
+    chosen = {}
+    for key in TABLE_PATTERNS:
+        given = getattr(config, key)
+        if given:
+            if not _exists(given):
+                raise FileNotFoundError(f"`{key}` file not found: {given!r}")
+            chosen[key] = given
+            continue
+        candidates = sorted(found.get(key, []))
+        if len(candidates) > 1:
+            listed = "\n  ".join(candidates)
+            raise AmbiguousTableError(
+                f"Found {len(candidates)} candidates for `{key}` under "
+                f"{config.data_dir!r}:\n  {listed}\nPass the one to use with "
+                f"--{key}=PATH."
+            )
+        chosen[key] = candidates[0] if candidates else None
+    if chosen["data_entry"] is None:
+        raise FileNotFoundError(
+            f"No Data_Entry table (Data_Entry_2017*.csv) found under "
+            f"{config.data_dir!r}. Pass it with --data_entry=PATH."
+        )
+    return chosen
+
+
+def _exists(path):
+    if _is_remote(path):
+        return tf.io.gfile.exists(path)
+    return os.path.exists(path)
+
+
+def _problem_reason(text):
+    lower = text.lower()
+    if "duplicate" in lower or "twice" in lower:
+        return DUPLICATE
+    if "label" in lower:
+        return UNKNOWN_LABEL
+    return MALFORMED_ROW
+
+
+def _shard_count(num_images, config):
+    if num_images == 0:
+        return 0
+    per_shard = config.images_per_shard
+    if not per_shard:
+        side = config.image_size or 1024
+        per_shard = int(np.clip(_TARGET_SHARD_BYTES // (0.5 * side * side), 64, 4096))
+    return max(1, math.ceil(num_images / per_shard))
+
+
+def resize_longer_side(pixels, image_size):
+    """Resizes a 2-D uint8 image so its longer side is `image_size` (area mean).
+
+    Args:
+      pixels: uint8 array (H, W).
+      image_size: target longer side; 0, or a side the image does not exceed,
+        leaves it unchanged (never upscales).
+
+    Returns:
+      uint8 array (h, w) with max(h, w) == image_size, aspect kept.
+    """
+    height, width = pixels.shape
+    if not image_size or max(height, width) <= image_size:
+        return pixels
+    scale = image_size / max(height, width)
+    new_h = max(1, min(image_size, round(height * scale)))
+    new_w = max(1, min(image_size, round(width * scale)))
+    # BOX is the area average: every source pixel counts once (antialiased).
+    resized = Image.fromarray(pixels).resize((new_w, new_h), Image.Resampling.BOX)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def encode_png(pixels):
+    """Encodes a 2-D uint8 array as an 8-bit grayscale PNG (bytes)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), mode="L").save(
+        buffer, format="PNG", compress_level=6
+    )
+    return buffer.getvalue()
+
+
+def encode_item(item, image_size):
+    """Reads, decodes, resizes and serializes one work item.
+
+    Args:
+      item: dict from the driver (image_id, path, split, shard, labels, boxes
+        in 1024-image pixels [x, y, w, h], box_labels, ...).
+      image_size: longer side of the stored image (0 keeps it).
+
+    Returns:
+      `(serialized_example, None, notes)` on success, or `(None, skip, [])`
+      with `skip` a report entry {"row", "image_id", "reason", "detail"}.
+      `notes` lists boxes that had to be clipped to the image.
+    """
+
+    def skip(reason, detail):
+        entry = {"row": item["row"], "image_id": item["image_id"], "reason": reason}
+        entry["detail"] = detail
+        return None, entry, []
+
+    try:
+        with FileSystems.open(
+            item["path"], compression_type=CompressionTypes.UNCOMPRESSED
+        ) as f:
+            data = f.read()
+    except (OSError, IOError) as e:
+        return skip(UNREADABLE_FILE, f"{item['path']}: {e}")
+    try:
+        pixels = images.decode_image(data, name=item["path"])
+    except images.ImageDecodeError as e:
+        return skip(CORRUPT_IMAGE, str(e))
+    except Exception as e:  # pylint: disable=broad-except
+        # A decoder bug on one odd file must not stop a 100k-image job; the
+        # row is reported with the error instead.
+        return skip(CORRUPT_IMAGE, f"{item['path']}: {type(e).__name__}: {e}")
+    original_h, original_w = pixels.shape
+    stored = resize_longer_side(pixels, image_size)
+    height, width = stored.shape
+
+    notes = []
+    boxes = []
+    for (x, y, w, h), label, row in zip(
+        item["boxes"], item["box_labels"], item["box_rows"]
+    ):
+        # Boxes are in pixels of the file; normalised coordinates do not change
+        # under an aspect-kept resize.
+        raw = np.array(
+            [x / original_w, y / original_h, (x + w) / original_w, (y + h) / original_h]
+        )
+        clipped = np.clip(raw, 0.0, 1.0)
+        if np.abs(raw - clipped).max() * max(original_h, original_w) > 1.0:
+            notes.append(
+                {
+                    "row": row,
+                    "image_id": item["image_id"],
+                    "reason": f"box [x={x}, y={y}, w={w}, h={h}] extends outside the "
+                    f"{original_w}x{original_h} image; clipped",
+                }
+            )
+        boxes.append(clipped)
+    example = tfrecord.make_example(
+        encode_png(stored),
+        image_id=item["image_id"],
+        labels=item["labels"],
+        height=height,
+        width=width,
+        patient_id=item["patient_id"],
+        original_height=original_h,
+        original_width=original_w,
+        boxes=np.array(boxes, np.float32).reshape(-1, 4),
+        box_labels=item["box_labels"],
+        view_position=item["view_position"],
+        age=item["age"],
+        sex=item["sex"],
+    )
+    return example.SerializeToString(), None, notes
+
+
+def write_shard(output_dir, split, shard, num_shards, records):
+    """Writes one sorted shard atomically (temp name, then rename).
+
+    Args:
+      output_dir: record folder.
+      split: split name.
+      shard: shard index.
+      num_shards: shards of the split.
+      records: iterable of (image_id, serialized example).
+
+    Returns:
+      The image ids written, in file order.
+    """
+    records = sorted(records, key=lambda r: r[0])
+    name = SHARD_TEMPLATE.format(split=split, shard=shard, num_shards=num_shards)
+    path = tf.io.gfile.join(output_dir, name)
+    tmp = tf.io.gfile.join(output_dir, f".{name}.{uuid.uuid4().hex}.tmp")
+    options = tf.io.TFRecordOptions(compression_type="GZIP")
+    with tf.io.TFRecordWriter(tmp, options) as writer:
+        for _, serialized in records:
+            writer.write(serialized)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+    return [image_id for image_id, _ in records]
+
+
+@beam.typehints.with_output_types(
+    typing.Tuple[typing.Tuple[str, int, int], typing.Tuple[str, bytes]]
+)
+class _EncodeFn(beam.DoFn):
+    """Work item -> ((split, shard, num_shards), (image_id, record)) or events."""
+
+    def __init__(self, image_size):
+        super().__init__()
+        self._image_size = image_size
+
+    def process(self, item):
+        serialized, skipped, notes = encode_item(item, self._image_size)
+        for note in notes:
+            yield beam.pvalue.TaggedOutput("events", dict(note, kind="box_note"))
+        if skipped is not None:
+            yield beam.pvalue.TaggedOutput("events", dict(skipped, kind="skipped"))
+            return
+        key = (item["split"], item["shard"], item["num_shards"])
+        yield key, (item["image_id"], serialized)
+
+
+class _WriteShardFn(beam.DoFn):
+    """Writes one shard's records; emits the ids written."""
+
+    def __init__(self, output_dir):
+        super().__init__()
+        self._output_dir = output_dir
+
+    def process(self, key_records):
+        (split, shard, num_shards), records = key_records
+        ids = write_shard(self._output_dir, split, shard, num_shards, records)
+        yield {"kind": "written", "split": split, "shard": shard, "image_ids": ids}
+
+
+def _build_pipeline(pipeline, work, config, tmp_dir):
+    """Adds the ingest transforms to `pipeline`."""
+    encoded = (
+        pipeline
+        | "Create" >> beam.Create(work)
+        # Spreads the decoding over the workers (Create gives one bundle).
+        | "Spread" >> beam.Reshuffle()
+        | "Encode"
+        >> beam.ParDo(_EncodeFn(config.image_size)).with_outputs(
+            "events", main="records"
+        )
+    )
+    written = (
+        encoded.records
+        | "GroupByShard" >> beam.GroupByKey()
+        | "WriteShards" >> beam.ParDo(_WriteShardFn(config.output_dir))
+    )
+    _ = (
+        (written, encoded.events)
+        | "Events" >> beam.Flatten()
+        | "ToJson" >> beam.Map(json.dumps, sort_keys=True)
+        | "WriteEvents"
+        >> beam.io.WriteToText(
+            os.path.join(tmp_dir, "events"), file_name_suffix=".jsonl"
+        )
+    )
+
+
+@contextlib.contextmanager
+def _importable_in_workers():
+    """Puts this package on PYTHONPATH while DirectRunner starts its workers.
+
+    multi_processing workers are fresh interpreters; without this they find
+    `cxr_tf` only when the job is launched from the checkout's root.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = root + (os.pathsep + old if old else "")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def _pipeline_options(config, pipeline_args):
+    args = list(pipeline_args)
+    given = {a.split("=", 1)[0].lstrip("-") for a in args if a.startswith("--")}
+    defaults = {}
+    if "direct_num_workers" not in given:
+        defaults["direct_num_workers"] = config.num_workers or os.cpu_count() or 1
+    if "direct_running_mode" not in given:
+        defaults["direct_running_mode"] = config.running_mode
+    return PipelineOptions(args, **defaults)
+
+
+def _existing_records(output_dir):
+    found = []
+    for split in schema.SPLITS:
+        pattern = tf.io.gfile.join(
+            output_dir, schema.TFRECORD_PATTERN.format(split=split)
+        )
+        found.extend(sorted(tf.io.gfile.glob(pattern)))
+    return found
+
+
+def _plan(config, tables, image_files):
+    """Reads the tables; returns (work items, report skeleton, skipped rows)."""
+    entries, problems = metadata.read_data_entry(tables["data_entry"])
+    skipped = []
+    warnings = []
+    for p in problems:
+        entry = {
+            "row": int(p["row"]),
+            "image_id": p.get("image_id") or "",
+            "detail": p["reason"],
+        }
+        if p.get("dropped", True):
+            skipped.append(dict(entry, reason=_problem_reason(p["reason"])))
+        else:
+            warnings.append(entry)
+    rows_read = len(entries) + len(skipped)
+
+    box_problems = []
+    boxes_by_image = collections.defaultdict(list)
+    box_rows_read = 0
+    if tables["bbox_list"]:
+        bbox_problems = []
+        bbox = metadata.read_bbox_list(tables["bbox_list"], problems=bbox_problems)
+        box_rows_read = len(bbox) + len(bbox_problems)
+        box_problems.extend(
+            {
+                "row": int(p["row"]),
+                "image_id": p.get("image_id") or "",
+                "reason": p["reason"],
+            }
+            for p in bbox_problems
+        )
+        known = set(entries["image_id"])
+        for rec in bbox.itertuples(index=False):
+            if rec.image_id not in known:
+                box_problems.append(
+                    {
+                        "row": int(rec.row),
+                        "image_id": rec.image_id,
+                        "reason": "image not in Data_Entry",
+                    }
+                )
+                continue
+            boxes_by_image[rec.image_id].append(
+                (
+                    [float(rec.x), float(rec.y), float(rec.w), float(rec.h)],
+                    schema.FINDINGS.index(rec.finding),
+                    int(rec.row),
+                )
+            )
+
+    train_val_ids = (
+        metadata.read_image_list(tables["train_val_list"])
+        if tables["train_val_list"]
+        else None
+    )
+    test_ids = (
+        metadata.read_image_list(tables["test_list"]) if tables["test_list"] else None
+    )
+    splits = metadata.split_by_patient(
+        entries,
+        train_val_ids=train_val_ids,
+        test_ids=test_ids,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+    )
+    split_of = {}
+    for split in schema.SPLITS:
+        for image_id in splits.get(split, []):
+            split_of[image_id] = split
+
+    present = collections.defaultdict(list)
+    duplicate_files = []
+    for rec in entries.itertuples(index=False):
+        image_id = rec.image_id
+        split = split_of.get(image_id)
+        if split is None:
+            skipped.append(
+                {
+                    "row": int(rec.row),
+                    "image_id": image_id,
+                    "reason": NOT_IN_SPLIT_LIST,
+                }
+            )
+            continue
+        paths = image_files.get(image_id)
+        if not paths:
+            skipped.append(
+                {"row": int(rec.row), "image_id": image_id, "reason": MISSING_FILE}
+            )
+            continue
+        if len(paths) > 1:
+            duplicate_files.append(
+                {"image_id": image_id, "paths": paths, "used": paths[0]}
+            )
+        found_boxes = boxes_by_image.get(image_id, [])
+        age = float(rec.age)
+        present[split].append(
+            {
+                "image_id": image_id,
+                "path": paths[0],
+                "split": split,
+                "row": int(rec.row),
+                "patient_id": str(rec.patient_id),
+                "labels": [int(v) for v in rec.labels],
+                "view_position": str(rec.view_position or ""),
+                "age": None if math.isnan(age) else age,
+                "sex": str(rec.sex or ""),
+                "boxes": [b[0] for b in found_boxes],
+                "box_labels": [b[1] for b in found_boxes],
+                "box_rows": [b[2] for b in found_boxes],
+            }
+        )
+
+    work = []
+    num_shards = {}
+    for split in schema.SPLITS:
+        items = sorted(present.get(split, []), key=lambda it: it["image_id"])
+        count = _shard_count(len(items), config)
+        num_shards[split] = count
+        for rank, item in enumerate(items):
+            # Contiguous ranges of the sorted ids: the same input always
+            # gives the same files with the same content in the same order.
+            item.update(shard=rank * count // len(items), num_shards=count)
+            work.append(item)
+
+    listed = set(entries["image_id"]) | {p.get("image_id") for p in problems}
+    unlisted = sum(1 for name in image_files if name not in listed)
+    plan = {
+        "rows_read": rows_read,
+        "metadata_warnings": warnings,
+        "box_rows_read": box_rows_read,
+        "box_problems": box_problems,
+        "num_shards": num_shards,
+        "unlisted_image_files": unlisted,
+        "duplicate_image_files": duplicate_files,
+        "patients": entries.set_index("image_id")["patient_id"].astype(str).to_dict(),
+    }
+    return work, plan, skipped
+
+
+def run_ingest(config, pipeline_args=()):
+    """Runs the ingestion job and writes `ingest_report.json`.
+
+    Tables are located (or taken from the config) and read in the driver,
+    which also lists the image folders once: rows without a file never reach
+    Beam. The Beam job decodes, resizes and encodes each image and writes
+    each split's shards (`{split}-SSSSS-of-NNNNN.tfrecord.gz`, GZIP), sorted
+    by image id within contiguous id ranges so reruns give identical files.
+
+    Args:
+      config: `IngestConfig`.
+      pipeline_args: Beam pipeline options, passed through unparsed
+        (`--runner=FlinkRunner`, `--direct_num_workers=4`, ...).
+
+    Returns:
+      The report dict (also written to `output_dir/ingest_report.json`):
+      "rows_read" == "rows_written" + "rows_skipped", "written" per split,
+      "skipped" (every skipped row: row, image_id, reason, detail),
+      "skipped_by_reason", "box_problems", "unlisted_image_files", ...
+
+    Raises:
+      FileNotFoundError: `data_dir` or a named table is missing, or no
+        Data_Entry table is found.
+      AmbiguousTableError: two candidates for a table (names both).
+      FileExistsError: `output_dir` already holds records and `overwrite` is
+        False.
+      SkipFractionExceededError: more than `max_skip_fraction` of the rows
+        were skipped (raised after writing the records and the report).
+    """
+    if not isinstance(config, IngestConfig):
+        raise ValueError(f"`config` must be an IngestConfig. Received: {config!r}")
+    if not _exists(config.data_dir):
+        raise FileNotFoundError(f"`data_dir` not found: {config.data_dir!r}")
+    logging.info("Ingest config: %s", json.dumps(config.to_dict(), sort_keys=True))
+    tf.io.gfile.makedirs(config.output_dir)
+    existing = _existing_records(config.output_dir)
+    if existing and not config.overwrite:
+        raise FileExistsError(
+            f"{config.output_dir!r} already holds {len(existing)} record file(s), "
+            f"e.g. {existing[0]!r}. Pass --overwrite or another --output_dir."
+        )
+    for path in existing:
+        tf.io.gfile.remove(path)
+
+    found, image_files = scan_data_dir(config.data_dir, skip_dir=config.output_dir)
+    tables = resolve_tables(config, found)
+    logging.info("Tables: %s; %d image files", tables, len(image_files))
+    work, plan, skipped = _plan(config, tables, image_files)
+    logging.info(
+        "%d rows read, %d with an image file go to Beam, %d skipped before",
+        plan["rows_read"],
+        len(work),
+        len(skipped),
+    )
+
+    tmp_dir = os.path.join(config.output_dir, f".ingest_tmp_{uuid.uuid4().hex}")
+    tf.io.gfile.makedirs(tmp_dir)
+    written = {split: [] for split in schema.SPLITS}
+    box_notes = []
+    try:
+        if work:
+            options = _pipeline_options(config, pipeline_args)
+            with _importable_in_workers(), beam.Pipeline(options=options) as pipeline:
+                _build_pipeline(pipeline, work, config, tmp_dir)
+        for path in sorted(tf.io.gfile.glob(os.path.join(tmp_dir, "events*"))):
+            with tf.io.gfile.GFile(path) as f:
+                for line in f:
+                    event = json.loads(line)
+                    kind = event.pop("kind")
+                    if kind == "written":
+                        written[event["split"]].extend(event["image_ids"])
+                    elif kind == "skipped":
+                        skipped.append(event)
+                    else:
+                        box_notes.append(event)
+    finally:
+        if _is_remote(tmp_dir):
+            tf.io.gfile.rmtree(tmp_dir)
+        else:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    # A shard whose every image failed to decode still gets its (empty) file,
+    # so each split has exactly NNNNN files.
+    options = tf.io.TFRecordOptions(compression_type="GZIP")
+    for split, count in plan["num_shards"].items():
+        for shard in range(count):
+            name = SHARD_TEMPLATE.format(split=split, shard=shard, num_shards=count)
+            path = tf.io.gfile.join(config.output_dir, name)
+            if not tf.io.gfile.exists(path):
+                with tf.io.TFRecordWriter(path, options):
+                    pass
+
+    report = _report(config, tables, plan, written, skipped, box_notes, work)
+    path = tf.io.gfile.join(config.output_dir, schema.INGEST_REPORT)
+    with tf.io.gfile.GFile(path, "w") as f:
+        json.dump(report, f, indent=1, sort_keys=True)
+    logging.info(
+        "Wrote %s: %d read, %d written %s, %d skipped %s",
+        path,
+        report["rows_read"],
+        report["rows_written"],
+        report["written"],
+        report["rows_skipped"],
+        report["skipped_by_reason"],
+    )
+    if report["skip_fraction"] > config.max_skip_fraction:
+        raise SkipFractionExceededError(
+            f"{report['rows_skipped']} of {report['rows_read']} rows skipped "
+            f"({report['skip_fraction']:.2%}), more than max_skip_fraction="
+            f"{config.max_skip_fraction}: {report['skipped_by_reason']}. "
+            f"Every skipped row is listed in {path}.",
+            report,
+        )
+    return report
+
+
+def _report(config, tables, plan, written, skipped, box_notes, work):
+    patients = plan["patients"]
+    rows_written = sum(len(ids) for ids in written.values())
+    skipped = sorted(skipped, key=lambda s: (s["row"], s["image_id"]))
+    rows_read = plan["rows_read"]
+    if rows_written + len(skipped) != rows_read:
+        raise RuntimeError(
+            f"Ingest accounting is off: {rows_read} rows read but {rows_written} "
+            f"written + {len(skipped)} skipped. This is a bug in cxr_tf."
+        )
+    written_ids = {i for ids in written.values() for i in ids}
+    boxes_written = sum(
+        len(it["boxes"]) for it in work if it["image_id"] in written_ids
+    )
+    patients_per_split = {
+        split: len({patients[i] for i in ids}) for split, ids in written.items()
+    }
+    return {
+        "config": config.to_dict(),
+        "tables": tables,
+        "rows_read": rows_read,
+        "rows_written": rows_written,
+        "rows_skipped": len(skipped),
+        "skip_fraction": len(skipped) / rows_read if rows_read else 0.0,
+        "written": {split: len(ids) for split, ids in written.items()},
+        "num_shards": plan["num_shards"],
+        "patients": patients_per_split,
+        "skipped_by_reason": dict(
+            sorted(collections.Counter(s["reason"] for s in skipped).items())
+        ),
+        "skipped": skipped,
+        "metadata_warnings": plan["metadata_warnings"],
+        "box_rows_read": plan["box_rows_read"],
+        "boxes_written": boxes_written,
+        "box_problems": sorted(
+            plan["box_problems"] + box_notes, key=lambda b: (b["row"], b["image_id"])
+        ),
+        "unlisted_image_files": plan["unlisted_image_files"],
+        "duplicate_image_files": plan["duplicate_image_files"],
+    }

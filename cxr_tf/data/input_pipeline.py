@@ -1,0 +1,389 @@
+"""tf.data input pipeline: ingested TFRecords -> normalised, augmented batches."""
+
+import dataclasses
+import math
+
+import tensorflow as tf
+
+from cxr_tf.data import schema
+from cxr_tf.data import tfrecord
+
+_AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+    """How records become batches.
+
+    Attributes:
+      image_size: side S of the square network input; non-square images are
+        letterboxed (aspect kept, zero padding, centred).
+      batch_size: global batch size; each input pipeline gets
+        `input_context.get_per_replica_batch_size(batch_size)`.
+      normalization: `schema.Normalization`, applied as (x - mean) / std to
+        pixels on the 0..255 scale.
+      augment: random affine and intensity jitter when training.
+      flip: random left-right flips when augmenting. Off by default: the side
+        of the heart and of a finding matters in a chest film.
+      shuffle_buffer: records held for shuffling when training.
+      seed: seed of the file order, the record shuffle and the augmentation.
+      max_boxes: boxes kept per image in the `with_info` features.
+      rotation_degrees: rotation drawn from U(-r, r) degrees.
+      scale_range: zoom drawn from U(1 - s, 1 + s).
+      translation: shift drawn from U(-t, t) times the image side, per axis.
+      brightness: added offset drawn from U(-b, b) times 255.
+      contrast: factor around the image mean drawn from U(1 - c, 1 + c).
+      cycle_length: files read at once; None picks min(number of files, 8).
+      read_buffer_bytes: read buffer of each TFRecord reader.
+      private_threadpool_size: threads of a private tf.data pool; 0 uses the
+        shared pool.
+    """
+
+    image_size: int = 512
+    batch_size: int = 16
+    normalization: schema.Normalization = schema.FIXED
+    augment: bool = False
+    flip: bool = False
+    shuffle_buffer: int = 1024
+    seed: int = 0
+    max_boxes: int = 16
+    rotation_degrees: float = 7.0
+    scale_range: float = 0.1
+    translation: float = 0.05
+    brightness: float = 0.1
+    contrast: float = 0.1
+    cycle_length: int | None = None
+    read_buffer_bytes: int = 8 << 20
+    private_threadpool_size: int = 0
+
+    def __post_init__(self):
+        for name in ("image_size", "batch_size", "max_boxes", "read_buffer_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"`{name}` must be a positive int. Received: {name}={value!r}"
+                )
+        for name in ("shuffle_buffer", "private_threadpool_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(
+                    f"`{name}` must be a non-negative int. Received: {name}={value!r}"
+                )
+        if self.cycle_length is not None and (
+            not isinstance(self.cycle_length, int) or self.cycle_length < 1
+        ):
+            raise ValueError(
+                "`cycle_length` must be None or a positive int. "
+                f"Received: cycle_length={self.cycle_length!r}"
+            )
+        if not isinstance(self.normalization, schema.Normalization) or not (
+            self.normalization.std > 0
+        ):
+            raise ValueError(
+                "`normalization` must be a schema.Normalization with std > 0. "
+                f"Received: normalization={self.normalization!r}"
+            )
+        limits = {
+            "rotation_degrees": 90.0,
+            "scale_range": 0.9,
+            "translation": 0.5,
+            "brightness": 1.0,
+            "contrast": 0.9,
+        }
+        for name, upper in limits.items():
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value <= upper):
+                raise ValueError(
+                    f"`{name}` must be a number in [0, {upper}]. "
+                    f"Received: {name}={value!r}"
+                )
+
+
+def _letterbox(image, boxes, size):
+    """Resizes (aspect kept) and pads a (h, w, 1) uint8 image to (S, S, 1)."""
+    shape = tf.shape(image)
+    height = tf.cast(shape[0], tf.float32)
+    width = tf.cast(shape[1], tf.float32)
+    scale = size / tf.maximum(height, width)
+    new_h = tf.clip_by_value(tf.round(height * scale), 1.0, float(size))
+    new_w = tf.clip_by_value(tf.round(width * scale), 1.0, float(size))
+    off_y = tf.floor((size - new_h) / 2.0)
+    off_x = tf.floor((size - new_w) / 2.0)
+
+    def resize_and_pad():
+        resized = tf.image.resize(
+            image,
+            tf.cast(tf.stack([new_h, new_w]), tf.int32),
+            method="bilinear",
+            antialias=True,
+        )
+        return tf.image.pad_to_bounding_box(
+            resized,
+            tf.cast(off_y, tf.int32),
+            tf.cast(off_x, tf.int32),
+            size,
+            size,
+        )
+
+    # Ingestion stores the film at the training size, so the common case
+    # only casts; the resize is for records written at another size.
+    pixels = tf.cond(
+        tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size)),
+        lambda: tf.cast(image, tf.float32),
+        resize_and_pad,
+    )
+    pixels = tf.ensure_shape(pixels, [size, size, 1])
+    if boxes is None:
+        return pixels, None
+    # [ymin, xmin, ymax, xmax] normalised to the stored image -> to the SxS input.
+    factor = tf.stack([new_h, new_w, new_h, new_w]) / size
+    offset = tf.stack([off_y, off_x, off_y, off_x]) / size
+    return pixels, boxes * factor + offset
+
+
+def _pad_boxes(boxes, box_labels, max_boxes):
+    count = tf.minimum(tf.shape(boxes)[0], max_boxes)
+    boxes = boxes[:count]
+    box_labels = box_labels[:count]
+    padding = max_boxes - count
+    boxes = tf.pad(boxes, [[0, padding], [0, 0]])
+    box_labels = tf.pad(box_labels, [[0, padding]], constant_values=-1)
+    return (
+        tf.ensure_shape(boxes, [max_boxes, 4]),
+        tf.ensure_shape(box_labels, [max_boxes]),
+        count,
+    )
+
+
+def decode_record(serialized, config, with_info=False):
+    """Parses and decodes one record to a letterboxed (S, S, 1) float image.
+
+    Args:
+      serialized: scalar string tensor, one serialized `tf.train.Example`.
+      config: `InputConfig`.
+      with_info: also return boxes, ids and sizes.
+
+    Returns:
+      A dict: "image" float32 (S, S, 1) on the 0..255 scale, "labels" float32
+      (14,); with_info adds "image_id", "boxes" (max_boxes, 4) [ymin, xmin,
+      ymax, xmax] normalised to the SxS input, "box_labels" (max_boxes,) int32
+      (-1 pads), "num_boxes", "original_height", "original_width" int32.
+    """
+    parsed = tfrecord.parse_example(serialized)
+    image = tf.io.decode_png(parsed["image"], channels=1)
+    boxes = parsed["boxes"] if with_info else None
+    image, boxes = _letterbox(image, boxes, config.image_size)
+    out = {"image": image, "labels": parsed["labels"]}
+    if with_info:
+        boxes, box_labels, count = _pad_boxes(
+            boxes, parsed["box_labels"], config.max_boxes
+        )
+        out.update(
+            image_id=parsed["image_id"],
+            boxes=boxes,
+            box_labels=box_labels,
+            num_boxes=count,
+            original_height=parsed["original_height"],
+            original_width=parsed["original_width"],
+        )
+    return out
+
+
+def augment_batch(features, seed, config):
+    """Random affine + intensity jitter of a batch; boxes follow the geometry.
+
+    The affine map (rotation, zoom, shift, optional flip about the centre) is
+    applied with `tf.raw_ops.ImageProjectiveTransformV3` (bilinear, zero
+    fill); each valid box's corners go through the same map and the box
+    becomes the enclosing box of the moved corners, clipped to [0, 1].
+
+    Args:
+      features: dict with "image" float32 (B, S, S, C) on 0..255 and optionally
+        "boxes" (B, N, 4) [ymin, xmin, ymax, xmax] normalised and "num_boxes"
+        (B,).
+      seed: int tensor of shape (2,), the stateless seed of this batch.
+      config: `InputConfig` (ranges of the random parameters).
+
+    Returns:
+      The dict with "image" (clipped to [0, 255]) and "boxes" transformed.
+    """
+    images = features["image"]
+    shape = tf.shape(images)
+    batch, size = shape[0], tf.cast(shape[1], tf.float32)
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=7)
+
+    def uniform(index, spread):
+        return tf.random.stateless_uniform(
+            [batch], seed=seeds[index], minval=-spread, maxval=spread
+        )
+
+    angle = uniform(0, config.rotation_degrees * math.pi / 180.0)
+    scale = 1.0 + uniform(1, config.scale_range)
+    shift_x = uniform(2, config.translation) * size
+    shift_y = uniform(3, config.translation) * size
+    if config.flip:
+        flip = tf.where(
+            tf.random.stateless_uniform([batch], seed=seeds[4]) < 0.5, -1.0, 1.0
+        )
+    else:
+        flip = tf.ones([batch])
+    cos, sin = tf.cos(angle), tf.sin(angle)
+
+    # Forward map, continuous coordinates: p' = A (p - c) + c + t, with
+    # A = scale * R(angle) * diag(flip, 1). The op wants the inverse, from
+    # output pixel to input pixel; pixel centres sit at index + 0.5, so in
+    # index coordinates the centre is (S - 1) / 2.
+    centre = (size - 1.0) / 2.0
+    a0, a1 = flip * cos / scale, flip * sin / scale
+    b0, b1 = -sin / scale, cos / scale
+    a2 = centre - a0 * (centre + shift_x) - a1 * (centre + shift_y)
+    b2 = centre - b0 * (centre + shift_x) - b1 * (centre + shift_y)
+    zeros = tf.zeros([batch])
+    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    images = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=shape[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
+
+    brightness = uniform(5, config.brightness * 255.0)
+    contrast = 1.0 + uniform(6, config.contrast)
+    mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+    contrast = contrast[:, None, None, None]
+    images = (images - mean) * contrast + mean + brightness[:, None, None, None]
+    out = dict(features, image=tf.clip_by_value(images, 0.0, 255.0))
+
+    if "boxes" in features:
+        boxes = features["boxes"]
+        half = size / 2.0
+        ymin, xmin, ymax, xmax = tf.unstack(boxes * size, axis=-1)
+        xs = tf.stack([xmin, xmax, xmin, xmax], axis=-1) - half  # (B, N, 4)
+        ys = tf.stack([ymin, ymin, ymax, ymax], axis=-1) - half
+        sc = scale[:, None, None]
+        fc = (flip * cos)[:, None, None]
+        fs = (flip * sin)[:, None, None]
+        c, s = cos[:, None, None], sin[:, None, None]
+        new_x = sc * (fc * xs - s * ys) + half + shift_x[:, None, None]
+        new_y = sc * (fs * xs + c * ys) + half + shift_y[:, None, None]
+        moved = tf.stack(
+            [
+                tf.reduce_min(new_y, -1),
+                tf.reduce_min(new_x, -1),
+                tf.reduce_max(new_y, -1),
+                tf.reduce_max(new_x, -1),
+            ],
+            axis=-1,
+        )
+        moved = tf.clip_by_value(moved / size, 0.0, 1.0)
+        valid = tf.sequence_mask(features["num_boxes"], tf.shape(boxes)[1])
+        out["boxes"] = tf.where(valid[..., None], moved, boxes)
+    return out
+
+
+def _num_pipelines(input_context):
+    if input_context is None:
+        return 1, 0
+    return input_context.num_input_pipelines, input_context.input_pipeline_id
+
+
+def build_dataset(
+    data_dir, split, config, training, input_context=None, with_info=False
+):
+    """Builds the `tf.data.Dataset` of one split.
+
+    Files are read interleaved in parallel. Training shuffles files (by
+    `config.seed`) and records, repeats, augments when `config.augment`, drops
+    the last partial batch and gives up determinism for speed; evaluation
+    reads each record once in file order.
+
+    Args:
+      data_dir: folder of `{split}-NNNNN-of-MMMMM.tfrecord.gz` files.
+      split: one of `schema.SPLITS`.
+      config: `InputConfig`.
+      training: training (shuffle, repeat, augment) or evaluation order.
+      input_context: optional `tf.distribute.InputContext`: each input pipeline
+        reads its own files (or, with fewer files than pipelines, its own
+        records) and batches `get_per_replica_batch_size(config.batch_size)`.
+      with_info: yield `(features, labels)` with the box and id features.
+
+    Returns:
+      A dataset of `(image (B, S, S, 1) float32 normalised, labels (B, 14)
+      float32)`, or with `with_info` `(features, labels)` where features has
+      "image", "image_id", "boxes" (B, max_boxes, 4) [ymin, xmin, ymax, xmax]
+      normalised to the network input, "box_labels" (B, max_boxes) int32 (-1
+      pads), "num_boxes", "original_height", "original_width" (B,) int32.
+
+    Raises:
+      ValueError: bad `split` or `config`.
+      FileNotFoundError: no record file for the split.
+    """
+    if not isinstance(config, InputConfig):
+        raise ValueError(
+            f"`config` must be an InputConfig. Received: config={config!r}"
+        )
+    files = tfrecord.record_files(data_dir, split)
+    num_pipelines, pipeline_id = _num_pipelines(input_context)
+    batch_size = config.batch_size
+    if input_context is not None:
+        batch_size = input_context.get_per_replica_batch_size(config.batch_size)
+
+    dataset = tf.data.Dataset.from_tensor_slices(files)
+    shard_records = False
+    if num_pipelines > 1:
+        if len(files) >= num_pipelines:
+            dataset = dataset.shard(num_pipelines, pipeline_id)
+            files = files[pipeline_id::num_pipelines]
+        else:
+            shard_records = True
+    if training:
+        dataset = dataset.shuffle(
+            len(files), seed=config.seed, reshuffle_each_iteration=True
+        ).repeat()
+    dataset = dataset.interleave(
+        lambda path: tf.data.TFRecordDataset(
+            path, compression_type="GZIP", buffer_size=config.read_buffer_bytes
+        ),
+        cycle_length=min(len(files), config.cycle_length or 8),
+        block_length=1,
+        num_parallel_calls=_AUTOTUNE,
+        deterministic=not training,
+    )
+    if shard_records:
+        dataset = dataset.shard(num_pipelines, pipeline_id)
+    if training and config.shuffle_buffer > 1:
+        dataset = dataset.shuffle(config.shuffle_buffer, seed=config.seed)
+    dataset = dataset.map(
+        lambda record: decode_record(record, config, with_info),
+        num_parallel_calls=_AUTOTUNE,
+        deterministic=not training,
+    )
+    dataset = dataset.batch(batch_size, drop_remainder=training)
+    if training and config.augment:
+        seeds = tf.data.Dataset.random(seed=config.seed).batch(2, drop_remainder=True)
+        dataset = tf.data.Dataset.zip((dataset, seeds)).map(
+            lambda features, seed: augment_batch(features, seed, config),
+            num_parallel_calls=_AUTOTUNE,
+            deterministic=not training,
+        )
+    norm = config.normalization
+
+    def finish(features):
+        features = dict(features)
+        labels = features.pop("labels")
+        features["image"] = (features["image"] - norm.mean) / norm.std
+        if with_info:
+            return features, labels
+        return features["image"], labels
+
+    dataset = dataset.map(finish, num_parallel_calls=_AUTOTUNE)
+    dataset = dataset.prefetch(_AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = not training
+    options.autotune.enabled = True
+    options.threading.max_intra_op_parallelism = 1
+    if config.private_threadpool_size:
+        options.threading.private_threadpool_size = config.private_threadpool_size
+    return dataset.with_options(options)
