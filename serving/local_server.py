@@ -339,7 +339,7 @@ class Predictor:
         except tf.errors.OpError as e:
             raise RequestError(grpc.StatusCode.INTERNAL, _op_error_message(e))
         keys = list(output_filter) or list(outputs)
-        return name, {k: outputs[k].numpy() for k in keys}
+        return name, {k: np.asarray(outputs[k].numpy()) for k in keys}
 
 
 def _op_error_message(error):
@@ -499,6 +499,21 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
         return spec, match["verb"]
 
     def do_GET(self):  # pylint: disable=invalid-name
+        self._guarded(self._get)
+
+    def do_POST(self):  # pylint: disable=invalid-name
+        self._guarded(self._post)
+
+    def _guarded(self, handler):
+        try:
+            handler()
+        except Exception as e:  # pylint: disable=broad-except
+            # Answer 500 rather than dropping the connection, which a client
+            # would take for an unreachable server and retry.
+            logging.exception("REST handler failed")
+            self._error(RequestError(grpc.StatusCode.INTERNAL, repr(e)))
+
+    def _get(self):
         try:
             spec, verb = self._spec()
             servable = self.predictor.store.resolve(spec)
@@ -537,7 +552,7 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
         except RequestError as e:
             self._error(e)
 
-    def do_POST(self):  # pylint: disable=invalid-name
+    def _post(self):
         try:
             spec, verb = self._spec()
             if verb != ":predict":
@@ -557,6 +572,11 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
             )
             keys = list(signature_def.inputs)
             try:
+                if not keys and "instances" in body:
+                    raise ValueError(
+                        f"signature {name!r} takes no inputs: send "
+                        '{"inputs": {}} instead of "instances"'
+                    )
                 if "instances" in body:
                     instances = body["instances"]
                     if not isinstance(instances, list):
@@ -591,7 +611,7 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
             _, outputs = self.predictor.run(servable, name, arrays)
             lists = {k: v.tolist() for k, v in outputs.items()}
             for k, v in outputs.items():
-                if v.dtype == object:
+                if v.dtype == object or v.dtype.kind == "S":
                     lists[k] = np.vectorize(lambda b: b.decode("utf-8", "replace"))(
                         v
                     ).tolist()
