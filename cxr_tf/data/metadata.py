@@ -478,10 +478,19 @@ def read_image_list(path):
 
 
 def _patients_of(entries):
-    return pd.Series(
-        entries["patient_id"].to_numpy(object),
-        index=entries["image_id"].to_numpy(object),
-    )
+    """Returns {image id: patient id} (first row wins for a repeated id)."""
+    image_ids = entries["image_id"].to_numpy(object).tolist()
+    patients = entries["patient_id"].to_numpy(object).tolist()
+    mapping = {}
+    for image_id, patient in zip(image_ids, patients):
+        mapping.setdefault(image_id, patient)
+    return mapping
+
+
+def _member(values, ids):
+    """Boolean mask: which of `values` are in the iterable `ids`."""
+    ids = ids if isinstance(ids, (set, frozenset)) else set(ids)
+    return np.fromiter((v in ids for v in values), dtype=bool, count=len(values))
 
 
 def _draw_patients(patients, fraction, rng):
@@ -539,25 +548,23 @@ def split_by_patient(
         if not 0.0 <= float(value) < 1.0:
             raise ValueError(f"`{name}` must be in [0, 1). Received: {name}={value!r}")
     rng = np.random.default_rng(seed)
+    # Plain Python sets: much faster than pandas isin on arrow strings.
     image_ids = entries["image_id"].to_numpy(object)
     patients = entries["patient_id"].to_numpy(object)
-    in_entries = pd.Index(image_ids)
+    in_train_val = (
+        _member(image_ids, train_val_ids) if train_val_ids is not None else None
+    )
     if test_ids is not None:
-        is_test = in_entries.isin(list(test_ids))
+        is_test = _member(image_ids, test_ids)
     else:
         pool = (
-            in_entries.isin(list(train_val_ids))
-            if train_val_ids is not None
-            else np.ones(len(image_ids), dtype=bool)
+            in_train_val if in_train_val is not None else np.ones(len(image_ids), bool)
         )
         test_patients = _draw_patients(set(patients[pool]), test_fraction, rng)
-        is_test = pool & pd.Series(patients).isin(test_patients).to_numpy()
-    if train_val_ids is not None:
-        is_pool = in_entries.isin(list(train_val_ids)) & ~is_test
-    else:
-        is_pool = ~is_test
+        is_test = pool & _member(patients, test_patients)
+    is_pool = ~is_test if in_train_val is None else in_train_val & ~is_test
     val_patients = _draw_patients(set(patients[is_pool]), val_fraction, rng)
-    is_val = is_pool & pd.Series(patients).isin(val_patients).to_numpy()
+    is_val = is_pool & _member(patients, val_patients)
     splits = {
         "train": image_ids[is_pool & ~is_val].tolist(),
         "val": image_ids[is_val].tolist(),
@@ -581,35 +588,40 @@ def check_patient_disjoint(entries, splits, max_listed=10):
         patients, their splits and images.
     """
     patient_of = _patients_of(entries)
-    if patient_of.index.has_duplicates:
-        patient_of = patient_of[~patient_of.index.duplicated()]
     frames = []
     for split, ids in splits.items():
-        ids = pd.Index(list(ids), dtype=object)
-        unknown = ids[~ids.isin(patient_of.index)]
-        if len(unknown):
+        ids = list(ids)
+        unknown = [i for i in ids if i not in patient_of]
+        if unknown:
             raise ValueError(
                 f"Split {split!r} lists {len(unknown)} image(s) not in the metadata "
-                f"entries, e.g. {list(unknown[:5])}."
+                f"entries, e.g. {unknown[:5]}."
             )
         frames.append(
             pd.DataFrame(
                 {
-                    "image_id": ids.to_numpy(object),
-                    "patient_id": patient_of.loc[ids].to_numpy(object),
+                    "image_id": np.asarray(ids, dtype=object),
+                    "patient_id": np.asarray(
+                        [patient_of[i] for i in ids], dtype=object
+                    ),
                     "split": split,
                 }
             )
         )
     if not frames:
         return
-    table = pd.concat(frames, ignore_index=True)
-    n_splits = table.groupby("patient_id")["split"].nunique()
-    leaked = n_splits[n_splits > 1].index
-    if len(leaked) == 0:
+    splits_of = {}
+    for frame in frames:
+        split = frame["split"].iat[0] if len(frame) else None
+        for patient in set(frame["patient_id"].tolist()):
+            splits_of.setdefault(patient, set()).add(split)
+    leaked = sorted(p for p, names in splits_of.items() if len(names) > 1)
+    if not leaked:
         return
+    table = pd.concat(frames, ignore_index=True)
+    table = table[table["patient_id"].isin(leaked[:max_listed])]
     described = []
-    for patient in sorted(leaked)[:max_listed]:
+    for patient in leaked[:max_listed]:
         rows = table[table["patient_id"] == patient]
         parts = [
             f"{split}: {', '.join(group['image_id'].head(3))}"
