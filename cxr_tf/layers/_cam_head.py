@@ -34,9 +34,12 @@ class CAMHead(keras.layers.Layer):
     """A 1x1 conv giving the class activation map s, then a global pooling.
 
     Subclasses implement `pool(features, cam)` returning float32 logits (B, K).
-    The CAM s_ij = w_k . X_ij + b_k is computed in the layer's compute dtype
-    (float16 under mixed precision, like any conv); the pooling itself runs in
-    float32 because it holds exp / log / divisions that overflow in float16.
+    The CAM s_ij = w_k . X_ij + b_k and the pooling run in float32 (float64
+    for a float64 layer) whatever the policy: under mixed_float16 the sums of
+    C products and the exp / log / divisions of the pooling would overflow in
+    float16, and this head is a tiny part of the network's cost. The weights
+    are created with autocast=False, so they are read in float32 too; the
+    outputs are cast to the compute dtype as Keras expects.
 
     Args:
       num_classes: K, the number of classes (one (w_k, b_k) each).
@@ -54,9 +57,6 @@ class CAMHead(keras.layers.Layer):
         bias_initializer="zeros",
         **kwargs,
     ):
-        # Variables are read in float32 and cast here by hand (autocast off), so
-        # the float32 pooling never sees a kernel rounded to float16 first.
-        kwargs["autocast"] = False
         super().__init__(**kwargs)
         check_num_classes(num_classes)
         self.num_classes = num_classes
@@ -75,9 +75,13 @@ class CAMHead(keras.layers.Layer):
             name="kernel",
             shape=(channels, self.num_classes),
             initializer=self.kernel_initializer,
+            autocast=False,
         )
         self.bias = self.add_weight(
-            name="bias", shape=(self.num_classes,), initializer=self.bias_initializer
+            name="bias",
+            shape=(self.num_classes,),
+            initializer=self.bias_initializer,
+            autocast=False,
         )
         self.build_extra(channels)
 
@@ -91,23 +95,21 @@ class CAMHead(keras.layers.Layer):
         return "float64" if self.compute_dtype == "float64" else "float32"
 
     def cam(self, features):
-        """The class activation map s (B, H, W, K) in the compute dtype."""
-        dtype = self.compute_dtype
-        kernel = ops.cast(self.kernel, dtype)
-        return ops.matmul(features, kernel) + ops.cast(self.bias, dtype)
+        """The class activation map s (B, H, W, K), in `pool_dtype`."""
+        features = ops.cast(features, self.pool_dtype)
+        return self.fc32(features)
 
     def fc32(self, pooled):
-        """The same 1x1 conv applied, in `pool_dtype`, to pooled vectors (B, C)."""
+        """The 1x1 conv w_k . x + b_k in `pool_dtype`, x (..., C) -> (..., K)."""
         kernel = ops.cast(self.kernel, self.pool_dtype)
         bias = ops.cast(self.bias, self.pool_dtype)
         return ops.matmul(pooled, kernel) + bias
 
     def call(self, features):
-        # With autocast off Keras leaves the inputs alone too.
-        features = ops.cast(features, self.compute_dtype)
         cam = self.cam(features)
         logits = self.pool(features, cam)
-        return ops.cast(logits, self.compute_dtype), self.output_map(cam)
+        dtype = self.compute_dtype
+        return ops.cast(logits, dtype), ops.cast(self.output_map(cam), dtype)
 
     def output_map(self, cam):
         """The localization map returned next to the logits (the raw CAM)."""

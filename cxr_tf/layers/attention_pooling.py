@@ -64,19 +64,23 @@ class AttentionPooling(_cam_head.CAMHead):
             name="attention_v",
             shape=(channels, self.attention_dim),
             initializer=self.attention_initializer,
+            autocast=False,
         )
         self.attention_u = self.add_weight(
             name="attention_u",
             shape=(self.attention_dim, self.num_classes),
             initializer=self.attention_initializer,
+            autocast=False,
         )
 
     def attention(self, features):
-        """The attention weights a (B, H, W, K) in float32, summing to 1 over H, W."""
+        """The attention weights a (B, H, W, K), summing to 1 over H, W."""
         dtype = self.compute_dtype
+        # tanh bounds the hidden layer, so the wide matmul is safe in float16.
         hidden = ops.tanh(ops.matmul(features, ops.cast(self.attention_v, dtype)))
-        scores = ops.matmul(hidden, ops.cast(self.attention_u, dtype))
-        return _cam_head.spatial_softmax_weights(ops.cast(scores, self.pool_dtype))
+        hidden = ops.cast(hidden, self.pool_dtype)
+        scores = ops.matmul(hidden, ops.cast(self.attention_u, self.pool_dtype))
+        return _cam_head.spatial_softmax_weights(scores)
 
     def pool(self, features, cam):
         weights = self.attention(features)

@@ -60,8 +60,6 @@ class InfoMask(keras.layers.Layer):
         bias_initializer="zeros",
         **kwargs,
     ):
-        # Weights are read in float32 and cast by hand where float16 is safe.
-        kwargs["autocast"] = False
         super().__init__(**kwargs)
         if variant not in VARIANTS:
             raise ValueError(
@@ -117,11 +115,16 @@ class InfoMask(keras.layers.Layer):
 
     def _kernel(self, name, channels):
         return self.add_weight(
-            name=name, shape=(channels, 1), initializer=self.kernel_initializer
+            name=name,
+            shape=(channels, 1),
+            initializer=self.kernel_initializer,
+            autocast=False,
         )
 
     def _bias(self, name):
-        return self.add_weight(name=name, shape=(1,), initializer=self.bias_initializer)
+        return self.add_weight(
+            name=name, shape=(1,), initializer=self.bias_initializer, autocast=False
+        )
 
     @property
     def pool_dtype(self):
@@ -138,9 +141,7 @@ class InfoMask(keras.layers.Layer):
         )
 
     def call(self, inputs, training=None):
-        # With autocast off Keras leaves the inputs alone too.
-        features = ops.cast(inputs[0], self.compute_dtype)
-        images = ops.cast(inputs[1], self.compute_dtype)
+        features, images = inputs
         height, width = ops.shape(images)[1], ops.shape(images)[2]
         attention = ops.cast(self.attention(features, height, width), self.pool_dtype)
         mu = attention * self.mu_kernel[0, 0] + self.mu_bias[0]

@@ -45,7 +45,7 @@ class LSELBAPooling(_cam_head.CAMHead):
     def build_extra(self, channels):
         del channels
         self.beta = self.add_weight(
-            name="beta", shape=(self.num_classes,), initializer="zeros"
+            name="beta", shape=(self.num_classes,), initializer="zeros", autocast=False
         )
 
     def sharpness(self):
