@@ -118,9 +118,12 @@ def _boxes_one_image(maps, image_hw, map_kind, threshold, max_boxes, work_size):
 
     # Largest value of each run: foreground pixels in raster order, each
     # tagged with the run it belongs to.
-    fg_values = tf.boolean_mask(upsampled, mask)
-    fg_run = tf.cumsum(tf.cast(tf.boolean_mask(starts, mask), tf.int32)) - 1
-    run_max = tf.math.unsorted_segment_max(fg_values, fg_run, num_runs)
+    fg_index = tf.where(tf.reshape(mask, [-1]))[:, 0]
+    fg_values = tf.gather(tf.reshape(upsampled, [-1]), fg_index)
+    fg_starts = tf.gather(tf.reshape(starts, [-1]), fg_index)
+    fg_run = tf.cumsum(tf.cast(fg_starts, tf.int32)) - 1
+    # Sorted ids (raster order): the sorted segment op is several times faster.
+    run_max = tf.math.segment_max(fg_values, fg_run)
 
     # Runs of row r touching runs of row r + 1 (same class). Runs are sorted
     # by (row, column) and disjoint within a row, so the touched runs form an
