@@ -210,12 +210,16 @@ def resolve_tables(config, found):
         outright; the message lists them and names the flag to pass.
     """
     chosen = {}
+    # Every path given outright is checked before any search result, so a
+    # typo is reported even when another table is ambiguous.
     for key in TABLE_PATTERNS:
         given = getattr(config, key)
         if given:
             if not _exists(given):
                 raise FileNotFoundError(f"`{key}` file not found: {given!r}")
             chosen[key] = given
+    for key in TABLE_PATTERNS:
+        if key in chosen:
             continue
         candidates = sorted(found.get(key, []))
         if len(candidates) > 1:
