@@ -82,7 +82,9 @@ class ImageNetInput(keras.layers.Layer):
         return config
 
 
-def build_application(backbone, input_shape, weights=None, name=None):
+def build_application(
+    backbone, input_shape, weights=None, name=None, input_tensor=None
+):
     """Builds a keras.applications trunk without its classification head.
 
     With `weights=None` the network is built directly on `input_shape` (one
@@ -97,6 +99,9 @@ def build_application(backbone, input_shape, weights=None, name=None):
       input_shape: `(height, width, channels)`, channels 1 or 3.
       weights: None or "imagenet".
       name: name of the returned model (default: `backbone`).
+      input_tensor: optional symbolic tensor of shape `input_shape` to build
+        on: the layers then join the caller's graph (no nested model), and
+        the returned model's output is connected to the caller's input.
 
     Returns:
       A functional `keras.Model` mapping `(B, H, W, C)` images, normalised
@@ -126,16 +131,28 @@ def build_application(backbone, input_shape, weights=None, name=None):
         return constructor(
             include_top=False,
             weights=None,
+            input_tensor=input_tensor,
             input_shape=tuple(input_shape),
             name=name,
         )
-    base = constructor(
+    gray = schema.normalization_for(backbone)
+    own_input = input_tensor is None
+    if own_input:
+        input_tensor = keras.Input(shape=tuple(input_shape), name="image")
+    x = ImageNetInput(mode, mean=gray.mean, std=gray.std, name="imagenet_input")(
+        input_tensor
+    )
+    # Built on `x`, the application's model starts at `input_tensor`'s
+    # source and includes ImageNetInput; that layer has no weights, so the
+    # h5 weights (matched layer by layer) still load.
+    model = constructor(
         include_top=False,
         weights="imagenet",
+        input_tensor=x,
         input_shape=tuple(input_shape[:-1]) + (3,),
-        name=f"{backbone}_imagenet",
+        name=name,
     )
-    gray = schema.normalization_for(backbone)
-    inputs = keras.Input(shape=tuple(input_shape), name="image")
-    x = ImageNetInput(mode, mean=gray.mean, std=gray.std, name="imagenet_input")(inputs)
-    return keras.Model(inputs, base(x), name=name)
+    if own_input:
+        # keras.applications lists the source inputs; one input is simpler.
+        model = keras.Model(input_tensor, model.output, name=name)
+    return model

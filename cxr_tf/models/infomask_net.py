@@ -59,8 +59,7 @@ def InfoMaskEncoder(input_shape=(None, None, 1), name="encoder"):  # noqa: N802
     """
     _check_input_shape(input_shape)
     inputs = keras.Input(shape=tuple(input_shape), name="image")
-    outputs = _conv_stack(inputs, ENCODER_LAYOUT, "encoder")
-    return keras.Model(inputs, outputs, name=name)
+    return keras.Model(inputs, encoder_trunk(inputs), name=name)
 
 
 def InfoMaskClassifier(input_shape=(None, None, 1), name="classifier"):  # noqa: N802
@@ -84,5 +83,28 @@ def InfoMaskClassifier(input_shape=(None, None, 1), name="classifier"):  # noqa:
     """
     _check_input_shape(input_shape)
     inputs = keras.Input(shape=tuple(input_shape), name="masked_image")
-    outputs = _conv_stack(inputs, CLASSIFIER_LAYOUT, "classifier")
-    return keras.Model(inputs, outputs, name=name)
+    return keras.Model(inputs, classifier_trunk(inputs), name=name)
+
+
+def encoder_trunk(inputs):
+    """Applies the `InfoMaskEncoder` layers to a symbolic tensor, in place.
+
+    Args:
+      inputs: a symbolic `(B, H, W, C)` image tensor.
+
+    Returns:
+      The `(B, H/4, W/4, 16)` feature tensor (layers named "encoder_*").
+    """
+    return _conv_stack(inputs, ENCODER_LAYOUT, "encoder")
+
+
+def classifier_trunk(inputs):
+    """Applies the `InfoMaskClassifier` layers to a symbolic tensor, in place.
+
+    Args:
+      inputs: a symbolic `(B, H, W, C)` masked-image tensor.
+
+    Returns:
+      The `(B, H/4, W/4, 64)` feature tensor (layers named "classifier_*").
+    """
+    return _conv_stack(inputs, CLASSIFIER_LAYOUT, "classifier")

@@ -75,6 +75,21 @@ def ResNet34(input_shape=(None, None, 1), name="resnet34"):  # noqa: N802
             f"Received: input_shape={input_shape!r}"
         )
     inputs = keras.Input(shape=tuple(input_shape), name="image")
+    return keras.Model(inputs, resnet34_trunk(inputs), name=name)
+
+
+def resnet34_trunk(inputs):
+    """Applies the ResNet-34 layers of `ResNet34` to a symbolic tensor.
+
+    Builds the layers into the caller's graph (no nested model), so that
+    `model.get_layer(...)` reaches every ResNet layer of the caller's model.
+
+    Args:
+      inputs: a symbolic `(B, H, W, C)` tensor.
+
+    Returns:
+      The `(B, H/32, W/32, 512)` feature map tensor.
+    """
     x = _conv_bn(inputs, 64, 7, 2, name="stem")
     # Zero padding before the pool equals torchvision's -inf padding because
     # the input is post-ReLU (non-negative).
@@ -86,4 +101,4 @@ def ResNet34(input_shape=(None, None, 1), name="resnet34"):  # noqa: N802
         for block in range(blocks):
             strides = 2 if (block == 0 and stage > 2) else 1
             x = _basic_block(x, filters, strides, name=f"conv{stage}_block{block + 1}")
-    return keras.Model(inputs, x, name=name)
+    return x

@@ -106,10 +106,20 @@ def test_imagenet_path_loads_weights_and_maps_gray(
     monkeypatch.setattr(file_utils, "get_file", fake_get_file)
     model = applications.build_application(backbone, (64, 64, 1), weights="imagenet")
     assert len(requested) == 1 and "notop" in requested[0]
+    assert model.get_layer("imagenet_input") is not None
     assert model.input.shape == (None, 64, 64, 1)
     raw, normalised = _gray_images(seed=2, shape=(2, 64, 64, 1))
     got = np.asarray(model(normalised, training=False))
     expected = np.asarray(
         reference(preprocess(np.concatenate([raw] * 3, axis=-1)), training=False)
     )
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # Built into a caller's graph, the same weights load and the output stays
+    # connected to the caller's input.
+    inputs = keras.Input((64, 64, 1))
+    inner = applications.build_application(
+        backbone, (64, 64, 1), weights="imagenet", input_tensor=inputs
+    )
+    outer = keras.Model(inputs, keras.layers.Identity()(inner.output))
+    got = np.asarray(outer(normalised, training=False))
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,218 @@
+"""Assembles backbone, pooling and output heads into the localizer model."""
+
+import keras
+from keras import ops
+
+from cxr_tf import layers as cxr_layers
+from cxr_tf.models import applications
+from cxr_tf.models import infomask_net
+from cxr_tf.models import resnet
+from cxr_tf.models.config import ModelConfig
+
+# The layer whose output is the feature map Grad-CAM reads: the trunk's
+# output for the pooling models, the classification block's last feature map
+# for InfoMask. Backbone layers are built into the model's own graph (not as
+# nested models) so `model.get_layer(FEATURES_LAYER).output` is connected to
+# `model.input`.
+FEATURES_LAYER = "features"
+OUTPUT_KEYS = ("logits", "probabilities", "localization_maps")
+# Every backbone but InfoMask's reduces the image 32 times; requiring a
+# multiple of 32 keeps maps aligned with pixels and shapes static for XLA.
+IMAGE_SIZE_MULTIPLE = 32
+
+
+@keras.saving.register_keras_serializable(package="cxr_tf")
+class ClassBroadcast(keras.layers.Layer):
+    """Repeats a class-agnostic map once per class.
+
+    Args:
+      num_classes: number of copies along the last axis.
+
+    Input shape:
+      `(B, h, w, 1)`.
+
+    Output shape:
+      `(B, h, w, num_classes)`.
+    """
+
+    def __init__(self, num_classes, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(
+                "`num_classes` must be a positive int. "
+                f"Received: num_classes={num_classes!r}"
+            )
+        self.num_classes = num_classes
+
+    def call(self, inputs):
+        return ops.repeat(ops.cast(inputs, self.compute_dtype), self.num_classes, -1)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.num_classes,)
+
+    def get_config(self):
+        config = super().get_config()
+        config["num_classes"] = self.num_classes
+        return config
+
+
+def _check_config(config):
+    if not isinstance(config, ModelConfig):
+        raise TypeError(
+            "`config` must be a cxr_tf.models.ModelConfig. "
+            f"Received: config={config!r} of type {type(config).__name__}"
+        )
+    if config.image_size % IMAGE_SIZE_MULTIPLE:
+        raise ValueError(
+            f"`image_size` must be a multiple of {IMAGE_SIZE_MULTIPLE}. "
+            f"Received: image_size={config.image_size!r}"
+        )
+
+
+def _make_pooling(config):
+    return cxr_layers.get_pooling(
+        config.pooling, config.num_classes, **dict(config.pooling_options)
+    )
+
+
+def map_kind_for(config):
+    """Says what the model's `localization_maps` hold.
+
+    Args:
+      config: a `ModelConfig`.
+
+    Returns:
+      "probability" (maps in [0, 1]: PCAM's p_ij, or the InfoMask mask) or
+      "cam" (raw class activation maps s_ij, to be normalised per image).
+
+    Raises:
+      ValueError: unknown pooling name (from `get_pooling`).
+    """
+    if config.backbone == "infomask":
+        return "probability"
+    return _make_pooling(config).map_kind
+
+
+def _backbone_features(config, inputs):
+    if config.backbone == "resnet34":
+        features = resnet.resnet34_trunk(inputs)
+    else:
+        features = applications.build_application(
+            config.backbone,
+            tuple(inputs.shape[1:]),
+            weights=config.weights,
+            input_tensor=inputs,
+        ).output
+    return keras.layers.Identity(name=FEATURES_LAYER)(features)
+
+
+def _outputs(logits, maps):
+    # float32 outputs whatever the dtype policy, so the losses, metrics and
+    # exported signatures never see float16.
+    logits = keras.layers.Activation("linear", dtype="float32", name="logits")(logits)
+    probabilities = keras.layers.Activation(
+        "sigmoid", dtype="float32", name="probabilities"
+    )(logits)
+    return {
+        "logits": logits,
+        "probabilities": probabilities,
+        "localization_maps": maps,
+    }
+
+
+def _build_pooling_model(config, inputs):
+    features = _backbone_features(config, inputs)
+    logits, maps = _make_pooling(config)(features)
+    maps = keras.layers.Activation("linear", dtype="float32", name="localization_maps")(
+        maps
+    )
+    return keras.Model(
+        inputs, _outputs(logits, maps), name=f"{config.backbone}_{config.pooling}"
+    )
+
+
+def _build_infomask_model(config, inputs):
+    features = infomask_net.encoder_trunk(inputs)
+    masked, mask = cxr_layers.InfoMask(
+        variant=config.infomask_variant,
+        alpha=config.infomask_alpha,
+        tau=config.infomask_tau,
+        name="infomask",
+    )([features, inputs])
+    class_features = keras.layers.Identity(name=FEATURES_LAYER)(
+        infomask_net.classifier_trunk(masked)
+    )
+    pooled = keras.layers.GlobalAveragePooling2D(name="classifier_gap")(class_features)
+    logits = keras.layers.Dense(config.num_classes, name="classifier_dense")(pooled)
+    # The mask is class-agnostic: average it down to the classifier's grid
+    # (stride 4) and give every class the same map.
+    coarse = keras.layers.AveragePooling2D(
+        infomask_net.FEATURE_STRIDE, name="mask_pool"
+    )(mask)
+    maps = ClassBroadcast(
+        config.num_classes, dtype="float32", name="localization_maps"
+    )(coarse)
+    return keras.Model(
+        inputs, _outputs(logits, maps), name=f"infomask_{config.infomask_variant}"
+    )
+
+
+def build_model(config):
+    """Builds the weakly supervised localizer a `ModelConfig` describes.
+
+    Pooling backbones (resnet34, densenet121, resnet50): trunk -> stride-32
+    features -> `get_pooling(config.pooling, ...)` -> logits and maps.
+    InfoMask: encoder -> `InfoMask` -> masked image -> classifier -> global
+    average pooling -> dense logits; the maps are the mask averaged to the
+    classifier's stride-4 grid, the same for every class.
+
+    Args:
+      config: a `ModelConfig`.
+
+    Returns:
+      A functional `keras.Model` taking `image` float32 `(B, S, S, channels)`,
+      already normalised with `config.normalization`, and returning a dict:
+      "logits" `(B, K)`, "probabilities" `(B, K)` (sigmoid of the logits),
+      "localization_maps" `(B, h, w, K)` with h = w = S/32 (S/4 for
+      InfoMask); all float32 under any dtype policy. The layer named
+      `gradcam_target_layer(model)` outputs the backbone feature map.
+
+    Raises:
+      TypeError: `config` is not a `ModelConfig`.
+      ValueError: `image_size` not a multiple of 32, unknown pooling name or
+        bad pooling options, bad InfoMask settings.
+    """
+    _check_config(config)
+    inputs = keras.Input(
+        shape=(config.image_size, config.image_size, config.channels), name="image"
+    )
+    if config.backbone == "infomask":
+        return _build_infomask_model(config, inputs)
+    return _build_pooling_model(config, inputs)
+
+
+def gradcam_target_layer(model):
+    """Names the layer whose output is the backbone feature map.
+
+    `model.get_layer(name).output` is the `(B, h, w, C)` feature map in the
+    model's graph, e.g. for Grad-CAM:
+    `keras.Model(model.input, [model.get_layer(name).output, model.output])`.
+
+    Args:
+      model: a model from `build_model` (or one loaded from `.keras`).
+
+    Returns:
+      The layer name ("features"): the trunk's output for the pooling
+      models (the pooling layer's input), the classification block's last
+      feature map (before global average pooling) for InfoMask.
+
+    Raises:
+      ValueError: `model` has no such layer.
+    """
+    names = {layer.name for layer in model.layers}
+    if FEATURES_LAYER not in names:
+        raise ValueError(
+            f"Model {model.name!r} has no {FEATURES_LAYER!r} layer: was it built "
+            f"by build_model? Received layers: {sorted(names)[:20]}"
+        )
+    return FEATURES_LAYER
