@@ -1,7 +1,10 @@
 """Decodes chest X-ray files (PNG, JPEG, DICOM) to 2-D uint8 grayscale arrays."""
 
+import contextlib
 import io
+import logging as std_logging
 import pathlib
+import threading
 import warnings
 
 from absl import logging
@@ -48,6 +51,41 @@ _IDENTIFYING_KEYWORDS = (
     "SOPInstanceUID",
 )
 _MAX_REASON_CHARS = 300
+_DECODING = threading.local()
+
+
+class _QuietWhileDecoding(std_logging.Filter):
+    """Drops pydicom's log records emitted while this thread decodes a file.
+
+    pydicom logs invalid element values ("Invalid value for VR PN: ...");
+    such a value may be a patient's name.
+    """
+
+    def filter(self, record):
+        return not getattr(_DECODING, "depth", 0)
+
+
+_QUIET_FILTER = _QuietWhileDecoding()
+
+
+@contextlib.contextmanager
+def _quiet_pydicom():
+    """Silences pydicom's warnings and log records in this thread."""
+    loggers = [std_logging.getLogger("pydicom")] + [
+        std_logging.getLogger(name)
+        for name in list(std_logging.Logger.manager.loggerDict)
+        if name.startswith("pydicom.")
+    ]
+    for logger in loggers:
+        if _QUIET_FILTER not in logger.filters:
+            logger.addFilter(_QUIET_FILTER)
+    _DECODING.depth = getattr(_DECODING, "depth", 0) + 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        _DECODING.depth -= 1
 
 
 class ImageDecodeError(ValueError):
@@ -257,9 +295,8 @@ def _decode_dicom(data, name, max_pixels, force):
     """Decodes DICOM pixel data; `force` reads files without preamble."""
     ds = None
     try:
-        with warnings.catch_warnings():
-            # pydicom warns with element values (possibly a patient's name).
-            warnings.simplefilter("ignore")
+        # pydicom warns and logs with element values (possibly a patient's name).
+        with _quiet_pydicom():
             try:
                 ds = pydicom.dcmread(io.BytesIO(data), force=force)
             except Exception as e:  # pylint: disable=broad-except
@@ -273,7 +310,9 @@ def _decode_dicom(data, name, max_pixels, force):
             if "PixelData" not in ds:
                 if force:
                     raise ImageDecodeError(name, "not a PNG, JPEG or DICOM image")
-                raise ImageDecodeError(name, "DICOM file has no pixel data")
+                raise ImageDecodeError(
+                    name, "DICOM file has no pixel data (or is truncated before it)"
+                )
             return _dicom_to_gray(ds, name, max_pixels)
     except ImageDecodeError:
         raise
@@ -345,11 +384,16 @@ def _apply_voi(values, ds, stored, name):
     """VOI LUT, else window, else min-max: modality values -> uint8."""
     if ds.get("VOILUTSequence"):
         try:
-            item = ds.VOILUTSequence[0]
-            lut = np.asarray(item.LUTData, dtype=np.float64)
-            # apply_voi maps through the LUT; scale by the LUT's own range,
-            # since LUT descriptors often claim more bits than used.
+            descriptor = ds.VOILUTSequence[0].LUTDescriptor
+            n_entries = int(descriptor[0]) or 65536
+            first = int(descriptor[1])
             mapped = np.asarray(apply_voi(values, ds, index=0), dtype=np.float64)
+            # Scale by the values the LUT really holds: descriptors often
+            # claim more output bits than are used.
+            lut = np.asarray(
+                apply_voi(np.arange(first, first + n_entries), ds, index=0),
+                dtype=np.float64,
+            )
             low, high = float(lut.min()), float(lut.max())
             if high > low:
                 scaled = (mapped - low) * (255.0 / (high - low))
