@@ -293,10 +293,11 @@ def _scrubbed(error, ds):
 
 def _decode_dicom(data, name, max_pixels, force):
     """Decodes DICOM pixel data; `force` reads files without preamble."""
-    ds = None
-    try:
-        # pydicom warns and logs with element values (possibly a patient's name).
-        with _quiet_pydicom():
+    # pydicom warns and logs with element values (possibly a patient's name),
+    # also while the error message is scrubbed: all of it runs quietly.
+    with _quiet_pydicom():
+        ds = None
+        try:
             try:
                 ds = pydicom.dcmread(io.BytesIO(data), force=force)
             except Exception as e:  # pylint: disable=broad-except
@@ -314,13 +315,13 @@ def _decode_dicom(data, name, max_pixels, force):
                     name, "DICOM file has no pixel data (or is truncated before it)"
                 )
             return _dicom_to_gray(ds, name, max_pixels)
-    except ImageDecodeError:
-        raise
-    except Exception as e:  # pylint: disable=broad-except
-        # `from None`: the original message may carry tag values.
-        raise ImageDecodeError(
-            name, f"cannot decode DICOM pixel data ({_scrubbed(e, ds)})"
-        ) from None
+        except ImageDecodeError:
+            raise
+        except Exception as e:  # pylint: disable=broad-except
+            reason = _scrubbed(e, ds)
+        # Raised outside the handler: the original exception (whose message
+        # may carry tag values) is neither chained nor shown as context.
+        raise ImageDecodeError(name, f"cannot decode DICOM pixel data ({reason})")
 
 
 def _dicom_int(ds, keyword, default=None):
