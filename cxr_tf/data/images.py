@@ -375,13 +375,18 @@ def _dicom_to_gray(ds, name, max_pixels):
         raise ImageDecodeError(name, f"unexpected pixel array shape {arr.shape}")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-    out = _apply_voi(values, ds, arr, name)
+    if not np.isfinite(values).all():
+        # e.g. a Rescale Slope of "nan" or "inf" in the header.
+        raise ImageDecodeError(
+            name, "the modality LUT / rescale gives non-finite values"
+        )
+    out = _apply_voi(values, ds, name)
     if photometric == "MONOCHROME1":
         out = 255 - out
     return out
 
 
-def _apply_voi(values, ds, stored, name):
+def _apply_voi(values, ds, name):
     """VOI LUT, else window, else min-max: modality values -> uint8."""
     if ds.get("VOILUTSequence"):
         try:

@@ -267,6 +267,17 @@ def test_dicom_without_preamble_and_multiframe():
     )
 
 
+def test_dicom_non_finite_rescale_is_an_error():
+    stored = np.full((4, 4), 3, np.uint16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns while writing "nan"
+        data = make_dicom(
+            stored, bits_stored=12, RescaleSlope="nan", RescaleIntercept=0
+        )
+    with pytest.raises(ImageDecodeError, match="non-finite"):
+        decode_image(data, "nan.dcm")
+
+
 # --- errors -------------------------------------------------------------------------
 
 
