@@ -159,3 +159,32 @@ def test_invalid_arguments(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         extract_boxes_graph(**args)
+
+
+@pytest.mark.slow
+def test_saved_model_signature_round_trip(tmp_path):
+    class Boxes(tf.Module):
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, 8, 8, 2], tf.float32),
+                tf.TensorSpec([None, 2], tf.int32),
+            ]
+        )
+        def serve(self, maps, image_hw):
+            boxes, scores, num_boxes = extract_boxes_graph(
+                maps, image_hw, "probability", 0.9, 4
+            )
+            return {"boxes": boxes, "box_scores": scores, "num_boxes": num_boxes}
+
+    module = Boxes()
+    tf.saved_model.save(
+        module, str(tmp_path), signatures={"serving_default": module.serve}
+    )
+    loaded = tf.saved_model.load(str(tmp_path)).signatures["serving_default"]
+    maps = _smooth_maps(np.random.default_rng(11), 2, 8, 2, sigma=0.6)
+    image_hw = np.array([[64, 64], [50, 90]], np.int32)
+    out = loaded(maps=tf.constant(maps), image_hw=tf.constant(image_hw))
+    expected = _graph(maps, image_hw, "probability", 0.9, 4)
+    for key, value in zip(("boxes", "box_scores", "num_boxes"), expected):
+        np.testing.assert_array_equal(out[key].numpy(), value.numpy())
+    assert out["num_boxes"].numpy().sum() > 0
