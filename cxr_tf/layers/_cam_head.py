@@ -33,7 +33,8 @@ def check_positive_float(name, value):
 class CAMHead(keras.layers.Layer):
     """A 1x1 conv giving the class activation map s, then a global pooling.
 
-    Subclasses implement `pool(features, cam)` returning float32 logits (B, K).
+    Subclasses implement `pool(features, cam)` returning logits (B, K) in
+    `pool_dtype`.
     The CAM s_ij = w_k . X_ij + b_k and the pooling run in float32 (float64
     for a float64 layer) whatever the policy: under mixed_float16 the sums of
     C products and the exp / log / divisions of the pooling would overflow in
@@ -97,9 +98,9 @@ class CAMHead(keras.layers.Layer):
     def cam(self, features):
         """The class activation map s (B, H, W, K), in `pool_dtype`."""
         features = ops.cast(features, self.pool_dtype)
-        return self.fc32(features)
+        return self.fc(features)
 
-    def fc32(self, pooled):
+    def fc(self, pooled):
         """The 1x1 conv w_k . x + b_k in `pool_dtype`, x (..., C) -> (..., K)."""
         kernel = ops.cast(self.kernel, self.pool_dtype)
         bias = ops.cast(self.bias, self.pool_dtype)

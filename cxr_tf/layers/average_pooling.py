@@ -33,4 +33,4 @@ class AveragePooling(_cam_head.CAMHead):
     def pool(self, features, cam):
         del cam
         pooled = ops.mean(ops.cast(features, self.pool_dtype), axis=(1, 2))
-        return self.fc32(pooled)
+        return self.fc(pooled)

@@ -34,4 +34,4 @@ class ExponentialPooling(_cam_head.CAMHead):
         del cam
         features = ops.cast(features, self.pool_dtype)
         weights = _cam_head.spatial_softmax_weights(features)
-        return self.fc32(ops.sum(weights * features, axis=(1, 2)))
+        return self.fc(ops.sum(weights * features, axis=(1, 2)))

@@ -47,7 +47,7 @@ class LinearPooling(_cam_head.CAMHead):
         total = ops.sum(features, axis=(1, 2))
         total = ops.maximum(total, ops.cast(self.epsilon, self.pool_dtype))
         pooled = ops.sum(ops.square(features), axis=(1, 2)) / total
-        return self.fc32(pooled)
+        return self.fc(pooled)
 
     def get_config(self):
         config = super().get_config()

@@ -61,7 +61,7 @@ class LSEPooling(_cam_head.CAMHead):
         del cam
         gamma = ops.cast(self.gamma, self.pool_dtype)
         pooled = log_mean_exp_pool(ops.cast(features, self.pool_dtype), gamma)
-        return self.fc32(pooled)
+        return self.fc(pooled)
 
     def get_config(self):
         config = super().get_config()

@@ -30,4 +30,4 @@ class MaxPooling(_cam_head.CAMHead):
     def pool(self, features, cam):
         del cam
         pooled = ops.max(ops.cast(features, self.pool_dtype), axis=(1, 2))
-        return self.fc32(pooled)
+        return self.fc(pooled)

@@ -272,3 +272,28 @@ def test_spatial_softmax_weights_sum_to_one():
     weights = np.asarray(_cam_head.spatial_softmax_weights(scores))
     np.testing.assert_allclose(weights.sum(axis=(1, 2)), 1.0, atol=1e-6)
     np.testing.assert_allclose(weights[0, :, 0, 1], [0.5, 0.5], atol=1e-6)
+
+
+@pytest.fixture
+def mixed_float16_policy():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def test_global_mixed_precision_policy_trains_finite(mixed_float16_policy):
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    outputs = [
+        layers.get_pooling(name, K, name=name)(h) for name in layers.POOLING_NAMES
+    ]
+    logits = [keras.layers.Activation("linear", dtype="float32")(o[0]) for o in outputs]
+    model = keras.Model(inputs, logits)
+    assert all(layer.compute_dtype == "float16" for layer in model.layers[2:10])
+    model.compile(optimizer="adam", loss=["mse"] * len(logits))
+    x = np.random.default_rng(8).normal(size=(4, 8, 8, 1)).astype("float32") * 100
+    history = model.fit(x, [np.ones((4, K), "float32")] * len(logits), verbose=0)
+    assert np.isfinite(history.history["loss"][0])
