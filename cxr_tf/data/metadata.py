@@ -79,13 +79,27 @@ def _norm_name(name):
     return " ".join(name.strip().lower().split())
 
 
-def _problem(path, row, image_id, reason, dropped):
+# `kind` of a problem: a stable code next to the human-readable `reason`.
+PROBLEM_KINDS = (
+    "malformed_row",
+    "unknown_label",
+    "invalid_label",
+    "duplicate",
+    "patient_mismatch",
+    "invalid_age",
+    "invalid_follow_up",
+    "invalid_box",
+)
+
+
+def _problem(path, row, image_id, reason, dropped, kind):
     return {
         "file": str(path),
         "row": int(row),
         "image_id": image_id,
         "reason": reason,
         "dropped": bool(dropped),
+        "kind": kind,
     }
 
 
@@ -107,7 +121,8 @@ def read_data_entry(path):
       (str, as in the file), `follow_up` (int, -1 if missing), `age` (float,
       years, NaN if missing or implausible), `sex` (str), `view_position`
       (str) and `row` (1-based line of the file). `problems` is a list of
-      dicts `{"file", "row", "image_id", "reason", "dropped"}`: rows that were
+      dicts `{"file", "row", "image_id", "reason", "dropped", "kind"}` (`kind`
+      one of `PROBLEM_KINDS`): rows that were
       left out (`dropped=True`: unknown or empty label, duplicate or malformed
       image id, malformed patient id, wrong field count) or kept with a field
       blanked (`dropped=False`: malformed or implausible age, malformed
@@ -153,6 +168,7 @@ def read_data_entry(path):
                     ),
                     f"expected {n_header} fields, found {len(fields)}",
                     True,
+                    "malformed_row",
                 )
             )
             continue
@@ -181,16 +197,25 @@ def read_data_entry(path):
     )
     drop = np.zeros(n, dtype=bool)
 
-    def report(mask, reason_fn, dropped):
+    def report(mask, reason_fn, dropped, kind):
         for i in np.flatnonzero(mask):
+            reason = reason_fn(i)
+            row_kind = kind
+            if isinstance(reason, tuple):
+                row_kind, reason = reason
             problems.append(
                 _problem(
-                    path, df["row"].iat[i], df["image_id"].iat[i], reason_fn(i), dropped
+                    path,
+                    df["row"].iat[i],
+                    df["image_id"].iat[i],
+                    reason,
+                    dropped,
+                    row_kind,
                 )
             )
 
     bad_id = (df["image_id"] == "").to_numpy()
-    report(bad_id, lambda i: "empty Image Index", True)
+    report(bad_id, lambda i: "empty Image Index", True, "malformed_row")
     drop |= bad_id
 
     # Patient ids: numeric ids are zero-padded to 8 digits as in the file names.
@@ -203,6 +228,7 @@ def read_data_entry(path):
         bad_pid & ~drop,
         lambda i: f"malformed Patient ID {df['patient_raw'].iat[i]!r}",
         True,
+        "malformed_row",
     )
     drop |= bad_pid
     df["patient_id"] = np.where(numeric, pid.str.zfill(8), pid)
@@ -216,11 +242,12 @@ def read_data_entry(path):
             f"id prefix {prefix.iat[i]!r}"
         ),
         True,
+        "patient_mismatch",
     )
     drop |= mismatch
 
     labels, bad_label, label_reason = _parse_labels(df["finding_labels"])
-    report(bad_label & ~drop, lambda i: label_reason[i], True)
+    report(bad_label & ~drop, lambda i: label_reason[i], True, "invalid_label")
     drop |= bad_label
 
     # Duplicates: the first occurrence (of the rows still usable) is kept.
@@ -236,6 +263,7 @@ def read_data_entry(path):
                 f"{int(first_row.get(df['image_id'].iat[i], -1))})"
             ),
             True,
+            "duplicate",
         )
     drop |= dup
 
@@ -244,6 +272,7 @@ def read_data_entry(path):
         (age_reason != "") & ~drop,
         lambda i: age_reason[i] + " (row kept, age set to NaN)",
         False,
+        "invalid_age",
     )
     follow = pd.to_numeric(df["follow_raw"], errors="coerce")
     bad_follow = ~(follow.notna() & (follow >= 0) & (follow == np.floor(follow)))
@@ -255,6 +284,7 @@ def read_data_entry(path):
             "(row kept, follow_up set to -1)"
         ),
         False,
+        "invalid_follow_up",
     )
     follow_up = np.where(bad_follow, -1, follow.fillna(-1)).astype(np.int64)
 
@@ -308,17 +338,24 @@ def _parse_labels(finding_labels):
         for i in np.flatnonzero(present):
             reasons.setdefault(
                 i,
-                f"unknown finding label {name!r} in {finding_labels.iat[i]!r} "
-                f"(expected {schema.NO_FINDING!r} or one of {schema.FINDINGS})",
+                (
+                    "unknown_label",
+                    f"unknown finding label {name!r} in {finding_labels.iat[i]!r} "
+                    f"(expected {schema.NO_FINDING!r} or one of {schema.FINDINGS})",
+                ),
             )
     empty = n_tokens == 0
     for i in np.flatnonzero(empty):
-        reasons.setdefault(i, "empty Finding Labels")
+        reasons.setdefault(i, ("invalid_label", "empty Finding Labels"))
     contradictory = no_finding & (labels.sum(axis=1) > 0)
     for i in np.flatnonzero(contradictory):
         reasons.setdefault(
             i,
-            f"{schema.NO_FINDING!r} together with findings: {finding_labels.iat[i]!r}",
+            (
+                "invalid_label",
+                f"{schema.NO_FINDING!r} together with findings: "
+                f"{finding_labels.iat[i]!r}",
+            ),
         )
     bad |= empty | contradictory
     return labels, bad, reasons
@@ -373,8 +410,8 @@ def read_bbox_list(path, problems=None):
     Args:
       path: path of the CSV file.
       problems: optional list. When given, bad rows are appended to it as
-        `{"file", "row", "image_id", "reason", "dropped": True}` and left
-        out; when None a bad row raises.
+        `{"file", "row", "image_id", "reason", "dropped": True, "kind"}` and
+        left out; when None a bad row raises.
 
     Returns:
       A `pandas.DataFrame` with columns `image_id`, `finding` (canonical
@@ -397,6 +434,7 @@ def read_bbox_list(path, problems=None):
     for fields, line in zip(rows, lines):
         image_id = fields[0].strip()
         reason = None
+        kind = "malformed_row"
         if len(fields) < 6 or any(f.strip() for f in fields[6:]):
             reason = (
                 f"expected 6 fields (image, finding, x, y, w, h), found {len(fields)}"
@@ -408,11 +446,13 @@ def read_bbox_list(path, problems=None):
                 finding = schema.canonical_finding(fields[1])
             except ValueError:
                 reason = f"unknown finding label {fields[1].strip()!r}"
+                kind = "unknown_label"
             else:
                 try:
                     x, y, w, h = (float(f) for f in fields[2:6])
                 except ValueError:
                     reason = f"non-numeric box {fields[2:6]!r}"
+                    kind = "invalid_box"
                 else:
                     if (
                         not all(np.isfinite(v) for v in (x, y, w, h))
@@ -420,8 +460,9 @@ def read_bbox_list(path, problems=None):
                         or h <= 0
                     ):
                         reason = f"invalid box x={x}, y={y}, w={w}, h={h}"
+                        kind = "invalid_box"
         if reason is not None:
-            bad.append(_problem(path, line, image_id, reason, True))
+            bad.append(_problem(path, line, image_id, reason, True, kind))
             continue
         out.append((image_id, finding, x, y, w, h, line))
     if bad:

@@ -70,7 +70,8 @@ def test_2017_table_parses_with_crlf_trailing_comma_and_bad_ages(entries_2017):
     # The 16 ages over 100 (148..414) are reported, and their rows kept.
     assert len(problems) == 16
     for problem in problems:
-        assert set(problem) == {"file", "row", "image_id", "reason", "dropped"}
+        assert set(problem) == {"file", "row", "image_id", "reason", "dropped", "kind"}
+        assert problem["kind"] == "invalid_age"
         assert problem["file"].endswith("Data_Entry_2017.csv")
         assert "implausible Patient Age" in problem["reason"]
         assert problem["dropped"] is False
@@ -166,6 +167,17 @@ def test_bad_rows_are_reported_with_file_and_row(tmp_path):
     assert "No Finding" in by_row[9]["reason"]
     assert "does not match the image id prefix" in by_row[10]["reason"]
     assert "Follow-up" in by_row[11]["reason"]
+    assert {r: p["kind"] for r, p in by_row.items()} == {
+        3: "unknown_label",
+        4: "duplicate",
+        5: "invalid_age",
+        7: "malformed_row",
+        8: "invalid_label",
+        9: "invalid_label",
+        10: "patient_mismatch",
+        11: "invalid_follow_up",
+    }
+    assert all(p["kind"] in metadata.PROBLEM_KINDS for p in problems)
     dropped = {r for r, p in by_row.items() if p["dropped"]}
     assert dropped == {3, 4, 7, 8, 9, 10}
     assert entries["row"].tolist() == [2, 5, 6, 11]
@@ -261,6 +273,12 @@ def test_bad_box_rows(tmp_path):
     assert df["finding"].tolist() == ["Infiltration"]
     assert [p["row"] for p in problems] == [3, 4, 5, 6]
     assert "Tumour" in problems[0]["reason"]
+    assert [p["kind"] for p in problems] == [
+        "unknown_label",
+        "invalid_box",
+        "invalid_box",
+        "malformed_row",
+    ]
     assert all(p["file"] == str(path) and p["dropped"] for p in problems)
 
 
