@@ -13,6 +13,8 @@ Plain TF ops only (no tensorflow-addons, no XLA); works with a dynamic batch
 and a different original size per image inside a `tf.function` signature.
 """
 
+import numbers
+
 import tensorflow as tf
 
 from cxr_tf import localization
@@ -24,22 +26,25 @@ def _validate(map_kind, threshold, max_boxes, work_size):
     localization.validate_map_kind(map_kind)
     if threshold is None:
         threshold = localization.DEFAULT_THRESHOLDS[map_kind]
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+    if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool):
         raise ValueError(
             f"`threshold` must be a Python number. Received: threshold={threshold!r}"
         )
-    if not isinstance(max_boxes, int) or isinstance(max_boxes, bool) or max_boxes < 1:
+    if (
+        not isinstance(max_boxes, numbers.Integral)
+        or isinstance(max_boxes, bool)
+        or max_boxes < 1
+    ):
         raise ValueError(
             f"`max_boxes` must be a positive int. Received: max_boxes={max_boxes!r}"
         )
-    if work_size is not None and (
-        not isinstance(work_size, int) or isinstance(work_size, bool) or work_size < 1
-    ):
-        raise ValueError(
-            "`work_size` must be None or a positive int. "
-            f"Received: work_size={work_size!r}"
-        )
-    return float(threshold)
+    # Same checks and rounding as the numpy version.
+    localization.working_hw((1, 1), work_size)
+    return (
+        float(threshold),
+        int(max_boxes),
+        work_size if work_size is None else int(work_size),
+    )
 
 
 def _working_hw(height, width, work_size):
@@ -239,7 +244,9 @@ def extract_boxes_graph(
     Raises:
       ValueError: a bad map_kind, threshold, max_boxes, work_size or rank.
     """
-    threshold = _validate(map_kind, threshold, max_boxes, work_size)
+    threshold, max_boxes, work_size = _validate(
+        map_kind, threshold, max_boxes, work_size
+    )
     maps = tf.convert_to_tensor(maps, tf.float32)
     image_hw = tf.cast(tf.convert_to_tensor(image_hw), tf.int32)
     if maps.shape.rank is not None and maps.shape.rank != 4:

@@ -16,8 +16,12 @@ def _graph(maps, image_hw, map_kind, threshold, max_boxes, work_size=None):
     # seconds, and this also checks that unknown static shapes work.
     key = (map_kind, threshold, max_boxes, work_size)
     if key not in _TRACED:
+
+        def run(batch_maps, batch_hw):
+            return extract_boxes_graph(batch_maps, batch_hw, *key)
+
         _TRACED[key] = tf.function(
-            lambda m, hw: extract_boxes_graph(m, hw, *key),
+            run,
             input_signature=[
                 tf.TensorSpec([None] * 4, tf.float32),
                 tf.TensorSpec([None, 2], tf.int32),
