@@ -292,11 +292,13 @@ def _anatomy_density(anatomy, x, y, size, rng):
 # Lesions: each returns (density change, boolean mask of its visible pixels).
 
 
-def _visible(delta, frac=0.15):
-    peak = np.abs(delta).max()
-    if peak <= 0:
-        return np.zeros(delta.shape, bool)
-    return np.abs(delta) > frac * peak
+def _visible(delta, lesion, frac=0.15):
+    """Pixels where the lesion changes the density by `frac` of its contrast.
+
+    The reference is the lesion's intended peak, not the peak reached, so a
+    lesion mostly hidden by anatomy keeps only the pixels where it shows.
+    """
+    return np.abs(delta) > frac * lesion.contrast * LUNG_AIR
 
 
 def _side_lung(ctx, side):
@@ -317,7 +319,7 @@ def _nodule(les, x, y, ctx, rng):
     delta = les.contrast * LUNG_AIR * _sphere(x, y, les.center[0], les.center[1], r)
     delta = np.maximum(delta, 0.0)
     delta = delta**0.6 * (les.contrast * LUNG_AIR) ** 0.4
-    return delta, _visible(delta, 0.2)
+    return delta, _visible(delta, les, 0.2)
 
 
 def _mass(les, x, y, ctx, rng):
@@ -335,7 +337,7 @@ def _mass(les, x, y, ctx, rng):
     tex = 1.0 + 0.15 * _smooth_noise(rng, x.shape[0], x.shape[0] // 8)
     delta = les.contrast * LUNG_AIR * np.sqrt(shape) * tex
     delta = np.maximum(delta, 0.0)
-    return delta, _visible(delta, 0.15)
+    return delta, _visible(delta, les, 0.15)
 
 
 def _atelectasis(les, x, y, ctx, rng):
@@ -347,7 +349,7 @@ def _atelectasis(les, x, y, ctx, rng):
     haze = np.exp(-((2.2 * u / w) ** 2) - ((2.4 * (v - 0.1 * h) / h) ** 2))
     delta = les.contrast * LUNG_AIR * (0.9 * band * ends + 0.4 * haze)
     delta *= _side_lung(ctx, les.side)
-    return delta, _visible(delta)
+    return delta, _visible(delta, les)
 
 
 def _effusion(les, x, y, ctx, rng):
@@ -361,35 +363,41 @@ def _effusion(les, x, y, ctx, rng):
     hemithorax = ctx["lungs_full"][0 if side < 0 else 1]
     region = hemithorax * ctx["torso"]
     delta = les.contrast * LUNG_AIR * np.sqrt(depth) * region
-    return delta, _visible(delta, 0.2)
+    return delta, _visible(delta, les, 0.2)
 
 
-def _patchy(les, x, y, ctx, rng, cells, threshold):
+def _patchy(les, x, y, ctx, rng, cells, quantile):
+    """Envelope and [0, 1] patches of a patchy opacity, within its lung."""
     u, v = _rotate(x, y, les.center[0], les.center[1], les.angle)
     w, h = les.size
-    env = np.exp(-((2 * u / w) ** 4) - (2 * v / h) ** 4)
+    env = np.exp(-((2 * u / w) ** 4) - (2 * v / h) ** 4) * _side_lung(ctx, les.side)
     noise = _smooth_noise(rng, x.shape[0], cells)
-    patches = np.clip(noise - threshold, 0.0, None)
-    patches /= patches.max() + 1e-6
+    # Thresholds and scale taken where the lesion is, so every lesion shows
+    # patches and reaches its contrast wherever the texture happens to fall.
+    inside = env > 0.3 * env.max()
+    if not inside.any():
+        return env, np.zeros_like(env)
+    patches = np.clip(noise - np.percentile(noise[inside], quantile), 0.0, None)
+    patches = np.clip(patches / (patches[inside].max() + 1e-6), 0.0, 1.0)
     return env, patches
 
 
 def _infiltration(les, x, y, ctx, rng):
-    env, patches = _patchy(les, x, y, ctx, rng, x.shape[0] / 14, 0.0)
+    env, patches = _patchy(les, x, y, ctx, rng, x.shape[0] / 14, 40)
     delta = les.contrast * LUNG_AIR * env * np.sqrt(patches)
     delta *= _side_lung(ctx, les.side)
-    return delta, _visible(delta, 0.2)
+    return delta, _visible(delta, les, 0.2)
 
 
 def _pneumonia(les, x, y, ctx, rng):
-    env, patches = _patchy(les, x, y, ctx, rng, x.shape[0] / 24, -0.8)
+    env, patches = _patchy(les, x, y, ctx, rng, x.shape[0] / 24, 0)
     # Air bronchograms: dark branching lines inside the consolidation.
     dx = les.side * (x - les.side * 0.17)
     theta = np.arctan2(y + 0.02, dx)
     bronch = (0.5 + 0.5 * np.cos(31.0 * theta + rng.uniform(0, 6.3))) ** 16
     delta = les.contrast * LUNG_AIR * env * (0.5 + 0.5 * patches) * (1 - 0.4 * bronch)
     delta *= _side_lung(ctx, les.side)
-    return delta, _visible(delta, 0.2)
+    return delta, _visible(delta, les, 0.2)
 
 
 def _consolidation(les, x, y, ctx, rng):
@@ -401,7 +409,7 @@ def _consolidation(les, x, y, ctx, rng):
     noise = _smooth_noise(rng, x.shape[0], x.shape[0] / 30)
     delta = les.contrast * LUNG_AIR * env * (0.85 + 0.15 * noise)
     delta *= _side_lung(ctx, les.side)
-    return delta, _visible(delta, 0.2)
+    return delta, _visible(delta, les, 0.2)
 
 
 def _pneumothorax(les, x, y, ctx, rng):
@@ -441,7 +449,7 @@ def _edema(les, x, y, ctx, rng):
             delta += 1.2 * line
     delta += 1.5 * ctx["markings"] / 0.11
     delta = les.contrast * LUNG_AIR * delta * ctx["lung"]
-    return delta, _visible(delta)
+    return delta, _visible(delta, les)
 
 
 def _emphysema(les, x, y, ctx, rng):
@@ -454,7 +462,7 @@ def _emphysema(les, x, y, ctx, rng):
         wall = np.exp(-(((rr - 1.0) * rad / (0.8 * ctx["px"])) ** 2))
         delta += les.contrast * LUNG_AIR * (-0.6 * (rr < 1) + 0.8 * wall)
     delta *= ctx["lung"]
-    return delta, _visible(delta)
+    return delta, _visible(delta, les)
 
 
 def _fibrosis(les, x, y, ctx, rng):
@@ -465,7 +473,7 @@ def _fibrosis(les, x, y, ctx, rng):
         r2 = ((x - side * 0.55) / 0.3) ** 2 + ((y - les.center[1]) / 0.35) ** 2
         periphery += np.exp(-r2)
     delta = les.contrast * LUNG_AIR * ridges * periphery * ctx["lung"]
-    return delta, _visible(delta)
+    return delta, _visible(delta, les)
 
 
 def _pleural_thickening(les, x, y, ctx, rng):
@@ -475,7 +483,7 @@ def _pleural_thickening(les, x, y, ctx, rng):
     band = _ramp(depth, ctx["edge"]) * _ramp(les.size[0] - depth, ctx["edge"])
     along = np.exp(-(((y - les.center[1]) / (les.size[1] / 2)) ** 4))
     delta = les.contrast * LUNG_AIR * band * along * ctx["lungs_full"][(side + 1) // 2]
-    return delta, _visible(delta)
+    return delta, _visible(delta, les)
 
 
 def _hernia(les, x, y, ctx, rng):
@@ -485,7 +493,7 @@ def _hernia(les, x, y, ctx, rng):
     level = cy + les.angle * r
     air = (sac > 0) * _ramp(level - y, ctx["edge"]) * _sphere(x, y, cx, cy, 0.85 * r)
     delta = les.contrast * LUNG_AIR * (sac - 1.4 * air)
-    return delta, _visible(delta)
+    return delta, _visible(delta, les)
 
 
 def _cardiomegaly(les, x, y, ctx, rng):
