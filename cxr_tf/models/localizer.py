@@ -121,8 +121,10 @@ def _outputs(logits, maps):
 
 
 def _build_pooling_model(config, inputs):
+    # The pooling first: a bad name or option fails before the trunk is built.
+    pooling = _make_pooling(config)
     features = _backbone_features(config, inputs)
-    logits, maps = _make_pooling(config)(features)
+    logits, maps = pooling(features)
     maps = keras.layers.Activation("linear", dtype="float32", name="localization_maps")(
         maps
     )
