@@ -17,7 +17,7 @@ from keras import ops
 LOSS_NAMES = ("balanced_bce", "bce", "weighted_bce")
 
 
-def _element_terms(y_true, logits):
+def _element_terms(logits):
     """(-ln f, -ln(1 - f)) per element, f = sigmoid(logits), both finite."""
     return -ops.log_sigmoid(logits), -ops.log_sigmoid(-logits)
 
@@ -37,7 +37,7 @@ class BinaryCrossentropyFromLogits(keras.losses.Loss):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
 
     def call(self, y_true, y_pred):
-        positive, negative = _element_terms(y_true, y_pred)
+        positive, negative = _element_terms(y_pred)
         return ops.mean(y_true * positive + (1.0 - y_true) * negative, axis=-1)
 
 
@@ -115,7 +115,7 @@ class WeightedBinaryCrossentropy(keras.losses.Loss):
             )
 
     def call(self, y_true, y_pred):
-        positive, negative = _element_terms(y_true, y_pred)
+        positive, negative = _element_terms(y_pred)
         if self.positive_weights is not None:
             positive = positive * ops.convert_to_tensor(
                 self.positive_weights, dtype=self.dtype
@@ -174,7 +174,7 @@ class BalancedBinaryCrossentropy(keras.losses.Loss):
         self.per_class = per_class
 
     def call(self, y_true, y_pred):
-        positive, negative = _element_terms(y_true, y_pred)
+        positive, negative = _element_terms(y_pred)
         axis = 0 if self.per_class else None
         num_pos = ops.sum(y_true, axis=axis, keepdims=self.per_class)
         num_neg = ops.sum(1.0 - y_true, axis=axis, keepdims=self.per_class)
