@@ -1,0 +1,96 @@
+"""Exports a trained model for TF Serving: `python -m cxr_tf.export --model=M --export_dir=E`.
+
+Writes E/<version>/ (saved_model.pb, variables/, assets/, assets.extra/) with
+the signatures serving_default (encoded PNG/JPEG bytes), predict_pixels
+(preprocessed float32 pixels) and model_info (finding names, thresholds,
+preprocessing). The version directory appears atomically (written under a
+temporary name, then renamed), so a server watching E never loads half of it.
+"""
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from cxr_tf import export_lib
+
+_MODEL = flags.DEFINE_string(
+    "model",
+    None,
+    "Trained .keras file, or a model directory (model.keras + config.json).",
+)
+_EXPORT_DIR = flags.DEFINE_string(
+    "export_dir", None, "TF Serving model base path; the export goes to E/<version>."
+)
+_VERSION = flags.DEFINE_integer(
+    "version", None, "Version number (default: one more than the newest in E)."
+)
+_THRESHOLD = flags.DEFINE_float(
+    "threshold",
+    None,
+    "Map threshold for boxes, every finding (default 0.9 for probability maps, "
+    "180 on the 0..255 scale for CAMs).",
+)
+_CLASS_THRESHOLD = flags.DEFINE_multi_string(
+    "class_threshold", [], "FINDING=VALUE, a per-finding threshold (repeatable)."
+)
+_MAX_BOXES = flags.DEFINE_integer("max_boxes", 10, "Boxes kept per finding.")
+_BOX_WORK_SIZE = flags.DEFINE_integer(
+    "box_work_size",
+    None,
+    "Find regions at this longer side at most (default: at the image size, exact).",
+)
+_MODEL_CONFIG = flags.DEFINE_string(
+    "model_config", None, "config.json to use when none sits next to the model."
+)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing version.")
+
+
+def _class_thresholds(values):
+    pairs = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        try:
+            pairs[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise app.UsageError(
+                f"--class_threshold must be FINDING=NUMBER. Received: {item!r}"
+            )
+    return pairs
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        config = export_lib.ExportConfig(
+            model_path=_MODEL.value,
+            export_dir=_EXPORT_DIR.value,
+            version=_VERSION.value,
+            threshold=_THRESHOLD.value,
+            class_thresholds=_class_thresholds(_CLASS_THRESHOLD.value),
+            max_boxes=_MAX_BOXES.value,
+            box_work_size=_BOX_WORK_SIZE.value,
+            model_config_path=_MODEL_CONFIG.value,
+            overwrite=_OVERWRITE.value,
+        )
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    logging.info("Export config: %s", json.dumps(config.to_dict(), sort_keys=True))
+    try:
+        path = export_lib.export_saved_model(config)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["model", "export_dir"])
+    app.run(main)
