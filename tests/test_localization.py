@@ -26,6 +26,7 @@ def test_resize_bilinear_known_values():
         ((16, 16), (700, 1100)),
         ((7, 9), (61, 37)),
         ((5, 3), (5, 3)),
+        ((16, 16), (8, 5)),
     ],
 )
 def test_resize_bilinear_equals_tf_bit_for_bit(in_hw, out_hw):
