@@ -253,3 +253,43 @@ def test_xla_compiled_predict_matches_eager(backbone):
         np.testing.assert_allclose(
             np.asarray(compiled[key]), np.asarray(eager[key]), atol=1e-4, rtol=1e-4
         )
+
+
+def _gradients(model, images, labels):
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        logits = model(images, training=True)["logits"]
+        loss = keras.ops.mean(
+            keras.losses.binary_crossentropy(labels, logits, from_logits=True)
+        )
+        loss = loss + sum(model.losses)
+    return tape.gradient(loss, model.trainable_variables)
+
+
+@pytest.mark.parametrize(
+    "backbone", ["infomask", pytest.param("resnet34", marks=pytest.mark.slow)]
+)
+def test_every_trainable_variable_gets_a_gradient(backbone):
+    # For InfoMask this checks the mask parameters learn through the masked
+    # image the classifier sees, not only through the KL term.
+    model = build_model(ModelConfig(backbone=backbone, image_size=SIZE))
+    rng = np.random.default_rng(6)
+    labels = (rng.uniform(size=(2, K)) > 0.5).astype("float32")
+    grads = _gradients(model, _images(6), labels)
+    for variable, grad in zip(model.trainable_variables, grads):
+        assert grad is not None, variable.path
+        assert float(np.max(np.abs(np.asarray(grad)))) > 0.0, variable.path
+
+
+@pytest.mark.slow
+def test_fit_with_a_loss_on_the_logits_only():
+    model = build_model(ModelConfig(image_size=SIZE))
+    model.compile(
+        optimizer="adam",
+        loss={"logits": keras.losses.BinaryCrossentropy(from_logits=True)},
+    )
+    rng = np.random.default_rng(7)
+    labels = (rng.uniform(size=(2, K)) > 0.5).astype("float32")
+    history = model.fit(_images(7), {"logits": labels}, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
