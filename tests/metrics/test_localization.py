@@ -3,6 +3,8 @@
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cxr_tf.localization import Box
 from cxr_tf.metrics import localization as loc
@@ -147,3 +149,22 @@ def test_choose_mask_threshold_minimises_balanced_error():
     assert [row["threshold"] for row in result["table"]] == [0.1, 0.5, 0.7, 0.95]
     with pytest.raises(ValueError, match="no ground-truth pixel"):
         loc.choose_mask_threshold([soft], [[]], [0.5])
+
+
+_coord = st.floats(0, 200, allow_nan=False)
+_size = st.floats(0.5, 200, allow_nan=False)
+_box = st.tuples(_coord, _coord, _size, _size)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_box, _box)
+def test_overlap_properties(pred, gt):
+    value_iobb, value_iou = loc.iobb(pred, gt), loc.iou(pred, gt)
+    assert 0.0 <= value_iou <= value_iobb + 1e-12 <= 1.0 + 2e-12
+    assert value_iou == pytest.approx(loc.iou(gt, pred))
+    # Rasterised areas agree with the continuous ones on integer boxes.
+    ints = [tuple(float(round(v)) for v in b) for b in (pred, gt)]
+    masks = [loc.boxes_to_mask((420, 420), [b]) for b in ints]
+    if ints[0][2] * ints[0][3] > 0:
+        expected = np.sum(masks[0] & masks[1]) / np.sum(masks[0])
+        assert loc.iobb(*ints) == pytest.approx(expected)
