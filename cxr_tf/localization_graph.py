@@ -224,7 +224,9 @@ def extract_boxes_graph(
     Equal to `cxr_tf.localization.extract_boxes` applied to each (image,
     class) map: same upsampling (tf.image.resize bilinear, half-pixel
     centres), same per-image CAM normalisation, same `>=` threshold, one box
-    per 8-connected region, same order and scores.
+    per 8-connected region, same order and scores. Pixels whose upsampled
+    value is NaN count as background (the numpy version rejects such maps).
+    An empty batch gives empty outputs.
 
     Args:
       maps: float tensor (B, h, w, K), the model's "localization_maps".
