@@ -486,7 +486,7 @@ def count_examples(data_dir, split):
 def _find_split_count(payload, split):
     # The ingest report format belongs to the ingest helper; accept the
     # plausible layouts rather than failing when it changes.
-    for key in ("splits", "split_counts", "counts", "examples"):
+    for key in ("written", "splits", "split_counts", "counts", "examples"):
         value = payload.get(key) if isinstance(payload, dict) else None
         if isinstance(value, dict) and split in value:
             entry = value[split]
@@ -641,6 +641,51 @@ def _atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
+def _summary_metadata(plugin):
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = plugin
+    return metadata
+
+
+def write_scalar(tag, value, step):
+    """Writes a TensorBoard scalar with core TF ops (no tensorboard package).
+
+    `tf.summary.scalar` lives in the tensorboard package, which the project
+    does not need otherwise; the event format is the same.
+    """
+    import tensorflow as tf
+
+    return tf.summary.write(
+        tag,
+        tf.constant(float(value), tf.float32),
+        step=step,
+        metadata=_summary_metadata("scalars"),
+    )
+
+
+def write_images(tag, images, step):
+    """Writes RGB images (N, H, W, 3) in [0, 1] as a TensorBoard image summary."""
+    import tensorflow as tf
+
+    images = np.asarray(images)
+    pngs = [
+        tf.io.encode_png(tf.constant(np.round(np.clip(i, 0, 1) * 255).astype(np.uint8)))
+        for i in images
+    ]
+    height, width = images.shape[1:3]
+    tensor = tf.stack([tf.constant(str(width)), tf.constant(str(height))] + pngs)
+    return tf.summary.write(
+        tag, tensor, step=step, metadata=_summary_metadata("images")
+    )
+
+
+def current_learning_rate(optimizer):
+    """The optimizer's learning rate at its current step, as a float."""
+    return float(np.asarray(optimizer.learning_rate))
+
+
 def _callback_classes():
     """Defines the callbacks lazily so importing train_lib stays light."""
     import keras
@@ -784,16 +829,17 @@ def _callback_classes():
                 return
             step = int(self.model.optimizer.iterations.numpy())
             with self.writer.as_default(step=step):
+                write_scalar("epoch_loss", loss, step)
                 for name, value in aucs.items():
                     if value is not None:
-                        tf.summary.scalar(f"auc/{name}", value)
-                tf.summary.scalar("auc/mean", mean_auc)
+                        write_scalar(f"auc/{name}", value, step)
+                write_scalar("auc/mean", mean_auc, step)
                 if self.overlay_images is not None:
                     images, probs_o, maps = self._overlay_inputs()
-                    tf.summary.image(
+                    write_images(
                         "localization_maps",
                         overlay_grid(images, maps, probs_o, self.findings),
-                        max_outputs=len(images),
+                        step,
                     )
             self.writer.flush()
 
@@ -801,6 +847,36 @@ def _callback_classes():
             images = self.overlay_images
             logits, maps = self._predict_fn()(images)
             return images.numpy(), 1.0 / (1.0 + np.exp(-logits.numpy())), maps.numpy()
+
+    class TrainSummary(keras.callbacks.Callback):
+        """Training loss and learning rate to TensorBoard (batch and epoch)."""
+
+        def __init__(self, log_dir, every_steps=10):
+            super().__init__()
+            self.writer = tf.summary.create_file_writer(log_dir)
+            self.every_steps = every_steps
+
+        def on_train_batch_end(self, batch, logs=None):
+            step = int(self.model.optimizer.iterations.numpy())
+            loss = (logs or {}).get("loss")
+            if loss is None or step % self.every_steps:
+                return
+            with self.writer.as_default(step=step):
+                write_scalar("batch_loss", loss, step)
+                write_scalar(
+                    "learning_rate", current_learning_rate(self.model.optimizer), step
+                )
+
+        def on_epoch_end(self, epoch, logs=None):
+            step = int(self.model.optimizer.iterations.numpy())
+            logs = logs or {}
+            with self.writer.as_default(step=step):
+                if "loss" in logs:
+                    write_scalar("epoch_loss", logs["loss"], step)
+                write_scalar(
+                    "learning_rate", current_learning_rate(self.model.optimizer), step
+                )
+            self.writer.flush()
 
     class LatestCheckpoint(keras.callbacks.Callback):
         """Saves the whole model at the end of each finished epoch."""
@@ -850,6 +926,7 @@ def _callback_classes():
         "StepBackup": StepBackup,
         "Validation": ValidationCallback,
         "Latest": LatestCheckpoint,
+        "TrainSummary": TrainSummary,
         "Best": BestCheckpoint,
     }
 
@@ -1081,11 +1158,8 @@ def train(config):
                 os.path.join(model_dir, "checkpoints", "best.json"),
             ),
         ]
-    callbacks.append(
-        keras.callbacks.TensorBoard(
-            log_dir=log_dir, update_freq="epoch", write_graph=False
-        )
-    )
+    if chief:
+        callbacks.append(classes["TrainSummary"](os.path.join(log_dir, "train")))
 
     history = {}
     epoch, done = divmod(initial_step, steps_per_epoch)

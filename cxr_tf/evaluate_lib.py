@@ -1,0 +1,629 @@
+"""Evaluation: per-class AUROC, box localization (IoBB/IoU/AFP), InfoMask IoP.
+
+Two sources: a trained model run on ingested TFRecords (maps -> boxes here),
+or a predictions.jsonl file (as `predict` writes it) with the box list and,
+for AUROC, the label table. All boxes are compared in the original image's
+pixels.
+
+Definitions (DOMAIN.md):
+- IoBB = area(pred ∩ gt) / area(pred); IoU = area(pred ∩ gt) / area(pred ∪ gt).
+  A ground-truth box is localized at T when some predicted box of its class
+  on its image has IoBB (IoU) > T; accuracy = localized / all gt boxes.
+- Average false positives (AFP) at T: predicted boxes of the class, on the
+  images with a gt box of that class, whose IoBB with every gt box of the
+  class there is <= T, divided by the number of those images.
+- IoP / FPR / FNR (InfoMask): pixelwise, mask P = map >= t (CAM maps
+  normalised per image to [0, 255] first), G = union of the class's gt boxes:
+  IoP = |P ∩ G| / |P| (undefined, left out, when P is empty), FPR = |P \\ G| / |not G|,
+  FNR = |G \\ P| / |G|; averaged over (image, class) pairs. t is chosen on the
+  validation split to minimise the localization error, mean (FPR + FNR) / 2.
+"""
+
+import collections
+import dataclasses
+import json
+import math
+import os
+
+from absl import logging
+import numpy as np
+
+from cxr_tf import localization
+from cxr_tf.metrics import localization as loc_metrics
+from cxr_tf import predict_lib
+from cxr_tf.data import schema
+
+IOBB_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
+METRICS_FILE = "metrics.json"
+# Mask metrics are computed with the longer side at most this many pixels:
+# the ratios barely change and the work stays small for 1024 px films.
+MASK_WORK_SIZE = 256
+DEFAULT_BOX_THRESHOLDS = {"probability": (0.9,), "cam": (180.0, 60.0)}
+DEFAULT_MASK_THRESHOLDS = {
+    "probability": tuple(np.round(np.arange(0.05, 1.0, 0.05), 2)),
+    "cam": tuple(float(t) for t in range(10, 255, 10)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Settings of `evaluate`.
+
+    Attributes:
+      output_dir: where metrics.json and the plots go.
+      model_dir: trained model directory (or .keras file); None with
+        `predictions`.
+      checkpoint: "best" (default), "final" or "latest".
+      data_dir: ingested TFRecords to evaluate on.
+      split: split of `data_dir` to evaluate ("test").
+      val_split: split used to choose the IoP mask threshold (None: skip).
+      predictions: a predictions.jsonl file instead of a model.
+      bbox_list: the box list CSV (predictions mode).
+      data_entry: the label table (predictions mode, for AUROC).
+      map_source: "model" or "gradcam".
+      box_thresholds: map thresholds for boxes; empty: 0.9 for probability
+        maps, (180, 60) for CAM maps (normalised to [0, 255]).
+      iobb_thresholds: the T of the accuracy tables.
+      mask_thresholds: candidates of the IoP threshold; empty: a default grid.
+      batch_size: images per forward pass.
+      max_images: evaluate at most this many images (None: all).
+      work_size: see `localization.extract_boxes`.
+    """
+
+    output_dir: str
+    model_dir: str | None = None
+    checkpoint: str = "best"
+    data_dir: str | None = None
+    split: str = "test"
+    val_split: str | None = "val"
+    predictions: str | None = None
+    bbox_list: str | None = None
+    data_entry: str | None = None
+    map_source: str = "model"
+    box_thresholds: tuple = ()
+    iobb_thresholds: tuple = IOBB_THRESHOLDS
+    mask_thresholds: tuple = ()
+    batch_size: int = 8
+    max_images: int | None = None
+    work_size: int | None = 2048
+
+    def __post_init__(self):
+        for name in ("box_thresholds", "iobb_thresholds", "mask_thresholds"):
+            object.__setattr__(self, name, tuple(float(t) for t in getattr(self, name)))
+        if self.predictions is None:
+            if not self.model_dir or not self.data_dir:
+                raise ValueError(
+                    "Give `model_dir` and `data_dir`, or `predictions` (with "
+                    f"`bbox_list`). Received: model_dir={self.model_dir!r}, "
+                    f"data_dir={self.data_dir!r}"
+                )
+        elif not self.bbox_list:
+            raise ValueError(
+                "`predictions` needs `bbox_list` (the ground-truth boxes). "
+                f"Received: bbox_list={self.bbox_list!r}"
+            )
+        if self.map_source not in predict_lib.MAP_SOURCES:
+            raise ValueError(
+                f"`map_source` must be one of {predict_lib.MAP_SOURCES}. "
+                f"Received: map_source={self.map_source!r}"
+            )
+        if self.split not in schema.SPLITS:
+            raise ValueError(
+                f"`split` must be one of {schema.SPLITS}. Received: split={self.split!r}"
+            )
+        for t in self.iobb_thresholds:
+            if not 0.0 <= t < 1.0:
+                raise ValueError(
+                    "`iobb_thresholds` must be in [0, 1). "
+                    f"Received: iobb_thresholds={self.iobb_thresholds!r}"
+                )
+
+
+@dataclasses.dataclass
+class ImageResult:
+    """Everything evaluation needs of one image.
+
+    Attributes:
+      image_id: image name.
+      original_hw: (H, W) of the original film.
+      labels: (K,) 0/1 or None (unknown).
+      probabilities: (K,) or None.
+      gt_boxes: finding -> (N, 4) [x, y, w, h] in original pixels.
+      pred_boxes: box threshold -> finding -> list of `localization.Box`.
+      maps: (h, w, K) map (kept for images with gt boxes) or None.
+    """
+
+    image_id: str
+    original_hw: tuple
+    labels: np.ndarray | None
+    probabilities: np.ndarray | None
+    gt_boxes: dict
+    pred_boxes: dict
+    maps: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------------------
+# Localization metrics (cxr_tf.metrics.localization on per-image dicts).
+
+
+def _key(t):
+    return f"{t:g}"
+
+
+def box_dicts(results, box_threshold):
+    """(predictions, ground_truth) as {image_id: {finding: [(x, y, w, h)]}}."""
+    predictions, ground_truth = {}, {}
+    for r in results:
+        pred = r.pred_boxes.get(box_threshold, {})
+        predictions[r.image_id] = {
+            f: [(b.x, b.y, b.w, b.h) for b in boxes] for f, boxes in pred.items()
+        }
+        if r.gt_boxes:
+            ground_truth[r.image_id] = {
+                f: [tuple(map(float, b)) for b in boxes]
+                for f, boxes in r.gt_boxes.items()
+            }
+    return predictions, ground_truth
+
+
+def localization_tables(results, findings, thresholds, box_threshold):
+    """Accuracy (IoBB and IoU) and AFP (IoBB) per class and T.
+
+    Args:
+      results: list of `ImageResult`.
+      findings: finding names to report.
+      thresholds: the T values.
+      box_threshold: which of each result's `pred_boxes` to use.
+
+    Returns:
+      dict finding -> {"num_gt_boxes", "num_images", "iobb": {T: acc},
+      "iou": {T: acc}, "afp": {T: afp}}; a finding without gt boxes maps to
+      {"num_gt_boxes": 0, "note": "no ground-truth boxes"}.
+    """
+    predictions, ground_truth = box_dicts(results, box_threshold)
+    tables = {
+        metric: loc_metrics.localization_accuracy(
+            predictions, ground_truth, thresholds, metric, findings
+        )
+        for metric in ("iobb", "iou")
+    }
+    afp = loc_metrics.average_false_positives(
+        predictions, ground_truth, thresholds, "iobb", findings
+    )
+    out = {}
+    for finding in findings:
+        entry = tables["iobb"][finding]
+        if not entry["num_gt_boxes"]:
+            out[finding] = {"num_gt_boxes": 0, "note": "no ground-truth boxes"}
+            continue
+        out[finding] = {
+            "num_gt_boxes": entry["num_gt_boxes"],
+            "num_images": entry["num_images"],
+            "iobb": {_key(t): entry["accuracy"][t] for t in thresholds},
+            "iou": {_key(t): tables["iou"][finding]["accuracy"][t] for t in thresholds},
+            "afp": {_key(t): afp[finding]["afp"][t] for t in thresholds},
+        }
+    return out
+
+
+def _soft_mask(map_k, original_hw, image_size, map_kind):
+    """The map over the film at reduced size (CAMs on 0..255), and the factor."""
+    height, width = original_hw
+    factor = min(1.0, MASK_WORK_SIZE / max(height, width))
+    work_hw = (max(1, int(round(height * factor))), max(1, int(round(width * factor))))
+    cropped = predict_lib.crop_map_to_image(map_k, original_hw, image_size)
+    if map_kind == "cam":
+        cropped = localization.normalize_cam(cropped)
+        if cropped is None:
+            return np.zeros(work_hw, np.float32), factor
+    return localization.resize_bilinear(cropped, work_hw), factor
+
+
+def soft_masks(results, findings, image_size, map_kind, wanted):
+    """(finding, mask, gt boxes in mask pixels) for each boxed (image, class)."""
+    out = []
+    for r in results:
+        if r.maps is None:
+            continue
+        for finding in wanted:
+            gt = r.gt_boxes.get(finding)
+            if gt is None or len(gt) == 0:
+                continue
+            mask, factor = _soft_mask(
+                r.maps[..., findings.index(finding)],
+                r.original_hw,
+                image_size,
+                map_kind,
+            )
+            out.append((finding, mask, [tuple(b) for b in np.asarray(gt) * factor]))
+    return out
+
+
+def mask_table(masks, wanted, threshold):
+    """`summarize_mask_metrics` per finding of thresholded soft masks."""
+    per_finding = collections.defaultdict(list)
+    for finding, mask, gt in masks:
+        per_finding[finding].append(loc_metrics.mask_metrics(mask >= threshold, gt))
+    return {
+        f: loc_metrics.summarize_mask_metrics(per_finding[f])
+        for f in wanted
+        if per_finding[f]
+    }
+
+
+# ---------------------------------------------------------------------------
+# Sources.
+
+
+def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, keep_all):
+    """Runs the model over a split of records; one `ImageResult` per image."""
+    from cxr_tf.data import input_pipeline
+
+    cfg = input_pipeline.InputConfig(
+        image_size=loaded.image_size,
+        batch_size=config.batch_size,
+        normalization=loaded.normalization,
+        augment=False,
+    )
+    ds = input_pipeline.build_dataset(
+        data_dir, split, cfg, training=False, with_info=True
+    )
+    findings = list(loaded.findings)
+    columns = [schema.FINDINGS.index(f) for f in findings]
+    size = loaded.image_size
+    results = []
+    for features, labels in ds:
+        probs, maps = computer(features["image"].numpy())
+        labels = labels.numpy()[:, columns]
+        for i in range(len(probs)):
+            hw = (
+                int(features["original_height"][i]),
+                int(features["original_width"][i]),
+            )
+            n = int(features["num_boxes"][i])
+            gt_net = features["boxes"][i, :n].numpy()
+            gt_labels = features["box_labels"][i, :n].numpy()
+            gt_xywh = predict_lib.network_boxes_to_original(gt_net, hw, size)
+            gt = {}
+            for label, box in zip(gt_labels, gt_xywh):
+                name = schema.FINDINGS[int(label)]
+                if name in findings:
+                    gt.setdefault(name, []).append(box)
+            gt = {f: np.asarray(b) for f, b in gt.items()}
+            pred = {}
+            wanted = findings if keep_all else list(gt)
+            for t in box_thresholds:
+                pred[t] = {
+                    f: predict_lib.boxes_in_original(
+                        maps[i, ..., findings.index(f)],
+                        hw,
+                        size,
+                        computer.map_kind,
+                        t,
+                        config.work_size,
+                    )
+                    for f in wanted
+                }
+            results.append(
+                ImageResult(
+                    image_id=features["image_id"][i].numpy().decode(),
+                    original_hw=hw,
+                    labels=labels[i],
+                    probabilities=probs[i],
+                    gt_boxes=gt,
+                    pred_boxes=pred,
+                    maps=maps[i] if gt else None,
+                )
+            )
+            if config.max_images and len(results) >= config.max_images:
+                return results
+    return results
+
+
+def results_from_predictions(config, findings=schema.FINDINGS):
+    """Reads predictions.jsonl + box list (+ label table) into `ImageResult`s."""
+    from cxr_tf.data import metadata
+
+    boxes = metadata.read_bbox_list(config.bbox_list)
+    gt_by_image = collections.defaultdict(dict)
+    for image_id, group in boxes.groupby("image_id"):
+        for finding, rows in group.groupby("finding"):
+            gt_by_image[image_id][finding] = rows[["x", "y", "w", "h"]].to_numpy(
+                np.float64
+            )
+    labels_by_image = {}
+    if config.data_entry:
+        entries, _ = metadata.read_data_entry(config.data_entry)
+        for image_id, labels in zip(entries["image_id"], entries["labels"]):
+            labels_by_image[image_id] = np.asarray(labels, np.float64)
+    results = []
+    with open(config.predictions) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                name = record["image"]
+                probs = record.get("probabilities", {})
+            except (ValueError, KeyError) as e:
+                raise ValueError(
+                    f"{config.predictions}, line {line_no}: not a prediction "
+                    f"record ({e})"
+                ) from None
+            pred = collections.defaultdict(list)
+            for b in record.get("boxes", []):
+                pred[b["finding"]].append(
+                    localization.Box(
+                        b["x"], b["y"], b["w"], b["h"], b.get("score", 1.0)
+                    )
+                )
+            image_id = os.path.basename(name)
+            results.append(
+                ImageResult(
+                    image_id=image_id,
+                    original_hw=(record.get("height"), record.get("width")),
+                    labels=labels_by_image.get(image_id),
+                    probabilities=(
+                        np.asarray([probs.get(f, np.nan) for f in findings])
+                        if probs
+                        else None
+                    ),
+                    gt_boxes=gt_by_image.get(image_id, {}),
+                    pred_boxes={None: dict(pred)},
+                )
+            )
+    if not results:
+        raise ValueError(f"No prediction records in {config.predictions}")
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Classification.
+
+
+def classification_table(results, findings):
+    """Per-class AUROC and ROC points; None entries say why."""
+    from cxr_tf.metrics import classification
+
+    usable = [
+        r for r in results if r.labels is not None and r.probabilities is not None
+    ]
+    if not usable:
+        return None, None
+    y_true = np.stack([r.labels for r in usable])
+    y_score = np.stack([r.probabilities for r in usable])
+    aucs = classification.auroc_per_class(y_true, y_score, list(findings))
+    table, curves = {}, {}
+    for k, finding in enumerate(findings):
+        positives = int(y_true[:, k].sum())
+        entry = {"auc": aucs[finding], "positives": positives, "images": len(usable)}
+        if aucs[finding] is None:
+            entry["note"] = (
+                "no positive images" if positives == 0 else "no negative images"
+            )
+        else:
+            curves[finding] = classification.roc_curve_points(
+                y_true[:, k], y_score[:, k]
+            )
+        table[finding] = entry
+    return table, curves
+
+
+# ---------------------------------------------------------------------------
+# The run.
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def evaluate(config):
+    """Evaluates a model (or a predictions file) and writes metrics and plots.
+
+    Args:
+      config: an `EvalConfig`.
+
+    Returns:
+      The metrics dict written to `output_dir/metrics.json`.
+    """
+    from cxr_tf import train_lib
+    from cxr_tf import visualize
+
+    os.makedirs(config.output_dir, exist_ok=True)
+    metrics = {"definitions": _DEFINITIONS}
+    if config.predictions:
+        findings = list(schema.FINDINGS)
+        results = results_from_predictions(config, findings)
+        box_thresholds = (None,)
+        map_kind = None
+        metrics["source"] = {
+            "predictions": config.predictions,
+            "bbox_list": config.bbox_list,
+        }
+    else:
+        loaded = train_lib.load_model(config.model_dir, config.checkpoint)
+        computer = predict_lib.MapComputer(loaded, config.map_source)
+        findings = list(loaded.findings)
+        map_kind = computer.map_kind
+        box_thresholds = config.box_thresholds or DEFAULT_BOX_THRESHOLDS[map_kind]
+        results = _run_on_split(
+            loaded,
+            computer,
+            config.data_dir,
+            config.split,
+            box_thresholds,
+            config,
+            keep_all=True,
+        )
+        metrics["source"] = {
+            "model": loaded.path,
+            "data_dir": config.data_dir,
+            "split": config.split,
+            "map_source": config.map_source,
+            "map_kind": map_kind,
+        }
+        _write_predictions(
+            os.path.join(config.output_dir, predict_lib.PREDICTIONS_FILE),
+            results,
+            findings,
+            box_thresholds[0],
+            map_kind,
+        )
+    metrics["num_images"] = len(results)
+    boxed = [f for f in findings if f in schema.BOXED_FINDINGS]
+
+    table, curves = classification_table(results, findings)
+    if table is None:
+        metrics["classification"] = {"note": "no labels: AUROC not computed"}
+    else:
+        metrics["classification"] = {
+            "per_class": table,
+            "mean_auc": _mean(e["auc"] for e in table.values()),
+        }
+        if curves:
+            visualize.plot_roc(
+                curves,
+                os.path.join(config.output_dir, "roc.png"),
+                aucs={f: table[f]["auc"] for f in curves},
+                title=f"ROC ({metrics['num_images']} images)",
+            )
+
+    loc = {}
+    for t in box_thresholds:
+        per_class = localization_tables(results, boxed, config.iobb_thresholds, t)
+        evaluated = [v for v in per_class.values() if v["num_gt_boxes"]]
+        summary = {
+            kind: {
+                _key(T): _mean(v[kind][_key(T)] for v in evaluated)
+                for T in config.iobb_thresholds
+            }
+            for kind in ("iobb", "iou", "afp")
+        }
+        loc["predictions" if t is None else _key(t)] = {
+            "per_class": per_class,
+            "mean": summary,
+            "num_classes_with_boxes": len(evaluated),
+        }
+    metrics["localization"] = loc
+    first = next(iter(loc.values()))
+    if first["num_classes_with_boxes"]:
+        visualize.plot_localization_accuracy(
+            {f: v["iobb"] for f, v in first["per_class"].items() if v["num_gt_boxes"]},
+            os.path.join(config.output_dir, "localization_accuracy.png"),
+            metric="IoBB",
+        )
+
+    if map_kind is not None:
+        metrics["mask"] = _mask_section(config, loaded, computer, results, boxed)
+    with open(os.path.join(config.output_dir, METRICS_FILE), "w") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
+    logging.info("Wrote %s", os.path.join(config.output_dir, METRICS_FILE))
+    return metrics
+
+
+def _mask_section(config, loaded, computer, results, boxed):
+    map_kind = computer.map_kind
+    findings = list(loaded.findings)
+    wanted = [f for f in findings if f in boxed]
+    candidates = config.mask_thresholds or DEFAULT_MASK_THRESHOLDS[map_kind]
+    chosen, error, source = None, None, None
+    if config.val_split:
+        try:
+            val = _run_on_split(
+                loaded,
+                computer,
+                config.data_dir,
+                config.val_split,
+                (),
+                config,
+                keep_all=False,
+            )
+        except FileNotFoundError:
+            val = []
+        val_masks = soft_masks(val, findings, loaded.image_size, map_kind, wanted)
+        if val_masks:
+            choice = loc_metrics.choose_mask_threshold(
+                [m for _, m, _ in val_masks], [g for _, _, g in val_masks], candidates
+            )
+            chosen, error = choice["threshold"], choice["error"]
+            source = (
+                f"chosen on the {config.val_split} split "
+                f"({len(val_masks)} boxed image-finding pairs)"
+            )
+    if chosen is None:
+        chosen = localization.DEFAULT_THRESHOLDS[map_kind]
+        source = "default of the map kind (no validation images with boxes)"
+    masks = soft_masks(results, findings, loaded.image_size, map_kind, wanted)
+    per_class = mask_table(masks, wanted, chosen)
+    return {
+        "threshold": chosen,
+        "threshold_source": source,
+        "validation_error": error,
+        "per_class": per_class,
+        "mean": {
+            k: _mean(v[k] for v in per_class.values()) for k in ("iop", "fpr", "fnr")
+        },
+        "definition": loc_metrics.MASK_ERROR_DEFINITION,
+    }
+
+
+def _write_predictions(path, results, findings, box_threshold, map_kind):
+    with open(path, "w") as f:
+        for r in results:
+            boxes = [
+                {
+                    "finding": finding,
+                    "x": round(b.x, 2),
+                    "y": round(b.y, 2),
+                    "w": round(b.w, 2),
+                    "h": round(b.h, 2),
+                    "score": round(float(b.score), 5),
+                }
+                for finding, items in r.pred_boxes.get(box_threshold, {}).items()
+                for b in items
+            ]
+            record = {
+                "image": r.image_id,
+                "height": r.original_hw[0],
+                "width": r.original_hw[1],
+                "map_kind": map_kind,
+                "probabilities": {
+                    f: round(float(p), 6) for f, p in zip(findings, r.probabilities)
+                },
+                "boxes": boxes,
+            }
+            f.write(json.dumps(record) + "\n")
+
+
+_DEFINITIONS = {
+    "iobb": "area(pred ∩ gt) / area(pred); a gt box is localized at T when a "
+    "predicted box of its class on its image has IoBB > T; accuracy = localized "
+    "gt boxes / all gt boxes of the class",
+    "iou": "as iobb with area(pred ∩ gt) / area(pred ∪ gt)",
+    "afp": loc_metrics.AFP_DEFINITION + " (overlap: IoBB)",
+    "accuracy": loc_metrics.ACCURACY_DEFINITION,
+    "mask": "IoP = |P∩G|/|P|, FPR = |P\\G|/|not G|, FNR = |G\\P|/|G| with "
+    "P = map >= threshold (CAMs normalised to [0,255] per image) over the film, "
+    "G = union of the finding's gt boxes; means over (image, finding) pairs; "
+    "threshold chosen on the validation split: " + loc_metrics.MASK_ERROR_DEFINITION,
+    "boxes": "in pixels of the original image (letterbox undone)",
+}
+
+
+def headline(metrics):
+    """The summary figures of a metrics dict (mean AUC, accuracy at IoBB > T)."""
+    out = {"num_images": metrics.get("num_images")}
+    cls = metrics.get("classification", {})
+    out["mean_auc"] = cls.get("mean_auc")
+    for name, section in metrics.get("localization", {}).items():
+        out[f"boxes@{name}"] = {
+            "mean_iobb_accuracy": section["mean"]["iobb"],
+            "mean_afp": section["mean"]["afp"],
+        }
+    if "mask" in metrics:
+        out["mask"] = {
+            "threshold": metrics["mask"]["threshold"],
+            **metrics["mask"]["mean"],
+        }
+    return out

@@ -1,0 +1,471 @@
+"""Prediction on image files: probabilities, maps and boxes in original pixels.
+
+Preprocessing is the input pipeline's evaluation path: the film is letterboxed
+(aspect kept, longer side = S, centred zero padding) with the pipeline's own
+function, then normalised; boxes found on the S x S map are mapped back
+through the inverse letterbox to the original image's pixels.
+"""
+
+import dataclasses
+import json
+import math
+import os
+
+from absl import logging
+import numpy as np
+
+from cxr_tf import localization
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+MAP_SOURCES = ("model", "gradcam")
+PREDICTIONS_FILE = "predictions.jsonl"
+OVERLAY_DIR = "overlays"
+
+
+@dataclasses.dataclass(frozen=True)
+class Letterbox:
+    """Where an (H, W) image sits in the S x S network input.
+
+    Mirrors `cxr_tf.data.input_pipeline`: scale = S / max(H, W), resized
+    size round(H * scale) x round(W * scale), offsets floor((S - size) / 2).
+    """
+
+    height: int
+    width: int
+    size: int
+
+    @property
+    def scale(self):
+        return self.size / max(self.height, self.width)
+
+    @property
+    def resized_hw(self):
+        s = self.scale
+        return (
+            int(min(max(round(self.height * s), 1), self.size)),
+            int(min(max(round(self.width * s), 1), self.size)),
+        )
+
+    @property
+    def offset_yx(self):
+        new_h, new_w = self.resized_hw
+        return math.floor((self.size - new_h) / 2), math.floor((self.size - new_w) / 2)
+
+    @property
+    def canvas(self):
+        """Side of the padded square in original pixels (= max(H, W))."""
+        return max(self.height, self.width)
+
+    def to_original(self, x, y, w, h, unit="canvas"):
+        """Maps a box from padded-canvas (or network) pixels to the original.
+
+        Args:
+          x, y, w, h: the box, top-left corner and size.
+          unit: "canvas" (pixels of the max(H, W) square) or "network" (pixels
+            of the S x S input).
+
+        Returns:
+          (x, y, w, h) clipped to the image, in original pixels.
+        """
+        factor = 1.0 if unit == "canvas" else 1.0 / self.scale
+        off_y, off_x = self.offset_yx
+        x0 = x * factor - off_x / self.scale
+        y0 = y * factor - off_y / self.scale
+        x1 = x0 + w * factor
+        y1 = y0 + h * factor
+        x0, x1 = np.clip([x0, x1], 0.0, float(self.width))
+        y0, y1 = np.clip([y0, y1], 0.0, float(self.height))
+        return float(x0), float(y0), float(x1 - x0), float(y1 - y0)
+
+
+def boxes_in_original(
+    score_map, original_hw, image_size, map_kind, threshold=None, work_size=None
+):
+    """Boxes of one class map, in pixels of the original image.
+
+    The map covers the letterboxed S x S input, i.e. a max(H, W) square of
+    the original film with the padding; it is upsampled to that square, boxed
+    by `cxr_tf.localization.extract_boxes`, then shifted by the padding and
+    clipped to the film. For square films this is extract_boxes at (H, W).
+
+    Args:
+      score_map: (h, w) map of one class.
+      original_hw: (H, W) of the original image.
+      image_size: S, the network input side.
+      map_kind: "probability" or "cam".
+      threshold: see `extract_boxes` (None: its default for the kind).
+      work_size: see `extract_boxes` (bounds memory for large DICOMs).
+
+    Returns:
+      list of `localization.Box` in original pixels (empty boxes dropped).
+    """
+    box = Letterbox(int(original_hw[0]), int(original_hw[1]), int(image_size))
+    side = box.canvas
+    found = localization.extract_boxes(
+        score_map, (side, side), map_kind, threshold=threshold, work_size=work_size
+    )
+    out = []
+    for b in found:
+        x, y, w, h = box.to_original(b.x, b.y, b.w, b.h)
+        if w > 0 and h > 0:
+            out.append(localization.Box(x, y, w, h, float(b.score)))
+    return out
+
+
+def network_boxes_to_original(boxes, original_hw, image_size):
+    """[ymin, xmin, ymax, xmax] normalised to the S x S input -> (x, y, w, h).
+
+    Args:
+      boxes: (N, 4) boxes as the input pipeline yields them.
+      original_hw: (H, W) of the original image.
+      image_size: S.
+
+    Returns:
+      (N, 4) float array of [x, y, w, h] in original pixels.
+    """
+    letterbox = Letterbox(int(original_hw[0]), int(original_hw[1]), int(image_size))
+    out = []
+    for ymin, xmin, ymax, xmax in np.asarray(boxes, np.float64).reshape(-1, 4):
+        s = image_size
+        out.append(
+            letterbox.to_original(
+                xmin * s, ymin * s, (xmax - xmin) * s, (ymax - ymin) * s, "network"
+            )
+        )
+    return np.asarray(out, np.float64).reshape(-1, 4)
+
+
+def preprocess(pixels, image_size, normalization):
+    """The input pipeline's eval preprocessing of one decoded film.
+
+    Args:
+      pixels: (H, W) uint8 grayscale, as `cxr_tf.data.images.read_image` gives.
+      image_size: S.
+      normalization: `schema.Normalization`.
+
+    Returns:
+      float32 (S, S, 1), letterboxed and normalised.
+    """
+    import tensorflow as tf
+
+    from cxr_tf.data import input_pipeline
+
+    image = tf.constant(np.asarray(pixels, np.uint8)[..., None])
+    # The pipeline's own letterbox, so predictions see exactly what the
+    # evaluation of ingested records sees.
+    letterboxed, _ = input_pipeline._letterbox(  # pylint: disable=protected-access
+        image, None, int(image_size)
+    )
+    return ((letterboxed - normalization.mean) / normalization.std).numpy()
+
+
+def list_images(inputs):
+    """Expands files and directories into a sorted list of image paths.
+
+    Args:
+      inputs: paths of files (taken whatever their extension) and directories
+        (searched recursively for `IMAGE_EXTENSIONS`).
+
+    Returns:
+      (paths, missing): image paths, and inputs that do not exist.
+    """
+    paths, missing = [], []
+    for item in inputs:
+        if os.path.isdir(item):
+            for root, _, files in os.walk(item):
+                for name in sorted(files):
+                    if name.lower().endswith(IMAGE_EXTENSIONS):
+                        paths.append(os.path.join(root, name))
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            missing.append(item)
+    return sorted(dict.fromkeys(paths)), missing
+
+
+class MapComputer:
+    """Probabilities and maps of a batch from a loaded model or its Grad-CAM.
+
+    Args:
+      loaded: a `train_lib.LoadedModel`.
+      map_source: "model" (the model's own localization maps) or "gradcam".
+    """
+
+    def __init__(self, loaded, map_source="model"):
+        import tensorflow as tf
+
+        if map_source not in MAP_SOURCES:
+            raise ValueError(
+                f"`map_source` must be one of {MAP_SOURCES}. "
+                f"Received: map_source={map_source!r}"
+            )
+        self.loaded = loaded
+        self.map_source = map_source
+        if map_source == "gradcam":
+            from cxr_tf.gradcam import GradCAM
+            from cxr_tf.gradcam import MAP_KIND
+
+            self._gradcam = GradCAM(loaded.model)
+            self.map_kind = MAP_KIND
+        else:
+            model = loaded.model
+
+            @tf.function(reduce_retracing=True)
+            def run(images):
+                out = model(images, training=False)
+                return out["logits"], out["localization_maps"]
+
+            self._run = run
+            self.map_kind = loaded.map_kind
+
+    def __call__(self, images):
+        """(probabilities (B, K), maps (B, h, w, K)) as float numpy arrays."""
+        images = np.asarray(images, np.float32)
+        if self.map_source == "gradcam":
+            maps, logits = self._gradcam.maps_and_logits(images)
+        else:
+            logits, maps = self._run(images)
+            logits, maps = logits.numpy(), maps.numpy()
+        probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        return probs, maps.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    """Settings of `predict`.
+
+    Attributes:
+      model: model directory or `.keras` file.
+      output_dir: where predictions.jsonl and overlays/ go.
+      checkpoint: "final", "best" or "latest" (model directory only).
+      map_source: "model" or "gradcam".
+      positive_threshold: probability from which a finding counts as present
+        (gets boxes and an overlay panel).
+      box_threshold: map threshold for boxes; None: 0.9 for probability
+        maps, 180 for CAM / Grad-CAM maps.
+      box_findings: "positive" (boxes only for present findings) or "all".
+      batch_size: images per forward pass.
+      overlays: write an overlay PNG per image.
+      work_size: longer side above which box extraction is done at reduced
+        size (large DICOMs).
+    """
+
+    model: str
+    output_dir: str
+    checkpoint: str = "final"
+    map_source: str = "model"
+    positive_threshold: float = 0.5
+    box_threshold: float | None = None
+    box_findings: str = "positive"
+    batch_size: int = 8
+    overlays: bool = True
+    work_size: int | None = 2048
+
+    def __post_init__(self):
+        if self.map_source not in MAP_SOURCES:
+            raise ValueError(
+                f"`map_source` must be one of {MAP_SOURCES}. "
+                f"Received: map_source={self.map_source!r}"
+            )
+        if self.box_findings not in ("positive", "all"):
+            raise ValueError(
+                "`box_findings` must be 'positive' or 'all'. "
+                f"Received: box_findings={self.box_findings!r}"
+            )
+        if not 0.0 <= self.positive_threshold <= 1.0:
+            raise ValueError(
+                "`positive_threshold` must be in [0, 1]. "
+                f"Received: positive_threshold={self.positive_threshold!r}"
+            )
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(
+                "`batch_size` must be a positive int. "
+                f"Received: batch_size={self.batch_size!r}"
+            )
+
+
+def prediction_record(
+    name,
+    original_hw,
+    probs,
+    maps,
+    findings,
+    image_size,
+    map_kind,
+    box_threshold=None,
+    positive_threshold=0.5,
+    box_findings="positive",
+    work_size=None,
+):
+    """One predictions.jsonl record for one image.
+
+    Args:
+      name: image name (file basename or image id).
+      original_hw: (H, W) of the original image.
+      probs: (K,) probabilities.
+      maps: (h, w, K) maps.
+      findings: K finding names.
+      image_size: network input side.
+      map_kind: "probability" or "cam".
+      box_threshold: map threshold (None: the kind's default).
+      positive_threshold: probability from which a finding is present.
+      box_findings: "positive" or "all".
+      work_size: see `extract_boxes`.
+
+    Returns:
+      dict {"image", "height", "width", "map_kind", "probabilities", "boxes"}.
+    """
+    boxes = []
+    for k, finding in enumerate(findings):
+        if box_findings == "positive" and probs[k] < positive_threshold:
+            continue
+        for b in boxes_in_original(
+            maps[..., k], original_hw, image_size, map_kind, box_threshold, work_size
+        ):
+            boxes.append(
+                {
+                    "finding": finding,
+                    "x": round(b.x, 2),
+                    "y": round(b.y, 2),
+                    "w": round(b.w, 2),
+                    "h": round(b.h, 2),
+                    "score": round(float(b.score), 5),
+                }
+            )
+    return {
+        "image": name,
+        "height": int(original_hw[0]),
+        "width": int(original_hw[1]),
+        "map_kind": map_kind,
+        "probabilities": {f: round(float(p), 6) for f, p in zip(findings, probs)},
+        "boxes": boxes,
+    }
+
+
+def crop_map_to_image(score_map, original_hw, image_size):
+    """The part of an (h, w) map over the film (padding removed), as (h', w')."""
+    box = Letterbox(int(original_hw[0]), int(original_hw[1]), int(image_size))
+    h, w = score_map.shape[:2]
+    off_y, off_x = box.offset_yx
+    new_h, new_w = box.resized_hw
+    y0 = int(math.floor(off_y * h / image_size))
+    x0 = int(math.floor(off_x * w / image_size))
+    y1 = max(int(math.ceil((off_y + new_h) * h / image_size)), y0 + 1)
+    x1 = max(int(math.ceil((off_x + new_w) * w / image_size)), x0 + 1)
+    return score_map[y0:y1, x0:x1]
+
+
+def write_overlay(
+    path, pixels, record, maps, findings, image_size, map_kind, positive_threshold
+):
+    """Writes the overlay PNG of one image (maps of present findings, boxes)."""
+    from cxr_tf import visualize
+
+    probs = record["probabilities"]
+    shown = [f for f in findings if probs[f] >= positive_threshold]
+    if not shown:
+        # Always show something: the most probable finding.
+        shown = [max(findings, key=lambda f: probs[f])]
+    panel_maps = {
+        f: crop_map_to_image(maps[..., findings.index(f)], pixels.shape, image_size)
+        for f in shown
+    }
+    boxes = {
+        f: [
+            localization.Box(b["x"], b["y"], b["w"], b["h"], b["score"])
+            for b in record["boxes"]
+            if b["finding"] == f
+        ]
+        for f in shown
+    }
+    visualize.overlay_figure(
+        pixels,
+        panel_maps,
+        boxes,
+        {f: probs[f] for f in findings},
+        map_kind=map_kind,
+        path=path,
+        title=record["image"],
+    )
+
+
+def predict(config, inputs):
+    """Predicts every readable image of `inputs`; reports and skips the rest.
+
+    Args:
+      config: a `PredictConfig`.
+      inputs: image files and/or directories.
+
+    Returns:
+      dict summary: {"predicted": n, "failed": [{"image", "reason"}],
+      "predictions": path of predictions.jsonl}.
+
+    Raises:
+      FileNotFoundError: no image found at all in `inputs`.
+    """
+    from cxr_tf import train_lib
+    from cxr_tf.data import images as images_lib
+
+    paths, missing = list_images(inputs)
+    failed = [{"image": m, "reason": "no such file or directory"} for m in missing]
+    if not paths:
+        raise FileNotFoundError(f"No image files found in {list(inputs)}")
+    loaded = train_lib.load_model(config.model, config.checkpoint)
+    computer = MapComputer(loaded, config.map_source)
+    findings = list(loaded.findings)
+    size = loaded.image_size
+    os.makedirs(config.output_dir, exist_ok=True)
+    if config.overlays:
+        os.makedirs(os.path.join(config.output_dir, OVERLAY_DIR), exist_ok=True)
+    out_path = os.path.join(config.output_dir, PREDICTIONS_FILE)
+    count = 0
+    with open(out_path, "w") as out:
+        for start in range(0, len(paths), config.batch_size):
+            batch = []
+            for path in paths[start : start + config.batch_size]:
+                try:
+                    pixels = images_lib.read_image(path)
+                except (ValueError, OSError) as e:
+                    logging.warning("Skipping %s: %s", path, e)
+                    failed.append({"image": path, "reason": str(e)})
+                    continue
+                batch.append((path, pixels))
+            if not batch:
+                continue
+            inputs_np = np.stack(
+                [preprocess(p, size, loaded.normalization) for _, p in batch]
+            )
+            probs, maps = computer(inputs_np)
+            for (path, pixels), p, m in zip(batch, probs, maps):
+                name = os.path.basename(path)
+                record = prediction_record(
+                    name,
+                    pixels.shape,
+                    p,
+                    m,
+                    findings,
+                    size,
+                    computer.map_kind,
+                    config.box_threshold,
+                    config.positive_threshold,
+                    config.box_findings,
+                    config.work_size,
+                )
+                out.write(json.dumps(record) + "\n")
+                if config.overlays:
+                    write_overlay(
+                        os.path.join(config.output_dir, OVERLAY_DIR, name + ".png"),
+                        pixels,
+                        record,
+                        m,
+                        findings,
+                        size,
+                        computer.map_kind,
+                        config.positive_threshold,
+                    )
+                count += 1
+            logging.info("Predicted %d / %d images", count, len(paths))
+    summary = {"predicted": count, "failed": failed, "predictions": out_path}
+    with open(os.path.join(config.output_dir, "predict_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary

@@ -1,0 +1,199 @@
+"""Trains a localizer: `python -m cxr_tf.train --flagfile=configs/X.flags`.
+
+Every flag can be given in the flagfile or on the command line; later flags
+override earlier ones. Rerunning the same command after an interruption
+resumes from the last backup and stops at the same total number of steps.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from cxr_tf import train_lib
+from cxr_tf.data import schema
+
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Directory of ingested TFRecords ({split}-*.tfrecord.gz)."
+)
+_MODEL_DIR = flags.DEFINE_string(
+    "model_dir", None, "Output directory: config, checkpoints, logs, model."
+)
+_BACKBONE = flags.DEFINE_enum(
+    "backbone",
+    "resnet34",
+    ["resnet34", "densenet121", "resnet50", "infomask"],
+    "Backbone network.",
+)
+_POOLING = flags.DEFINE_string(
+    "pooling",
+    "pcam",
+    "Global pooling: pcam, avg, max, linear, exp, lse, lse_lba, attention.",
+)
+_POOLING_OPTIONS = flags.DEFINE_list(
+    "pooling_options", [], "Pooling keyword options as name=value (e.g. gamma=10)."
+)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 512, "Network input side (px).")
+_WEIGHTS = flags.DEFINE_enum(
+    "weights", "none", ["none", "imagenet"], "Initial weights (applications only)."
+)
+_FINDINGS = flags.DEFINE_list(
+    "findings", list(schema.FINDINGS), "Findings to train on (default: all 14)."
+)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Global batch size.")
+_EPOCHS = flags.DEFINE_integer("epochs", 10, "Number of epochs.")
+_STEPS_PER_EPOCH = flags.DEFINE_integer(
+    "steps_per_epoch", None, "Steps per epoch (default: one pass over train)."
+)
+_VALIDATION_STEPS = flags.DEFINE_integer(
+    "validation_steps", None, "Validation batches per epoch (default: all)."
+)
+_OPTIMIZER = flags.DEFINE_enum(
+    "optimizer", "adam", list(train_lib.OPTIMIZERS), "Optimizer."
+)
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-4, "Peak learning rate.")
+_LR_SCHEDULE = flags.DEFINE_enum(
+    "lr_schedule", "constant", list(train_lib.LR_SCHEDULES), "Learning-rate schedule."
+)
+_LR_WARMUP_STEPS = flags.DEFINE_integer(
+    "lr_warmup_steps", 0, "Linear warm-up steps (cosine)."
+)
+_LR_DECAY_EPOCHS = flags.DEFINE_list(
+    "lr_decay_epochs", [], "Epochs at which the step schedule decays."
+)
+_LR_DECAY_FACTOR = flags.DEFINE_float(
+    "lr_decay_factor", 0.1, "Decay factor (step: per boundary; exponential: /epoch)."
+)
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "Weight decay (adamw, sgd).")
+_MOMENTUM = flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+_LOSS = flags.DEFINE_enum(
+    "loss", "balanced_bce", ["balanced_bce", "bce"], "Classification loss."
+)
+_MIXED_PRECISION = flags.DEFINE_enum(
+    "mixed_precision", "none", list(train_lib.MIXED_PRECISION), "Dtype policy."
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_STRATEGY = flags.DEFINE_enum(
+    "strategy",
+    "mirrored",
+    list(train_lib.STRATEGIES),
+    "mirrored: all local GPUs (or --num_cpu_devices logical CPUs); "
+    "multi_worker: MultiWorkerMirroredStrategy from TF_CONFIG; default: none.",
+)
+_NUM_CPU_DEVICES = flags.DEFINE_integer(
+    "num_cpu_devices", 0, "Logical CPU devices to split the CPU into (testing)."
+)
+_JIT_COMPILE = flags.DEFINE_enum(
+    "jit_compile",
+    "auto",
+    list(train_lib.JIT_COMPILE),
+    "XLA: auto (on where Keras supports it, not on CPU-only machines), true, false.",
+)
+_AUGMENT = flags.DEFINE_bool("augment", True, "Augment training images.")
+_FLIP = flags.DEFINE_bool("flip", False, "Random left-right flips when augmenting.")
+_SHUFFLE_BUFFER = flags.DEFINE_integer("shuffle_buffer", 1024, "Shuffle buffer.")
+_BACKUP_EVERY_STEPS = flags.DEFINE_integer(
+    "backup_every_steps", 50, "Steps between fault-tolerance backups."
+)
+_NUM_OVERLAY_IMAGES = flags.DEFINE_integer(
+    "num_overlay_images", 4, "Validation images whose maps go to TensorBoard."
+)
+_INFOMASK_VARIANT = flags.DEFINE_enum(
+    "infomask_variant",
+    "infomask",
+    ["infomask", "featuremask", "regl1"],
+    "InfoMask variant (backbone=infomask).",
+)
+_INFOMASK_ALPHA = flags.DEFINE_float("infomask_alpha", 0.5, "InfoMask KL weight.")
+_INFOMASK_TAU = flags.DEFINE_float("infomask_tau", 0.2, "InfoMask mask offset.")
+_VERBOSE = flags.DEFINE_integer(
+    "verbose", 1, "Keras output: 1 progress bar, 2 one line per epoch, 0 quiet."
+)
+
+
+def parse_options(items):
+    """Parses ["gamma=10", ...] into a dict of numbers (or strings)."""
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(
+                f"`pooling_options` entries must be name=value. Received: {item!r}"
+            )
+        for cast in (int, float):
+            try:
+                options[name] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[name] = value
+    return options
+
+
+def config_from_flags():
+    """Builds the `TrainConfig` from the parsed flags."""
+    return train_lib.TrainConfig(
+        data_dir=_DATA_DIR.value,
+        model_dir=_MODEL_DIR.value,
+        backbone=_BACKBONE.value,
+        pooling=_POOLING.value,
+        pooling_options=parse_options(_POOLING_OPTIONS.value),
+        image_size=_IMAGE_SIZE.value,
+        weights=None if _WEIGHTS.value == "none" else _WEIGHTS.value,
+        findings=tuple(_FINDINGS.value),
+        batch_size=_BATCH_SIZE.value,
+        epochs=_EPOCHS.value,
+        steps_per_epoch=_STEPS_PER_EPOCH.value,
+        validation_steps=_VALIDATION_STEPS.value,
+        optimizer=_OPTIMIZER.value,
+        learning_rate=_LEARNING_RATE.value,
+        lr_schedule=_LR_SCHEDULE.value,
+        lr_warmup_steps=_LR_WARMUP_STEPS.value,
+        lr_decay_epochs=tuple(float(e) for e in _LR_DECAY_EPOCHS.value),
+        lr_decay_factor=_LR_DECAY_FACTOR.value,
+        weight_decay=_WEIGHT_DECAY.value,
+        momentum=_MOMENTUM.value,
+        loss=_LOSS.value,
+        mixed_precision=_MIXED_PRECISION.value,
+        seed=_SEED.value,
+        strategy=_STRATEGY.value,
+        num_cpu_devices=_NUM_CPU_DEVICES.value,
+        jit_compile=_JIT_COMPILE.value,
+        augment=_AUGMENT.value,
+        flip=_FLIP.value,
+        shuffle_buffer=_SHUFFLE_BUFFER.value,
+        backup_every_steps=_BACKUP_EVERY_STEPS.value,
+        num_overlay_images=_NUM_OVERLAY_IMAGES.value,
+        infomask_variant=_INFOMASK_VARIANT.value,
+        infomask_alpha=_INFOMASK_ALPHA.value,
+        infomask_tau=_INFOMASK_TAU.value,
+        verbose=_VERBOSE.value,
+    )
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not os.path.isdir(_DATA_DIR.value):
+        raise app.UsageError(f"--data_dir is not a directory: {_DATA_DIR.value}")
+    config = config_from_flags()
+    logging.info("Train config: %s", config.to_dict())
+    try:
+        result = train_lib.train(config)
+    except FloatingPointError as e:
+        logging.error("%s", e)
+        print(f"ERROR: {e}", file=sys.stderr)
+        sys.exit(3)
+    print(
+        f"Trained {result.steps} steps ({result.steps - result.initial_step} in this "
+        f"run); model {result.final_model}; best val mean AUC "
+        f"{result.best_val_mean_auc}"
+    )
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["data_dir", "model_dir"])
+    app.run(main)
