@@ -19,8 +19,6 @@ import tensorflow as tf
 
 from cxr_tf import localization
 
-_INT_MAX = tf.int32.max
-
 
 def _validate(map_kind, threshold, max_boxes, work_size):
     localization.validate_map_kind(map_kind)

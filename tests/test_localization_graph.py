@@ -108,6 +108,28 @@ def test_constructed_regions_equal_numpy():
     assert _assert_equal_to_numpy(maps, image_hw, "probability", 0.9, 4) == 12
 
 
+def test_serpentine_and_spiral_regions_equal_numpy():
+    # Long thin paths: the worst case for label propagation.
+    maps = np.zeros((2, 41, 41, 1), np.float32)
+    snake = maps[0, ..., 0]
+    snake[::4, :40] = 0.95
+    snake[2::4, 1:] = 0.95
+    snake[1::4, 39] = snake[3::4, 1] = 0.95
+    # Square spiral with one-pixel gaps: R40 D40 L40 U38 R38 D36 L36 ...
+    spiral = maps[1, ..., 0]
+    y = x = 0
+    spiral[0, 0] = 0.97
+    steps = [40, 40, 40] + [n for n in range(38, 0, -2) for _ in range(2)]
+    for i, length in enumerate(steps):
+        dy, dx = [(0, 1), (1, 0), (0, -1), (-1, 0)][i % 4]
+        for _ in range(length):
+            y, x = y + dy, x + dx
+            spiral[y, x] = 0.97
+    image_hw = np.full((2, 2), 41, np.int32)
+    assert ndimage.label(spiral > 0, structure=np.ones((3, 3)))[1] == 1
+    assert _assert_equal_to_numpy(maps, image_hw, "probability", 0.9, 4) == 2
+
+
 def test_non_square_images_and_work_size_equal_numpy():
     maps = _smooth_maps(np.random.default_rng(7), 2, 12, 2, sigma=0.7)
     image_hw = np.array([[300, 180], [90, 250]], np.int32)
