@@ -485,14 +485,18 @@ class ServingModule(tf.Module):
         self.serve_bytes = tf.function(
             self._serve_bytes,
             input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+            autograph=False,
         )
         self.serve_pixels = tf.function(
             self._serve_pixels,
             input_signature=[
                 tf.TensorSpec([None, size, size, channels], tf.float32, name="pixels")
             ],
+            autograph=False,
         )
-        self.model_info = tf.function(self._model_info, input_signature=[])
+        self.model_info = tf.function(
+            self._model_info, input_signature=[], autograph=False
+        )
 
     def _boxes(self, maps, image_hw):
         """Per-threshold-group boxes, reassembled in finding order."""

@@ -275,6 +275,7 @@ def _expected_boxes(score_map, hw, size, map_kind, threshold, max_boxes):
     return np.array(boxes, np.float32).reshape(-1, 5)
 
 
+@pytest.mark.slow
 def test_fresh_process_load_matches_keras_and_eval_boxes(pcam_export, tmp_path):
     model, path = pcam_export
     items = _test_images()
@@ -358,6 +359,7 @@ def test_cam_maps_are_min_max_normalised_and_boxes_match(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_versions_are_atomic_and_not_overwritten(tmp_path):
     model_dir = _save(_tiny_model("avg"), str(tmp_path / "m"), "avg")
     keras_file = os.path.join(model_dir, "model.keras")
