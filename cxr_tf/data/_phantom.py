@@ -224,7 +224,7 @@ def _anatomy_density(anatomy, x, y, size, rng):
             pattern += w4 * w4 * w2 * (25.0 / freq)
         taper = np.clip(r / 0.15, 0.0, 1.0) * np.exp(-r / 0.5)
         markings += pattern * taper * lmask
-    markings *= anatomy["markings"] * 0.11 * breaks
+    markings *= anatomy["markings"] * 0.08 * breaks
     density += markings
 
     # Bones: posterior and anterior ribs, clavicles.
@@ -255,7 +255,7 @@ def _anatomy_density(anatomy, x, y, size, rng):
     clav = np.sqrt(np.clip(1.0 - d * d, 0, 1)) * _ramp(ax - 0.07, 0.03)
     clav *= _ramp(0.7 - ax, 0.05)
     bones += 1.1 * clav
-    density += 0.2 * bones * torso
+    density += 0.15 * bones * torso
 
     if anatomy["breast"] > 0:
         for side in (-1, 1):
@@ -347,7 +347,7 @@ def _atelectasis(les, x, y, ctx, rng):
     band = np.exp(-(((v + 0.15 * h - curve) / (0.09 * h)) ** 2))
     ends = np.clip(1.0 - (2 * u / w) ** 6, 0.0, 1.0)
     haze = np.exp(-((2.2 * u / w) ** 2) - ((2.4 * (v - 0.1 * h) / h) ** 2))
-    delta = les.contrast * LUNG_AIR * (0.9 * band * ends + 0.4 * haze)
+    delta = les.contrast * LUNG_AIR * (0.9 * band * ends + 0.2 * haze)
     delta *= _side_lung(ctx, les.side)
     return delta, _visible(delta, les)
 
@@ -429,7 +429,7 @@ def _pneumothorax(les, x, y, ctx, rng):
         0, 1
     )
     line *= _ramp(lung_full - 0.5, 0.2)
-    delta = -ctx["markings"] * region - 0.08 * region + 0.16 * line
+    delta = -ctx["markings"] * region - 0.12 * region + 0.25 * line
     mask = (region > 0.5) | (line > 0.5)
     return delta, mask
 
@@ -447,7 +447,7 @@ def _edema(les, x, y, ctx, rng):
                 0.05 - np.abs(x - lx), 0.01
             )
             delta += 1.2 * line
-    delta += 1.5 * ctx["markings"] / 0.11
+    delta += 1.5 * ctx["markings"] / 0.08
     delta = les.contrast * LUNG_AIR * delta * ctx["lung"]
     return delta, _visible(delta, les)
 
@@ -468,6 +468,9 @@ def _emphysema(les, x, y, ctx, rng):
 def _fibrosis(les, x, y, ctx, rng):
     n = _smooth_noise(rng, x.shape[0], x.shape[0] / 5)
     ridges = np.clip(1.0 - np.abs(n) / 0.35, 0.0, 1.0) ** 2
+    # Honeycombing: bright walls around darker cysts, so the texture, not the
+    # mean density, carries the finding.
+    ridges = ridges - 0.25 * (np.abs(n) > 0.6)
     periphery = np.zeros_like(x)
     for side in (-1, 1):
         r2 = ((x - side * 0.55) / 0.3) ** 2 + ((y - les.center[1]) / 0.35) ** 2

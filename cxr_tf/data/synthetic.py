@@ -296,14 +296,14 @@ def _patient_anatomy(rng, sex):
     thorax_hw = rng.uniform(0.78, 0.88)
     lung_cx = 0.5 * thorax_hw + 0.02
     dome_left = rng.uniform(0.36, 0.46)
-    ctr = rng.uniform(0.37, 0.48)
+    ctr = rng.uniform(0.37, 0.5)
     heart_rx = ctr * thorax_hw
     breast = rng.uniform(0.05, 0.12) if (sex == "F" and rng.random() < 0.7) else 0.0
     return {
-        "scale": rng.uniform(0.86, 1.0),
-        "tx": rng.uniform(-0.05, 0.05),
-        "ty": rng.uniform(-0.03, 0.06),
-        "rot": rng.normal(0.0, 0.035),
+        "scale": rng.uniform(0.8, 1.0),
+        "tx": rng.uniform(-0.08, 0.08),
+        "ty": rng.uniform(-0.06, 0.08),
+        "rot": rng.normal(0.0, 0.05),
         "thorax_hw": thorax_hw,
         "lung_cx": lung_cx,
         "lung_rx": thorax_hw - lung_cx - 0.02,
@@ -332,7 +332,7 @@ def _patient_anatomy(rng, sex):
 
 def _image_anatomy(rng, base, view):
     anatomy = dict(base)
-    anatomy["scale"] = float(np.clip(base["scale"] + rng.normal(0, 0.02), 0.82, 1.04))
+    anatomy["scale"] = float(np.clip(base["scale"] + rng.normal(0, 0.02), 0.76, 1.04))
     anatomy["tx"] = base["tx"] + rng.normal(0, 0.015)
     anatomy["ty"] = base["ty"] + rng.normal(0, 0.015)
     anatomy["rot"] = base["rot"] + rng.normal(0, 0.015)
@@ -361,9 +361,9 @@ def _exposure(rng, view, image_size):
     dose = rng.uniform(2000, 6000) if view == "PA" else rng.uniform(1000, 3000)
     return {
         "photons": float(dose * (256.0 / image_size) ** 2),
-        "low": float(rng.uniform(-0.05, 0.12)),
-        "high": float(rng.uniform(1.35, 1.7)),
-        "gamma": float(rng.uniform(0.8, 1.25)),
+        "low": float(rng.uniform(-0.1, 0.2)),
+        "high": float(rng.uniform(1.3, 1.9)),
+        "gamma": float(rng.uniform(0.7, 1.4)),
         "ramp_x": float(rng.uniform(-0.1, 0.1)),
         "ramp_y": float(rng.uniform(-0.05, 0.1)),
     }
@@ -400,18 +400,18 @@ def _sample_lesions(rng, finding, anatomy):
             c = _place(rng, anatomy, s, (0.2, 0.7), (-0.55, 0.3), d / 2 + 0.02)
             out.append(
                 Lesion(
-                    finding, c, (d, d), 0.0, u(0.3, 0.45), s, int(rng.integers(2**31))
+                    finding, c, (d, d), 0.0, u(0.5, 0.7), s, int(rng.integers(2**31))
                 )
             )
         return out
     if finding == "Mass":
         w, h = _box_size(rng, finding)
         c = _place(rng, anatomy, side, (0.2, 0.65), (-0.55, 0.25), max(w, h) / 2)
-        return [Lesion(finding, c, (w, h), 0.0, u(0.3, 0.45), side, seed)]
+        return [Lesion(finding, c, (w, h), 0.0, u(0.5, 0.65), side, seed)]
     if finding == "Atelectasis":
         w, h = _box_size(rng, finding)
         c = _place(rng, anatomy, side, (0.25, 0.6), (-0.05, 0.3), 0.05)
-        return [Lesion(finding, c, (w, h), u(-0.3, 0.3), u(0.35, 0.5), side, seed)]
+        return [Lesion(finding, c, (w, h), u(-0.3, 0.3), u(0.5, 0.65), side, seed)]
     if finding == "Effusion":
         side = -1 if rng.random() < 0.6 else 1
         w, h = _box_size(rng, finding)
@@ -422,7 +422,7 @@ def _sample_lesions(rng, finding, anatomy):
     if finding == "Infiltration":
         w, h = _box_size(rng, finding)
         c = _place(rng, anatomy, side, (0.3, 0.55), (-0.35, 0.2), 0.0)
-        return [Lesion(finding, c, (w, h), u(-0.5, 0.5), u(0.5, 0.65), side, seed)]
+        return [Lesion(finding, c, (w, h), u(-0.5, 0.5), u(0.55, 0.7), side, seed)]
     if finding == "Pneumonia":
         w, h = _box_size(rng, finding)
         c = _place(rng, anatomy, side, (0.3, 0.55), (-0.2, 0.25), 0.0)
@@ -432,7 +432,7 @@ def _sample_lesions(rng, finding, anatomy):
         c = (side * anatomy["lung_cx"], u(-0.6, -0.35))
         return [Lesion(finding, c, (w, h), 0.0, u(0.72, 0.86), side, seed)]
     if finding == "Cardiomegaly":
-        target = u(0.52, 0.64)
+        target = u(0.5, 0.62)
         ctr = anatomy["heart_rx"] / anatomy["thorax_hw"]
         c = (anatomy["heart_cx"], anatomy["heart_cy"])
         return [Lesion(finding, c, (0.0, 0.0), 0.0, target / ctr, 0, seed)]
@@ -446,12 +446,12 @@ def _sample_lesions(rng, finding, anatomy):
         return [Lesion(finding, (0.0, -0.4), (1.4, 0.6), 0.0, u(0.35, 0.5), 0, seed)]
     if finding == "Fibrosis":
         c = (0.0, u(-0.1, 0.3))
-        return [Lesion(finding, c, (1.4, 0.7), 0.0, u(0.3, 0.45), 0, seed)]
+        return [Lesion(finding, c, (1.4, 0.7), 0.0, u(0.45, 0.6), 0, seed)]
     if finding == "Pleural_Thickening":
         c = (side * anatomy["thorax_hw"], u(-0.5, 0.2))
         return [
             Lesion(
-                finding, c, (u(0.03, 0.05), u(0.4, 0.7)), 0.0, u(0.5, 0.7), side, seed
+                finding, c, (u(0.035, 0.06), u(0.4, 0.7)), 0.0, u(0.7, 0.9), side, seed
             )
         ]
     if finding == "Hernia":
