@@ -1,10 +1,12 @@
 """Tests for cxr_tf.models.localizer (build_model and its helpers)."""
 
 import dataclasses
+import json
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from scipy import special
 
 from cxr_tf import layers as cxr_layers
@@ -196,8 +198,6 @@ def test_config_round_trip_rebuilds_the_same_model():
         pooling_options={"attention_dim": 16},
     )
     assert ModelConfig.from_dict(config.to_dict()) == config
-    import json
-
     assert ModelConfig.from_dict(json.loads(config.to_json())) == config
     rebuilt = build_model(ModelConfig.from_dict(config.to_dict()))
     original = build_model(config)
@@ -256,8 +256,6 @@ def test_xla_compiled_predict_matches_eager(backbone):
 
 
 def _gradients(model, images, labels):
-    import tensorflow as tf
-
     with tf.GradientTape() as tape:
         logits = model(images, training=True)["logits"]
         loss = keras.ops.mean(
