@@ -440,7 +440,7 @@ def preprocess_image_bytes(data, image_size, normalization, channels=1):
     stored = resize_like_ingestion(gray, image_size)
     # pylint: disable=protected-access
     pixels, _ = input_pipeline._letterbox(stored, None, image_size)
-    pixels = (pixels - normalization.mean) / normalization.std
+    pixels = (tf.cast(pixels, tf.float32) - normalization.mean) / normalization.std
     if channels == 3:
         pixels = tf.repeat(pixels, 3, axis=-1)
     return pixels, hw

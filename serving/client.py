@@ -681,30 +681,50 @@ class CxrClient:
         return self.predict_bytes(items, return_maps=return_maps)
 
 
-def write_overlay(path, image_bytes, result, findings):
-    """Writes an overlay PNG of the maps and boxes with cxr_tf.visualize.
+def write_overlay(path, image_bytes, result, findings, positive_threshold=0.5):
+    """Writes an overlay PNG (maps and boxes) with `cxr_tf.visualize`.
+
+    Shows the findings with probability >= positive_threshold (at least the
+    most probable one).
+
+    Args:
+      path: PNG file to write.
+      image_bytes: the image file's bytes (PNG/JPEG/DICOM).
+      result: a `predict_bytes(..., return_maps=True)` result.
+      findings: finding names, in the order of the maps.
+      positive_threshold: probability from which a finding is shown.
 
     Returns:
-      The path written, or None when cxr_tf.visualize is not importable.
+      The path written, or None when cxr_tf is not importable.
     """
     try:
+        from cxr_tf import localization  # pylint: disable=g-import-not-at-top
         from cxr_tf import visualize  # pylint: disable=g-import-not-at-top
         from cxr_tf.data import images  # pylint: disable=g-import-not-at-top
     except ImportError:
         return None
     image = images.decode_image(image_bytes, result["image"])
     maps = np.asarray(result["localization_maps"])
-    probabilities = np.array([result["probabilities"][f] for f in findings])
-    boxes = {f: [] for f in findings}
+    probabilities = result["probabilities"]
+    shown = [f for f in findings if probabilities[f] >= positive_threshold]
+    if not shown:
+        shown = [max(findings, key=lambda f: probabilities[f])]
+    boxes = {f: [] for f in shown}
     for box in result["boxes"]:
-        boxes[box["finding"]].append(
-            (box["x"], box["y"], box["w"], box["h"], box["score"])
-        )
-    png = visualize.overlay_figure(
-        image, np.moveaxis(maps, 0, -1), boxes, probabilities
+        if box["finding"] in boxes:
+            boxes[box["finding"]].append(
+                localization.Box(box["x"], box["y"], box["w"], box["h"], box["score"])
+            )
+    # Served maps are in [0, 1] for every map kind (CAMs min-max normalised).
+    visualize.overlay_figure(
+        image,
+        {f: maps[findings.index(f)] for f in shown},
+        boxes,
+        probabilities,
+        map_kind="probability",
+        path=path,
+        title=result["image"],
     )
-    with open(path, "wb") as f:
-        f.write(png)
     return path
 
 
@@ -776,7 +796,7 @@ def main(argv=None):
                             ),
                             data,
                             result,
-                            client.model_info()["findings"],
+                            list(client.model_info()["findings"]),
                         )
                         if written is None:
                             print(

@@ -118,7 +118,8 @@ def _reference_pixels(data, size=SIZE, normalization=schema.FIXED):
     pixels, _ = input_pipeline._letterbox(  # pylint: disable=protected-access
         tf.constant(stored[..., None]), None, size
     )
-    return ((pixels.numpy() - normalization.mean) / normalization.std), gray.shape
+    pixels = pixels.numpy().astype(np.float32)
+    return (pixels - normalization.mean) / normalization.std, gray.shape
 
 
 def test_preprocessing_matches_training_path():
