@@ -9,6 +9,9 @@ from cxr_tf.data import schema
 from cxr_tf.data import tfrecord
 
 _AUTOTUNE = tf.data.AUTOTUNE
+_IMAGE_LABEL_SPEC = {
+    key: tfrecord.FEATURE_SPEC[key] for key in (schema.KEY_IMAGE, schema.KEY_LABELS)
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +103,7 @@ class InputConfig:
 
 
 def _letterbox(image, boxes, size):
-    """Resizes (aspect kept) and pads a (h, w, 1) uint8 image to (S, S, 1)."""
+    """Resizes (aspect kept) and pads a (h, w, 1) uint8 image to (S, S, 1) uint8."""
     shape = tf.shape(image)
     height = tf.cast(shape[0], tf.float32)
     width = tf.cast(shape[1], tf.float32)
@@ -117,6 +120,7 @@ def _letterbox(image, boxes, size):
             method="bilinear",
             antialias=True,
         )
+        resized = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
         return tf.image.pad_to_bounding_box(
             resized,
             tf.cast(off_y, tf.int32),
@@ -126,10 +130,12 @@ def _letterbox(image, boxes, size):
         )
 
     # Ingestion stores the film at the training size, so the common case
-    # only casts; the resize is for records written at another size.
+    # does nothing; the resize is for records written at another size.
+    # Pixels stay uint8 until after batching and the geometric transform:
+    # a quarter of the bytes to copy.
     pixels = tf.cond(
         tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size)),
-        lambda: tf.cast(image, tf.float32),
+        lambda: image,
         resize_and_pad,
     )
     pixels = tf.ensure_shape(pixels, [size, size, 1])
@@ -164,12 +170,19 @@ def decode_record(serialized, config, with_info=False):
       with_info: also return boxes, ids and sizes.
 
     Returns:
-      A dict: "image" float32 (S, S, 1) on the 0..255 scale, "labels" float32
-      (14,); with_info adds "image_id", "boxes" (max_boxes, 4) [ymin, xmin,
+      A dict: "image" uint8 (S, S, 1), "labels" float32 (14,); with_info adds "image_id", "boxes" (max_boxes, 4) [ymin, xmin,
       ymax, xmax] normalised to the SxS input, "box_labels" (max_boxes,) int32
       (-1 pads), "num_boxes", "original_height", "original_width" int32.
     """
-    parsed = tfrecord.parse_example(serialized)
+    if with_info:
+        parsed = tfrecord.parse_example(serialized)
+    else:
+        # Only what training reads: parsing the box lists costs time too.
+        parsed = tf.io.parse_single_example(serialized, _IMAGE_LABEL_SPEC)
+        parsed = {
+            "image": parsed[schema.KEY_IMAGE],
+            "labels": tf.cast(parsed[schema.KEY_LABELS], tf.float32),
+        }
     image = tf.io.decode_png(parsed["image"], channels=1)
     boxes = parsed["boxes"] if with_info else None
     image, boxes = _letterbox(image, boxes, config.image_size)
@@ -198,14 +211,15 @@ def augment_batch(features, seed, config):
     becomes the enclosing box of the moved corners, clipped to [0, 1].
 
     Args:
-      features: dict with "image" float32 (B, S, S, C) on 0..255 and optionally
+      features: dict with "image" (B, S, S, C) uint8 or float on 0..255 and optionally
         "boxes" (B, N, 4) [ymin, xmin, ymax, xmax] normalised and "num_boxes"
         (B,).
       seed: int tensor of shape (2,), the stateless seed of this batch.
       config: `InputConfig` (ranges of the random parameters).
 
     Returns:
-      The dict with "image" (clipped to [0, 255]) and "boxes" transformed.
+      The dict with "image" float32 (clipped to [0, 255]) and "boxes"
+      transformed.
     """
     images = features["image"]
     shape = tf.shape(images)
@@ -248,6 +262,7 @@ def augment_batch(features, seed, config):
         interpolation="BILINEAR",
         fill_mode="CONSTANT",
     )
+    images = tf.cast(images, tf.float32)
 
     brightness = uniform(5, config.brightness * 255.0)
     contrast = 1.0 + uniform(6, config.contrast)
@@ -373,7 +388,8 @@ def build_dataset(
     def finish(features):
         features = dict(features)
         labels = features.pop("labels")
-        features["image"] = (features["image"] - norm.mean) / norm.std
+        image = tf.cast(features["image"], tf.float32)
+        features["image"] = (image - norm.mean) / norm.std
         if with_info:
             return features, labels
         return features["image"], labels
