@@ -437,9 +437,12 @@ def evaluate(config):
         results = results_from_predictions(config, findings)
         box_thresholds = (None,)
         map_kind = None
+        predicted = {r.image_id for r in results}
         metrics["source"] = {
             "predictions": config.predictions,
             "bbox_list": config.bbox_list,
+            "note": "ground truth restricted to the images in the predictions file",
+            "boxed_images_without_prediction": _count_unpredicted(config, predicted),
         }
     else:
         loaded = train_lib.load_model(config.model_dir, config.checkpoint)
@@ -566,6 +569,13 @@ def _mask_section(config, loaded, computer, results, boxed):
         },
         "definition": loc_metrics.MASK_ERROR_DEFINITION,
     }
+
+
+def _count_unpredicted(config, predicted):
+    from cxr_tf.data import metadata
+
+    boxes = metadata.read_bbox_list(config.bbox_list)
+    return int(len(set(boxes["image_id"]) - set(predicted)))
 
 
 def _write_predictions(path, results, findings, box_threshold, map_kind):

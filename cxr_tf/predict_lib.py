@@ -156,6 +156,7 @@ def preprocess(pixels, image_size, normalization):
     letterboxed, _ = input_pipeline._letterbox(  # pylint: disable=protected-access
         image, None, int(image_size)
     )
+    letterboxed = tf.cast(letterboxed, tf.float32)
     return ((letterboxed - normalization.mean) / normalization.std).numpy()
 
 

@@ -1,0 +1,215 @@
+"""Tests of cxr_tf.evaluate: IoBB figures on the real box list, model runs."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cxr_tf import evaluate_lib
+from cxr_tf import predict_lib
+from cxr_tf.data import schema
+
+THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def _read_real_boxes(path):
+    """The box list parsed with the csv module alone (independent of the code)."""
+    boxes = {}
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        next(reader)
+        for row in reader:
+            if not row or not row[0]:
+                continue
+            finding = "Infiltration" if row[1] == "Infiltrate" else row[1]
+            x, y, w, h = (float(v) for v in row[2:6])
+            boxes.setdefault(row[0], {}).setdefault(finding, []).append((x, y, w, h))
+    return boxes
+
+
+def _numpy_iobb(p, g):
+    ix = max(0.0, min(p[0] + p[2], g[0] + g[2]) - max(p[0], g[0]))
+    iy = max(0.0, min(p[1] + p[3], g[1] + g[3]) - max(p[1], g[1]))
+    return ix * iy / (p[2] * p[3])
+
+
+def test_predictions_file_iobb_matches_numpy(cxr14_sample, tmp_path):
+    bbox_list = str(cxr14_sample / "meta" / "BBox_List_2017.csv")
+    truth = _read_real_boxes(bbox_list)
+    rng = np.random.RandomState(0)
+    images = sorted(truth)[::4]
+    predictions = {}
+    with open(tmp_path / "p.jsonl", "w") as f:
+        for image_id in images:
+            boxes = []
+            for finding, gts in truth[image_id].items():
+                for x, y, w, h in gts:
+                    if rng.rand() < 0.2:
+                        continue  # a missed box
+                    # Jittered, rescaled copies: every IoBB bucket is hit.
+                    s = rng.uniform(0.5, 2.0)
+                    boxes.append(
+                        (finding, x + rng.uniform(-0.5, 0.5) * w, y, w * s, h * s)
+                    )
+                if rng.rand() < 0.5:
+                    boxes.append((finding, 900.0, 900.0, 100.0, 100.0))
+            predictions[image_id] = boxes
+            record = {
+                "image": image_id,
+                "height": 1024,
+                "width": 1024,
+                "probabilities": {},
+                "boxes": [
+                    {
+                        "finding": b[0],
+                        "x": b[1],
+                        "y": b[2],
+                        "w": b[3],
+                        "h": b[4],
+                        "score": 1.0,
+                    }
+                    for b in boxes
+                ],
+            }
+            f.write(json.dumps(record) + "\n")
+    metrics = evaluate_lib.evaluate(
+        evaluate_lib.EvalConfig(
+            output_dir=str(tmp_path / "eval"),
+            predictions=str(tmp_path / "p.jsonl"),
+            bbox_list=bbox_list,
+        )
+    )
+    per_class = metrics["localization"]["predictions"]["per_class"]
+    for finding in schema.BOXED_FINDINGS:
+        gts = [
+            (image_id, g)
+            for image_id in images
+            for g in truth[image_id].get(finding, [])
+        ]
+        assert per_class[finding]["num_gt_boxes"] == len(gts)
+        for t in THRESHOLDS:
+            hits = sum(
+                any(
+                    _numpy_iobb(p[1:], g) > t
+                    for p in predictions[image_id]
+                    if p[0] == finding
+                )
+                for image_id, g in gts
+            )
+            assert per_class[finding]["iobb"][f"{t:g}"] == pytest.approx(
+                hits / len(gts)
+            ), (finding, t)
+    assert metrics["classification"]["note"].startswith("no labels")
+    assert os.path.isfile(tmp_path / "eval" / "metrics.json")
+    assert os.path.isfile(tmp_path / "eval" / "localization_accuracy.png")
+    accs = [per_class[f]["iobb"]["0.5"] for f in schema.BOXED_FINDINGS]
+    assert 0.0 < min(accs) and max(accs) < 1.0
+
+
+def test_letterbox_inverse_maps_network_boxes_to_original():
+    # A 300 x 600 film in a 64 px input: scale 64/600, 32 x 64 resized, 16 px
+    # padding above.
+    box = predict_lib.Letterbox(300, 600, 64)
+    assert box.resized_hw == (32, 64) and box.offset_yx == (16, 0)
+    out = predict_lib.network_boxes_to_original(
+        [[16 / 64, 0.0, 48 / 64, 0.5]], (300, 600), 64
+    )
+    np.testing.assert_allclose(out, [[0.0, 0.0, 300.0, 300.0]], atol=1e-6)
+
+
+def test_boxes_in_original_for_padded_film():
+    # Map over a 64 px input of a 300 x 600 film: only the film rows (16..47)
+    # can hold the region; the box comes back in the film's pixels.
+    score = np.zeros((8, 8), np.float32)
+    score[3:5, 0:2] = 1.0
+    boxes = predict_lib.boxes_in_original(score, (300, 600), 64, "probability", 0.5)
+    assert len(boxes) == 1
+    b = boxes[0]
+    assert 0 <= b.x and b.x + b.w <= 600 and 0 <= b.y and b.y + b.h <= 300
+    # The region covers map rows 3-4 of 8 (input rows 24-40), i.e. film rows
+    # (24-16)*600/64 = 75 .. (40-16)*600/64 = 225, around that after upsampling.
+    assert 30 < b.y < 110 and 190 < b.y + b.h < 270
+    # Square films: identical to extract_boxes at the film's size.
+    from cxr_tf import localization
+
+    square = predict_lib.boxes_in_original(score, (256, 256), 64, "probability", 0.5)
+    direct = localization.extract_boxes(score, (256, 256), "probability", 0.5)
+    assert [tuple(b) for b in square] == [tuple(b) for b in direct]
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="bbox_list"):
+        evaluate_lib.EvalConfig(output_dir="x", predictions="p.jsonl")
+    with pytest.raises(ValueError, match="model_dir"):
+        evaluate_lib.EvalConfig(output_dir="x")
+    with pytest.raises(ValueError, match="iobb_thresholds"):
+        evaluate_lib.EvalConfig(
+            output_dir="x", predictions="p", bbox_list="b", iobb_thresholds=(1.5,)
+        )
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from cxr_tf import train_lib
+    from cxr_tf.models import ModelConfig
+    from cxr_tf.models import build_model
+
+    directory = str(tmp_path_factory.mktemp("model"))
+    config = ModelConfig(image_size=64, pooling="lse")
+    model = build_model(config)
+    train_lib.write_model_config(directory, config, schema.FINDINGS)
+    model.save(os.path.join(directory, "model.keras"))
+    return directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("map_source", ["model", "gradcam"])
+def test_model_on_records_writes_metrics_and_plots(
+    tiny_model_dir, tmp_path, map_source
+):
+    from tests.test_train import write_tiny_records
+
+    data = tmp_path / "data"
+    written = write_tiny_records(
+        str(data),
+        counts={"val": 4, "test": 8},
+        shapes=[(64, 64), (48, 64), (64, 40)],
+    )
+    out = tmp_path / "eval"
+    metrics = evaluate_lib.evaluate(
+        evaluate_lib.EvalConfig(
+            output_dir=str(out),
+            model_dir=tiny_model_dir,
+            checkpoint="final",
+            data_dir=str(data),
+            map_source=map_source,
+            mask_thresholds=(60.0, 120.0, 180.0),
+        )
+    )
+    assert metrics["num_images"] == 8
+    for name in ("metrics.json", "roc.png", "localization_accuracy.png"):
+        assert os.path.isfile(out / name), name
+    labels = np.array([row[1] for row in written["test"]])
+    table = metrics["classification"]["per_class"]
+    for k, finding in enumerate(schema.FINDINGS):
+        if labels[:, k].sum() == 0:
+            assert table[finding]["auc"] is None
+            assert table[finding]["note"] == "no positive images"
+        elif labels[:, k].all():
+            assert table[finding]["note"] == "no negative images"
+        else:
+            assert 0.0 <= table[finding]["auc"] <= 1.0
+    # CAM maps: boxes at both of Wang et al.'s thresholds.
+    assert set(metrics["localization"]) == {"180", "60"}
+    assert metrics["mask"]["threshold"] in (60.0, 120.0, 180.0)
+    # Predicted boxes lie in the original (4x) film's pixels.
+    with open(out / "predictions.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    for record, row in zip(records, written["test"]):
+        assert record["image"] == row[0]
+        assert (record["height"], record["width"]) == row[4]
+        for b in record["boxes"]:
+            assert b["x"] >= 0 and b["x"] + b["w"] <= record["width"] + 1e-6
+            assert b["y"] >= 0 and b["y"] + b["h"] <= record["height"] + 1e-6
