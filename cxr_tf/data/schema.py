@@ -85,9 +85,11 @@ class Normalization:
     std: float
 
 
-# keras.applications backbones follow the ImageNet ("torch") convention; for a
-# single grayscale channel the channel means and stds are averaged, and the
-# model maps back to per-channel values when it loads ImageNet weights.
+# keras.applications backbones get the ImageNet statistics; for a single
+# grayscale channel the channel means and stds are averaged. With ImageNet
+# weights the model maps back to what each trunk was trained with: DenseNet's
+# "torch" convention (per-channel mean/std) or ResNet-50's "caffe" one (BGR,
+# mean subtraction only); see cxr_tf/models/applications.py.
 IMAGENET_GRAY = Normalization(mean=0.449 * 255.0, std=0.226 * 255.0)
 # Our own backbones use the fixed convention of the public PCAM code.
 FIXED = Normalization(mean=128.0, std=64.0)

@@ -54,6 +54,11 @@ class ModelConfig:
                 "`image_size` must be an int >= 32. "
                 f"Received: image_size={self.image_size!r}"
             )
+        if self.image_size % 32:
+            raise ValueError(
+                "`image_size` must be a multiple of 32 (the backbones' stride). "
+                f"Received: image_size={self.image_size!r}"
+            )
         if self.channels not in (1, 3):
             raise ValueError(
                 "`channels` must be 1 or 3. " f"Received: channels={self.channels!r}"
