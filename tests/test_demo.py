@@ -1,0 +1,48 @@
+"""End-to-end test of the README demo at toy scale (its figures are not checked)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_demo_runs_every_step_and_leaves_its_outputs(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(
+        os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cxr_tf.demo",
+            f"--output_dir={out}",
+            "--num_patients=30",
+            "--film_size=64",
+            "--num_overlays=2",
+            "--train_args=image_size=64,epochs=1,steps_per_epoch=2,batch_size=4",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "PCAM beats LSE on localization" in run.stdout
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    for name in ("pcam", "lse"):
+        assert summary[name]["boxed_findings_evaluated"] >= 1
+        assert 0.0 <= summary[name]["mean_auc"] <= 1.0
+    assert summary["pcam"]["box_threshold"] == "0.9"
+    assert summary["lse"]["box_threshold"] == "180"
+    outputs = summary["outputs"]
+    for key in ("model", "metrics", "roc", "localization_plot"):
+        assert os.path.isfile(outputs[key]), key
+    assert len(os.listdir(outputs["overlays"])) == 2
+    assert os.path.isdir(outputs["export"])
