@@ -224,7 +224,7 @@ def _anatomy_density(anatomy, x, y, size, rng):
             pattern += w4 * w4 * w2 * (25.0 / freq)
         taper = np.clip(r / 0.15, 0.0, 1.0) * np.exp(-r / 0.5)
         markings += pattern * taper * lmask
-    markings *= anatomy["markings"] * 0.08 * breaks
+    markings *= anatomy["markings"] * 0.06 * breaks
     density += markings
 
     # Bones: posterior and anterior ribs, clavicles.
@@ -255,7 +255,7 @@ def _anatomy_density(anatomy, x, y, size, rng):
     clav = np.sqrt(np.clip(1.0 - d * d, 0, 1)) * _ramp(ax - 0.07, 0.03)
     clav *= _ramp(0.7 - ax, 0.05)
     bones += 1.1 * clav
-    density += 0.15 * bones * torso
+    density += 0.12 * bones * torso
 
     if anatomy["breast"] > 0:
         for side in (-1, 1):
@@ -343,11 +343,12 @@ def _mass(les, x, y, ctx, rng):
 def _atelectasis(les, x, y, ctx, rng):
     u, v = _rotate(x, y, les.center[0], les.center[1], les.angle)
     w, h = les.size
-    curve = 0.6 * h * (u / w) ** 2
-    band = np.exp(-(((v + 0.15 * h - curve) / (0.09 * h)) ** 2))
+    # A curved plate: its ends bend down by most of the box height.
+    curve = 2.4 * h * (u / w) ** 2
+    band = np.exp(-(((v + 0.35 * h - curve) / (0.12 * h)) ** 2))
     ends = np.clip(1.0 - (2 * u / w) ** 6, 0.0, 1.0)
     haze = np.exp(-((2.2 * u / w) ** 2) - ((2.4 * (v - 0.1 * h) / h) ** 2))
-    delta = les.contrast * LUNG_AIR * (0.9 * band * ends + 0.2 * haze)
+    delta = les.contrast * LUNG_AIR * (0.9 * band * ends + 0.1 * haze)
     delta *= _side_lung(ctx, les.side)
     return delta, _visible(delta, les)
 
@@ -429,7 +430,7 @@ def _pneumothorax(les, x, y, ctx, rng):
         0, 1
     )
     line *= _ramp(lung_full - 0.5, 0.2)
-    delta = -ctx["markings"] * region - 0.12 * region + 0.25 * line
+    delta = -ctx["markings"] * region - 0.18 * region + 0.35 * line
     mask = (region > 0.5) | (line > 0.5)
     return delta, mask
 
@@ -447,7 +448,7 @@ def _edema(les, x, y, ctx, rng):
                 0.05 - np.abs(x - lx), 0.01
             )
             delta += 1.2 * line
-    delta += 1.5 * ctx["markings"] / 0.08
+    delta += 1.5 * ctx["markings"] / 0.06
     delta = les.contrast * LUNG_AIR * delta * ctx["lung"]
     return delta, _visible(delta, les)
 

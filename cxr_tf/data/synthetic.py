@@ -400,18 +400,18 @@ def _sample_lesions(rng, finding, anatomy):
             c = _place(rng, anatomy, s, (0.2, 0.7), (-0.55, 0.3), d / 2 + 0.02)
             out.append(
                 Lesion(
-                    finding, c, (d, d), 0.0, u(0.5, 0.7), s, int(rng.integers(2**31))
+                    finding, c, (d, d), 0.0, u(0.65, 0.85), s, int(rng.integers(2**31))
                 )
             )
         return out
     if finding == "Mass":
         w, h = _box_size(rng, finding)
         c = _place(rng, anatomy, side, (0.2, 0.65), (-0.55, 0.25), max(w, h) / 2)
-        return [Lesion(finding, c, (w, h), 0.0, u(0.5, 0.65), side, seed)]
+        return [Lesion(finding, c, (w, h), 0.0, u(0.6, 0.8), side, seed)]
     if finding == "Atelectasis":
         w, h = _box_size(rng, finding)
         c = _place(rng, anatomy, side, (0.25, 0.6), (-0.05, 0.3), 0.05)
-        return [Lesion(finding, c, (w, h), u(-0.3, 0.3), u(0.5, 0.65), side, seed)]
+        return [Lesion(finding, c, (w, h), u(-0.3, 0.3), u(0.6, 0.8), side, seed)]
     if finding == "Effusion":
         side = -1 if rng.random() < 0.6 else 1
         w, h = _box_size(rng, finding)
