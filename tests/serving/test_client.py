@@ -282,3 +282,25 @@ def test_arguments_are_validated():
         client_lib.CxrClient("h:1", batch_size=0)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         client_lib.expand_paths(["/nowhere/x.png"])
+
+
+def test_versions_and_labels(tiny_model_dir):
+    server = local_server.LocalServer(
+        tiny_model_dir, port=0, poll_seconds=60, version_labels={"stable": 1}
+    )
+    with server:
+        address = f"127.0.0.1:{server.port}"
+        for kwargs in ({"version": 1}, {"version_label": "stable"}):
+            with client_lib.CxrClient(address, **kwargs) as client:
+                assert client.metadata()["version"] == 1
+                (result,) = client.predict_bytes(_images()[:1])
+                assert "error" not in result
+        for kwargs, message in (
+            ({"version": 2}, "version 2"),
+            ({"version_label": "canary"}, "canary"),
+        ):
+            with client_lib.CxrClient(address, **kwargs) as client:
+                with pytest.raises(client_lib.ServingError) as info:
+                    client.metadata()
+            assert info.value.code == grpc.StatusCode.NOT_FOUND
+            assert message in info.value.message
