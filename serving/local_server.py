@@ -36,6 +36,7 @@ from google.protobuf import json_format
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import model_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
@@ -487,10 +488,6 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
             raise RequestError(
                 grpc.StatusCode.NOT_FOUND, f"Malformed request: {self.path}"
             )
-        from tensorflow_serving.apis import (
-            model_pb2,
-        )  # pylint: disable=g-import-not-at-top
-
         spec = model_pb2.ModelSpec(name=match["name"])
         if match["version"]:
             spec.version.value = int(match["version"])

@@ -1,13 +1,11 @@
 """serving/client.py against serving.local_server: batching, TLS, retries."""
 
 import datetime
-import io
 import json
 import os
 import socket
 import threading
 import time
-import contextlib
 
 import grpc
 import numpy as np
@@ -17,7 +15,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from serving import client as client_lib
 from serving import local_server
-from tests.serving.conftest import FINDINGS, jpeg_bytes, png_bytes, wait_for
+from tests.serving.conftest import FINDINGS, jpeg_bytes, png_bytes
 
 
 def _images(seed=0):
