@@ -28,9 +28,18 @@ def summarize(metrics):
       findings that have ground truth of accuracy at IoBB > 0.5), each a
       float or None when the data could not measure it.
     """
+    classification = metrics.get("classification", {})
+    sections = metrics.get("localization", {})
+    accuracy = None
+    if sections:
+        # The first section is the map threshold the model's boxes use by
+        # default (0.9 for probability maps, 180 for CAMs).
+        first = next(iter(sections.values()))
+        if first.get("num_classes_with_boxes"):
+            accuracy = first["mean"]["iobb"].get("0.5")
     return {
-        "mean_auc": metrics.get("mean_auc"),
-        "localization_accuracy": metrics.get("mean_localization_accuracy_iobb_0.5"),
+        "mean_auc": classification.get("mean_auc"),
+        "localization_accuracy": accuracy,
     }
 
 

@@ -22,6 +22,7 @@ STATISTICS_FILE = "statistics.json"
 SCHEMA_FILE = "schema.json"
 ANOMALIES_FILE = "anomalies.json"
 _MAX_LISTED = 20
+_LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 
 
 def default_schema(image_size=None):
@@ -288,7 +289,12 @@ def compute_statistics(examples_dir, pipeline_args=()):
         )
     out_path = examples_dir / ".statistics_tmp"
     results = {}
-    with beam.Pipeline(options=PipelineOptions(list(pipeline_args))) as p:
+    args = list(pipeline_args)
+    if not any(a.startswith("--runner") for a in args):
+        # Beam's engine named outright: `DirectRunner` first tries to download
+        # and start Prism, which needs the network.
+        args.append("--runner=" + _LOCAL_RUNNER)
+    with beam.Pipeline(options=PipelineOptions(args)) as p:
         per_split = []
         for split in splits:
             pattern = str(examples_dir / schema.TFRECORD_PATTERN.format(split=split))
