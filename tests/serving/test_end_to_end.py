@@ -79,60 +79,91 @@ def test_saved_model_cli_lists_both_signatures(exported):
         assert expected in out, expected
 
 
-def test_server_and_client_match_predict(exported, cxr14_sample, tmp_path, capsys):
-    from cxr_tf import localization
-    from cxr_tf import predict_lib
-    from cxr_tf.data import schema
+@pytest.fixture(scope="module")
+def served(exported, cxr14_sample, tmp_path_factory):
+    """Client CLI + CxrClient results for six NIH films through local_server."""
+    import contextlib
+    import io
+
     from serving import client as client_lib
     from serving import local_server
 
-    model_dir, export_dir = exported
+    _, export_dir = exported
+    tmp_path = tmp_path_factory.mktemp("served")
     names = sorted(os.listdir(cxr14_sample / "images"))[:6]
     image_dir = tmp_path / "images"
     image_dir.mkdir()
     for name in names:
         shutil.copy(cxr14_sample / "images" / name, image_dir / name)
-
-    # Reference: cxr_tf.predict on the same files, boxes for every finding.
-    predict_lib.predict(
-        predict_lib.PredictConfig(
-            model=model_dir,
-            output_dir=str(tmp_path / "predict"),
-            box_threshold=THRESHOLD,
-            box_findings="all",
-            overlays=False,
-            work_size=None,
-        ),
-        [str(image_dir)],
-    )
-    with open(tmp_path / "predict" / predict_lib.PREDICTIONS_FILE) as f:
-        reference = {r["image"]: r for r in map(json.loads, f)}
-
+    stdout = io.StringIO()
     with local_server.LocalServer(export_dir, port=0, poll_seconds=60) as server:
-        status = client_lib.main(
-            [
-                f"--server=127.0.0.1:{server.port}",
-                "--model_name=cxr",
-                "--batch_size=4",
-                f"--overlay_dir={tmp_path / 'overlays'}",
-                str(image_dir),
-            ]
-        )
-        lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+        with contextlib.redirect_stdout(stdout):
+            status = client_lib.main(
+                [
+                    f"--server=127.0.0.1:{server.port}",
+                    "--model_name=cxr",
+                    "--batch_size=4",
+                    f"--overlay_dir={tmp_path / 'overlays'}",
+                    str(image_dir),
+                ]
+            )
         with client_lib.CxrClient(f"127.0.0.1:{server.port}") as client:
             with_maps = client.predict_files([str(image_dir)], return_maps=True)
-    assert status == 0
-    assert [l["image"] for l in lines] == names
-    assert sorted(os.listdir(tmp_path / "overlays")) == [
-        os.path.splitext(n)[0] + ".png" for n in names
+    lines = [json.loads(l) for l in stdout.getvalue().splitlines()]
+    return {
+        "status": status,
+        "names": names,
+        "image_dir": image_dir,
+        "overlay_dir": tmp_path / "overlays",
+        "lines": lines,
+        "with_maps": with_maps,
+    }
+
+
+def _training_pixels(path, image_size, normalization):
+    """Training's path: decode -> ingestion resize -> pipeline letterbox."""
+    import tensorflow as tf
+
+    from cxr_tf.data import images, ingest, input_pipeline
+
+    stored = ingest.resize_longer_side(images.read_image(path), image_size)
+    pixels, _ = input_pipeline._letterbox(  # pylint: disable=protected-access
+        tf.constant(stored[..., None]), None, image_size
+    )
+    pixels = tf.cast(pixels, tf.float32).numpy()
+    return (pixels - normalization.mean) / normalization.std
+
+
+def test_client_matches_model_and_eval_boxes(exported, served):
+    import keras
+
+    import cxr_tf.layers  # noqa: F401  pylint: disable=unused-import
+    from cxr_tf import localization
+    from cxr_tf.data import schema
+    from cxr_tf.models import ModelConfig
+
+    model_dir, _ = exported
+    model = keras.saving.load_model(os.path.join(model_dir, "model.keras"))
+    norm = ModelConfig(image_size=IMAGE_SIZE).normalization
+    assert served["status"] == 0
+    lines = served["lines"]
+    assert [l["image"] for l in lines] == served["names"]
+    assert sorted(os.listdir(served["overlay_dir"])) == [
+        os.path.splitext(n)[0] + ".png" for n in served["names"]
     ]
+    pixels = np.stack(
+        [
+            _training_pixels(served["image_dir"] / n, IMAGE_SIZE, norm)
+            for n in served["names"]
+        ]
+    )
+    keras_probabilities = model(pixels)["probabilities"].numpy()
     total_boxes = 0
-    for line, full in zip(lines, with_maps):
-        ref = reference[line["image"]]
+    for i, (line, full) in enumerate(zip(lines, served["with_maps"])):
         assert set(line) == {"image", "probabilities", "boxes"}
         np.testing.assert_allclose(
             [line["probabilities"][f] for f in schema.FINDINGS],
-            [ref["probabilities"][f] for f in schema.FINDINGS],
+            keras_probabilities[i],
             atol=1e-4,
         )
         # Boxes: the evaluation code on the served maps, in 1024-px pixels.
@@ -140,7 +171,7 @@ def test_server_and_client_match_predict(exported, cxr14_sample, tmp_path, capsy
         for k, finding in enumerate(schema.FINDINGS):
             for b in localization.extract_boxes(
                 full["localization_maps"][k],
-                (ref["height"], ref["width"]),
+                (1024, 1024),
                 "probability",
                 threshold=THRESHOLD,
                 max_boxes=8,
@@ -156,7 +187,6 @@ def test_server_and_client_match_predict(exported, cxr14_sample, tmp_path, capsy
             [e[1:] for e in expected] or np.zeros((0, 5)),
             atol=1e-3,
         )
-        assert (ref["height"], ref["width"]) == (1024, 1024)
         for b in line["boxes"]:
             assert 0 <= b["x"] and b["x"] + b["w"] <= 1024
             assert 0 <= b["y"] and b["y"] + b["h"] <= 1024
@@ -164,6 +194,58 @@ def test_server_and_client_match_predict(exported, cxr14_sample, tmp_path, capsy
     assert total_boxes > 0
     # The boxes are in the 1024-px film's pixels, not the 64-px input's.
     assert max(b["x"] + b["w"] for l in lines for b in l["boxes"]) > IMAGE_SIZE
+
+
+def test_client_matches_cxr_tf_predict(exported, served, tmp_path):
+    from cxr_tf import predict_lib
+    from cxr_tf.data import images
+    from cxr_tf.data import schema
+    from cxr_tf.models import ModelConfig
+
+    model_dir, _ = exported
+    norm = ModelConfig(image_size=IMAGE_SIZE).normalization
+    first = served["image_dir"] / served["names"][0]
+    gap = (
+        np.abs(
+            predict_lib.preprocess(images.read_image(first), IMAGE_SIZE, norm)
+            - _training_pixels(first, IMAGE_SIZE, norm)
+        ).max()
+        * norm.std
+    )
+    if gap > 1e-3:
+        pytest.xfail(
+            "cxr_tf.predict_lib.preprocess letterboxes the full-size film "
+            "directly, skipping ingestion's resize_longer_side, so its pixels "
+            f"differ from training's (and serving's) by up to {gap:.1f} gray "
+            "levels; serving follows training (see the test above)"
+        )
+    predict_lib.predict(
+        predict_lib.PredictConfig(
+            model=model_dir,
+            output_dir=str(tmp_path / "predict"),
+            box_threshold=THRESHOLD,
+            box_findings="all",
+            overlays=False,
+            work_size=None,
+        ),
+        [str(served["image_dir"])],
+    )
+    with open(tmp_path / "predict" / predict_lib.PREDICTIONS_FILE) as f:
+        reference = {r["image"]: r for r in map(json.loads, f)}
+    for line in served["lines"]:
+        ref = reference[line["image"]]
+        np.testing.assert_allclose(
+            [line["probabilities"][f] for f in schema.FINDINGS],
+            [ref["probabilities"][f] for f in schema.FINDINGS],
+            atol=1e-4,
+        )
+        got = sorted(
+            (b["finding"], round(b["x"]), round(b["y"])) for b in line["boxes"]
+        )
+        want = sorted(
+            (b["finding"], round(b["x"]), round(b["y"])) for b in ref["boxes"]
+        )
+        assert got == want, line["image"]
 
 
 def _free_port():
