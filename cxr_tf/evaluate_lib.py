@@ -321,16 +321,21 @@ def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, kee
 
 
 def results_from_predictions(config, findings=schema.FINDINGS):
-    """Reads predictions.jsonl + box list (+ label table) into `ImageResult`s."""
+    """Reads predictions.jsonl + box list (+ label table) into `ImageResult`s.
+
+    Returns:
+      (results, boxed image ids of the box list absent from the predictions).
+    """
     from cxr_tf.data import metadata
 
     boxes = metadata.read_bbox_list(config.bbox_list)
-    gt_by_image = collections.defaultdict(dict)
-    for image_id, group in boxes.groupby("image_id"):
-        for finding, rows in group.groupby("finding"):
-            gt_by_image[image_id][finding] = rows[["x", "y", "w", "h"]].to_numpy(
-                np.float64
-            )
+    gt_lists = collections.defaultdict(lambda: collections.defaultdict(list))
+    for row in boxes.itertuples(index=False):
+        gt_lists[row.image_id][row.finding].append((row.x, row.y, row.w, row.h))
+    gt_by_image = {
+        image_id: {f: np.asarray(b, np.float64) for f, b in per_image.items()}
+        for image_id, per_image in gt_lists.items()
+    }
     labels_by_image = {}
     if config.data_entry:
         entries, _ = metadata.read_data_entry(config.data_entry)
@@ -374,7 +379,7 @@ def results_from_predictions(config, findings=schema.FINDINGS):
             )
     if not results:
         raise ValueError(f"No prediction records in {config.predictions}")
-    return results
+    return results, sorted(set(gt_by_image) - {r.image_id for r in results})
 
 
 # ---------------------------------------------------------------------------
@@ -383,13 +388,13 @@ def results_from_predictions(config, findings=schema.FINDINGS):
 
 def classification_table(results, findings):
     """Per-class AUROC and ROC points; None entries say why."""
-    from cxr_tf.metrics import classification
-
     usable = [
         r for r in results if r.labels is not None and r.probabilities is not None
     ]
     if not usable:
         return None, None
+    from cxr_tf.metrics import classification
+
     y_true = np.stack([r.labels for r in usable])
     y_score = np.stack([r.probabilities for r in usable])
     aucs = classification.auroc_per_class(y_true, y_score, list(findings))
@@ -434,15 +439,14 @@ def evaluate(config):
     metrics = {"definitions": _DEFINITIONS}
     if config.predictions:
         findings = list(schema.FINDINGS)
-        results = results_from_predictions(config, findings)
+        results, unpredicted = results_from_predictions(config, findings)
         box_thresholds = (None,)
         map_kind = None
-        predicted = {r.image_id for r in results}
         metrics["source"] = {
             "predictions": config.predictions,
             "bbox_list": config.bbox_list,
             "note": "ground truth restricted to the images in the predictions file",
-            "boxed_images_without_prediction": _count_unpredicted(config, predicted),
+            "boxed_images_without_prediction": len(unpredicted),
         }
     else:
         loaded = train_lib.load_model(config.model_dir, config.checkpoint)
@@ -569,13 +573,6 @@ def _mask_section(config, loaded, computer, results, boxed):
         },
         "definition": loc_metrics.MASK_ERROR_DEFINITION,
     }
-
-
-def _count_unpredicted(config, predicted):
-    from cxr_tf.data import metadata
-
-    boxes = metadata.read_bbox_list(config.bbox_list)
-    return int(len(set(boxes["image_id"]) - set(predicted)))
 
 
 def _write_predictions(path, results, findings, box_threshold, map_kind):

@@ -13,6 +13,7 @@ import os
 
 from absl import logging
 import numpy as np
+from scipy import special
 
 from cxr_tf import localization
 
@@ -227,7 +228,7 @@ class MapComputer:
         else:
             logits, maps = self._run(images)
             logits, maps = logits.numpy(), maps.numpy()
-        probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        probs = special.expit(logits.astype(np.float64))
         return probs, maps.astype(np.float32)
 
 

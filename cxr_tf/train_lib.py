@@ -10,6 +10,7 @@ import time
 
 from absl import logging
 import numpy as np
+from scipy import special
 
 from cxr_tf.data import schema
 
@@ -810,7 +811,7 @@ def _callback_classes():
             loss = float(
                 self.loss_fn(labels.astype(np.float32), logits.astype(np.float32))
             )
-            probs = 1.0 / (1.0 + np.exp(-logits))
+            probs = special.expit(logits)
             aucs = classification.auroc_per_class(labels, probs, self.findings)
             values = [v for v in aucs.values() if v is not None]
             mean_auc = float(np.mean(values)) if values else float("nan")
@@ -846,7 +847,7 @@ def _callback_classes():
         def _overlay_inputs(self):
             images = self.overlay_images
             logits, maps = self._predict_fn()(images)
-            return images.numpy(), 1.0 / (1.0 + np.exp(-logits.numpy())), maps.numpy()
+            return images.numpy(), special.expit(logits.numpy()), maps.numpy()
 
     class TrainSummary(keras.callbacks.Callback):
         """Training loss and learning rate to TensorBoard (batch and epoch)."""
@@ -1030,6 +1031,35 @@ def _resize_bilinear(array, size):
 # The run.
 
 
+def _prebuild_for_multi_worker(model, strategy, dataset):
+    """Builds the compiled loss from a local batch, then skips Keras's build.
+
+    Keras 3.15's `fit` all-reduces the first distributed batch to build the
+    compiled loss/metrics symbolically (`_maybe_symbolic_build`); under
+    MultiWorkerMirroredStrategy that reduce fails ("Attempt to convert a
+    value (PerReplica ...)"). Only the shapes matter, so a local batch does.
+    Also reshapes the step's logs for Keras's multi-worker reduce (below).
+    """
+    for batch in dataset.take(1):
+        with strategy.scope():
+            model._symbolic_build(data_batch=batch)  # pylint: disable=protected-access
+    model._maybe_symbolic_build = (  # pylint: disable=protected-access
+        lambda iterator=None, data_batch=None: None
+    )
+    # Keras then reduces every per-replica log value with
+    # `strategy.reduce("MEAN", v, axis=0)`, which rejects scalars: give each
+    # value a length-1 axis (the reduce returns the scalar mean).
+    import tensorflow as tf
+
+    train_step = model.train_step
+
+    def train_step_with_vector_logs(data):
+        logs = train_step(data)
+        return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+
+    model.train_step = train_step_with_vector_logs
+
+
 @dataclasses.dataclass
 class TrainResult:
     """What `train` returns."""
@@ -1122,6 +1152,8 @@ def train(config):
         )
 
     train_ds = make_dataset(config, "train", training=True)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        _prebuild_for_multi_worker(model, strategy, train_ds)
     val_ds = make_dataset(config, "val", training=False)
     if config.validation_steps:
         val_ds = val_ds.take(config.validation_steps)
