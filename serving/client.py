@@ -180,6 +180,37 @@ def _make_ndarray(proto):
     return tf.make_ndarray(proto)
 
 
+def _to_original(x, y, w, h, geometry):
+    """A box in network pixels -> original pixels, clipped to the image."""
+    scale, dx, dy, height, width = geometry
+    x0, y0 = max((x - dx) * scale, 0.0), max((y - dy) * scale, 0.0)
+    x1 = min((x + w - dx) * scale, float(width))
+    y1 = min((y + h - dy) * scale, float(height))
+    return x0, y0, max(x1 - x0, 0.0), max(y1 - y0, 0.0)
+
+
+def _approximate_pixels(data, name, size, pre):
+    """Pillow letterbox (bilinear) + normalisation, for clients without cxr_tf."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    try:
+        image = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+    except Exception as e:  # pylint: disable=broad-except
+        raise ServingError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{name}: cannot decode ({e})"
+        ) from None
+    h, w = image.shape
+    scale = max(h, w) / size
+    nh, nw = max(1, round(h / scale)), max(1, round(w / scale))
+    resized = np.asarray(
+        Image.fromarray(image).resize((nw, nh), Image.BILINEAR), np.float32
+    )
+    canvas = np.zeros((size, size), np.float32)
+    dy, dx = (size - nh) // 2, (size - nw) // 2
+    canvas[dy : dy + nh, dx : dx + nw] = resized
+    return (canvas - pre["mean"]) / pre["std"], (scale, dx, dy, h, w)
+
+
 class CxrClient:
     """Talks to TF Serving (or serving.local_server) about the exported model.
 
@@ -457,8 +488,24 @@ class CxrClient:
         if self._model_info is not None:
             return self._model_info
         info = {"findings": None, "thresholds": None, "preprocessing": None}
+        outputs = None
         if MODEL_INFO_SIGNATURE in self.metadata()["signatures"]:
-            outputs = self.predict_raw({}, signature_name=MODEL_INFO_SIGNATURE)
+            try:
+                outputs = self.predict_raw({}, signature_name=MODEL_INFO_SIGNATURE)
+            except ServingError as e:
+                # A server that cannot run an input-less signature (e.g. one
+                # whose batching wraps every signature) still serves images.
+                if e.code in (
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.UNAVAILABLE,
+                ):
+                    raise
+                print(
+                    f"warning: {MODEL_INFO_SIGNATURE} failed ({e}); using the "
+                    "default finding names",
+                    file=sys.stderr,
+                )
+        if outputs is not None:
             info["findings"] = tuple(
                 v.decode("utf-8") for v in np.ravel(outputs["findings"])
             )
@@ -557,13 +604,7 @@ class CxrClient:
                     for j in range(int(counts[k])):
                         x, y, w, h = (float(v) for v in boxes[k, j])
                         if offsets is not None:
-                            scale, dx, dy = offsets[i]
-                            x, y, w, h = (
-                                (x - dx) * scale,
-                                (y - dy) * scale,
-                                w * scale,
-                                h * scale,
-                            )
+                            x, y, w, h = _to_original(x, y, w, h, offsets[i])
                         result["boxes"].append(
                             {
                                 "finding": finding,
@@ -639,11 +680,14 @@ class CxrClient:
         return [(index, result) for (index, _, _), result in zip(batch, results)]
 
     def _predict_pixels(self, batch, signature):
-        """predict_pixels: letterbox + normalise here, map boxes back."""
-        from PIL import Image  # pylint: disable=g-import-not-at-top
+        """predict_pixels: preprocess here, map the boxes back to the image.
 
+        With cxr_tf importable the preprocessing is the export's own
+        (`export_lib.preprocess_image_bytes`, training's exact path);
+        without it, a Pillow approximation (bilinear letterbox).
+        """
         key, info = next(iter(signature["inputs"].items()))
-        size = info["shape"][1]
+        size, channels = info["shape"][1], info["shape"][3]
         pre = self.model_info()["preprocessing"] or {}
         if "mean" not in pre or "std" not in pre:
             raise ServingError(
@@ -651,22 +695,43 @@ class CxrClient:
                 "predict_pixels needs the model's normalisation (model_info "
                 "signature with 'preprocessing'); use serving_default instead",
             )
-        pixels, offsets = [], []
+        try:
+            import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+            from cxr_tf import export_lib  # pylint: disable=g-import-not-at-top
+            from cxr_tf.data import schema  # pylint: disable=g-import-not-at-top
+        except ImportError:
+            export_lib = None
+        pixels, geometry = [], []
         for _, name, data in batch:
-            image = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
-            h, w = image.shape
-            scale = max(h, w) / size
-            nh, nw = max(1, round(h / scale)), max(1, round(w / scale))
-            resized = np.asarray(
-                Image.fromarray(image).resize((nw, nh), Image.BILINEAR), np.float32
-            )
-            canvas = np.zeros((size, size), np.float32)
-            dy, dx = (size - nh) // 2, (size - nw) // 2
-            canvas[dy : dy + nh, dx : dx + nw] = resized
-            pixels.append((canvas - pre["mean"]) / pre["std"])
-            offsets.append((scale, dx, dy))
-        outputs = self.predict_raw({key: np.stack(pixels)[..., None]})
-        return outputs, offsets
+            if export_lib is not None:
+                try:
+                    image, hw = export_lib.preprocess_image_bytes(
+                        tf.constant(data),
+                        size,
+                        schema.Normalization(pre["mean"], pre["std"]),
+                        channels,
+                    )
+                except tf.errors.InvalidArgumentError as e:
+                    raise ServingError(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {e.message}"
+                    ) from None
+                h, w = (int(v) for v in hw.numpy())
+                side, off_y, off_x = (
+                    float(v)
+                    for v in export_lib.letterbox_geometry(
+                        tf.constant(h), tf.constant(w), size
+                    )
+                )
+                scale = side / size
+                pixels.append(image.numpy())
+                geometry.append((scale, off_x / scale, off_y / scale, h, w))
+            else:
+                image, entry = _approximate_pixels(data, name, size, pre)
+                pixels.append(np.repeat(image[..., None], channels, axis=-1))
+                geometry.append(entry)
+        outputs = self.predict_raw({key: np.stack(pixels).astype(np.float32)})
+        return outputs, geometry
 
     def predict_files(self, paths, return_maps=False):
         """Reads image files (or directories of them) and predicts them.

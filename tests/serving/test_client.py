@@ -87,11 +87,12 @@ def test_predict_pixels_signature(tiny_server):
     ) as client:
         (result,) = client.predict_bytes([("tall.png", png_bytes(gray))])
     assert set(result["probabilities"]) == set(FINDINGS)
-    # Boxes come back in the original image's pixels: the full-image box of
-    # the 32x32 letterboxed input maps to x in [-16, 48) for a 32-wide image.
+    # Boxes come back in the original image's pixels: the tiny model's
+    # full-input box covers the letterboxed 64 x 32 film plus padding, which
+    # is clipped away.
+    assert result["boxes"]
     for box in result["boxes"]:
-        assert box["h"] == pytest.approx(64)
-        assert box["x"] == pytest.approx(-16)
+        assert (box["x"], box["y"], box["w"], box["h"]) == pytest.approx((0, 0, 32, 64))
 
 
 def test_bad_image_in_a_batch_is_reported_alone(tiny_server):

@@ -109,6 +109,10 @@ def served(exported, cxr14_sample, tmp_path_factory):
             )
         with client_lib.CxrClient(f"127.0.0.1:{server.port}") as client:
             with_maps = client.predict_files([str(image_dir)], return_maps=True)
+        with client_lib.CxrClient(
+            f"127.0.0.1:{server.port}", signature_name="predict_pixels"
+        ) as client:
+            via_pixels = client.predict_files([str(image_dir)])
     lines = [json.loads(l) for l in stdout.getvalue().splitlines()]
     return {
         "status": status,
@@ -117,6 +121,7 @@ def served(exported, cxr14_sample, tmp_path_factory):
         "overlay_dir": tmp_path / "overlays",
         "lines": lines,
         "with_maps": with_maps,
+        "via_pixels": via_pixels,
     }
 
 
@@ -192,6 +197,14 @@ def test_client_matches_model_and_eval_boxes(exported, served):
             assert 0 <= b["y"] and b["y"] + b["h"] <= 1024
         total_boxes += len(got)
     assert total_boxes > 0
+    # predict_pixels, preprocessed by the client with the export's own code.
+    for line, other in zip(lines, served["via_pixels"]):
+        for f in schema.FINDINGS:
+            assert other["probabilities"][f] == pytest.approx(
+                line["probabilities"][f], abs=1e-5
+            )
+        for b in other["boxes"]:
+            assert 0 <= b["x"] and b["x"] + b["w"] <= 1024 + 1e-3
     # The boxes are in the 1024-px film's pixels, not the 64-px input's.
     assert max(b["x"] + b["w"] for l in lines for b in l["boxes"]) > IMAGE_SIZE
 
