@@ -1,0 +1,1488 @@
+"""Reproduces the PCAM and InfoMask papers' comparisons on the synthetic films.
+
+    python benchmarks/reproduce.py --output_dir=docs/results
+
+On one synthetic data set (`cxr_tf.data.synthetic`, ingested by
+`pipeline.ingest`), with one step budget and one seed, it trains every global
+pooling of the PCAM paper's Table 1 plus PCAM (`cxr_tf.layers.POOLING_NAMES`)
+on a ResNet-34, and the InfoMask network with its three mask variants
+(InfoMask, FeatureMask, RegL1); the InfoMask paper's GradCAM baseline is the
+Grad-CAM map of the plain average-pooling classifier. Every training and
+evaluation is a `python -m cxr_tf.train` / `python -m cxr_tf.evaluate`
+subprocess, so each gets a clean TensorFlow runtime. PCAM is trained again
+with other seeds (`--noise_seeds`) to measure the run-to-run spread.
+
+Writes to --output_dir: `results.json` (settings, data counts, timings and
+every evaluation's metrics), `figure2.png` (the PCAM paper's Figure 2 layout:
+image with truth boxes, LSE CAM with boxes, PCAM map with boxes, for a fixed
+set of test films) and `infomask_maps.png` (the InfoMask paper's Figure 3
+layout), and `RESULTS.md` (default: next to --output_dir) with the tables
+shaped like the papers' and where they agree or not. Finished trainings and
+evaluations in --work_dir are reused when their arguments are unchanged
+(`--noreuse` redoes everything); `--report_only` rewrites RESULTS.md from
+results.json. `--smoke` shrinks everything for a quick end-to-end check.
+"""
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    # Runs from a checkout without `pip install -e .`.
+    sys.path.insert(0, str(ROOT))
+
+from cxr_tf.data import schema  # noqa: E402 pylint: disable=g-import-not-at-top
+
+# The layers package imports Keras; the names are fixed by the team contract.
+POOLING_NAMES = ("pcam", "avg", "max", "linear", "exp", "lse", "lse_lba", "attention")
+INFOMASK_VARIANTS = ("infomask", "featuremask", "regl1")
+IOBB_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
+RESULTS_JSON = "results.json"
+FIGURE2 = "figure2.png"
+INFOMASK_FIGURE = "infomask_maps.png"
+ABBREVIATIONS = {
+    "Atelectasis": "AT",
+    "Cardiomegaly": "CM",
+    "Effusion": "EF",
+    "Infiltration": "IF",
+    "Mass": "MS",
+    "Nodule": "ND",
+    "Pneumonia": "PMN",
+    "Pneumothorax": "PMT",
+}
+POOLING_TITLES = {
+    "pcam": "PCAM",
+    "avg": "Average",
+    "max": "Max",
+    "linear": "Linear",
+    "exp": "Exponential",
+    "lse": "LSE",
+    "lse_lba": "LSE-LBA",
+    "attention": "Attention",
+}
+INFOMASK_TITLES = {
+    "gradcam": "GradCAM",
+    "featuremask": "FeatureMask",
+    "regl1": "RegL1",
+    "infomask": "InfoMask",
+}
+
+# The papers' own figures (ChestX-ray14 official test set), for comparison
+# only: PCAM paper Tables 2 and 3, InfoMask paper Table 1.
+PAPER_AUC = {
+    "PCAM": (0.772, 0.864, 0.825, 0.694, 0.813, 0.783, 0.721, 0.868, 0.732, 0.833)
+    + (0.931, 0.819, 0.788, 0.784),
+    "LSE [Wang]": (0.700, 0.810, 0.759, 0.661, 0.693, 0.669, 0.658, 0.799, 0.703)
+    + (0.805, 0.833, 0.786, 0.684, 0.872),
+    "LSE-LBA": (0.733, 0.856, 0.806, 0.673, 0.777, 0.718, 0.684, 0.805, 0.711)
+    + (0.806, 0.842, 0.743, 0.724, 0.775),
+}
+PAPER_IOBB05 = {
+    "PCAM": (0.3500, 0.9657, 0.5359, 0.7642, 0.4118, 0.0759, 0.7667, 0.1939),
+    "LSE [Wang]": (0.2833, 0.8767, 0.3333, 0.4227, 0.1411, 0.0126, 0.3833, 0.1836),
+}
+PAPER_AFP05 = {
+    "PCAM": (0.867, 0.021, 1.137, 1.805, 1.000, 1.228, 1.200, 1.684),
+    "LSE [Wang]": (1.020, 0.563, 0.927, 0.659, 0.694, 0.619, 1.013, 0.529),
+}
+# IoP, FPR, FNR, accuracy, AUC (pneumonia only).
+PAPER_INFOMASK = {
+    "GradCAM": (0.12, 0.196, 0.20, 0.8221, 0.8333),
+    "FeatureMask": (0.19, 0.095, 0.81, 0.8236, 0.8375),
+    "RegL1": (0.11, 0.010, 0.99, 0.8170, 0.8306),
+    "CheXCAM": (0.34, 0.077, 0.71, 0.8400, 0.8644),
+    "InfoMask": (0.44, 0.025, 0.80, 0.8248, 0.8251),
+}
+
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "Where results.json and the figures go (docs/results)."
+)
+_RESULTS_MD = flags.DEFINE_string(
+    "results_md", None, "The report (default: RESULTS.md next to --output_dir)."
+)
+_WORK_DIR = flags.DEFINE_string(
+    "work_dir",
+    "/tmp/cxr_reproduce",
+    "Data, records, models and evaluations (large; reused when unchanged).",
+)
+_SEED = flags.DEFINE_integer(
+    "seed", 0, "Seed of the synthetic data, the patient split and the training."
+)
+_NUM_PATIENTS = flags.DEFINE_integer(
+    "num_patients", 360, "Synthetic patients (about 1.7 films each)."
+)
+_DATA_IMAGE_SIZE = flags.DEFINE_integer(
+    "data_image_size", 256, "Side of the synthetic films (px)."
+)
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", 128, "Network input side (px, multiple of 32); also stored size."
+)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Training batch size.")
+_STEPS = flags.DEFINE_integer("steps", 60, "Training steps of every run.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
+_JIT_COMPILE = flags.DEFINE_enum(
+    "jit_compile", "auto", ["auto", "true", "false"], "XLA for training steps."
+)
+_POOLINGS = flags.DEFINE_list(
+    "poolings", list(POOLING_NAMES), "Poolings of the ResNet-34 runs."
+)
+_INFOMASK_VARIANTS = flags.DEFINE_list(
+    "infomask_variants",
+    list(INFOMASK_VARIANTS),
+    "InfoMask-network runs (backbone=infomask); empty: none.",
+)
+_GRADCAM_RUN = flags.DEFINE_string(
+    "gradcam_run",
+    "avg",
+    "Pooling run whose Grad-CAM maps are the InfoMask table's GradCAM "
+    "baseline ('' to skip).",
+)
+_NOISE_SEEDS = flags.DEFINE_list(
+    "noise_seeds", ["1"], "Extra training seeds of PCAM for the spread estimate."
+)
+_NUM_FIGURE_IMAGES = flags.DEFINE_integer(
+    "num_figure_images", 4, "Test films in the figures."
+)
+_REUSE = flags.DEFINE_bool(
+    "reuse", True, "Reuse finished stages in --work_dir with identical arguments."
+)
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Only rewrite RESULTS.md from --output_dir/results.json."
+)
+_RERUN_OF = flags.DEFINE_string(
+    "rerun_of",
+    None,
+    "results.json of a rerun of this command with the same seed (another "
+    "--work_dir): its differences to this run go into the report.",
+)
+_SMOKE = flags.DEFINE_bool(
+    "smoke",
+    False,
+    "Tiny end-to-end check: 24 patients at 64 px, 2 steps of batch 4, PCAM "
+    "and LSE, InfoMask only, no noise seeds (flags given explicitly win).",
+)
+
+SMOKE_SETTINGS = {
+    "num_patients": 24,
+    "data_image_size": 64,
+    "image_size": 64,
+    "batch_size": 4,
+    "steps": 2,
+    "poolings": ["pcam", "lse"],
+    "infomask_variants": ["infomask"],
+    "gradcam_run": "lse",
+    "noise_seeds": [],
+    "num_figure_images": 2,
+}
+
+
+# ---------------------------------------------------------------------------
+# Settings.
+
+
+def resolve_settings():
+    """The run's settings from the flags (with --smoke defaults applied)."""
+    names = (
+        "seed num_patients data_image_size image_size batch_size steps "
+        "learning_rate jit_compile poolings infomask_variants gradcam_run "
+        "noise_seeds num_figure_images"
+    ).split()
+    settings = {name: flags.FLAGS[name].value for name in names}
+    if _SMOKE.value:
+        for name, value in SMOKE_SETTINGS.items():
+            if not flags.FLAGS[name].present:
+                settings[name] = value
+    settings["poolings"] = [p for p in settings["poolings"] if p]
+    settings["infomask_variants"] = [v for v in settings["infomask_variants"] if v]
+    settings["noise_seeds"] = [int(s) for s in settings["noise_seeds"] if s != ""]
+    for name in settings["poolings"]:
+        if name not in POOLING_NAMES:
+            raise app.UsageError(
+                f"--poolings must name poolings of {POOLING_NAMES}. Received: {name!r}"
+            )
+    for name in settings["infomask_variants"]:
+        if name not in INFOMASK_VARIANTS:
+            raise app.UsageError(
+                f"--infomask_variants must be of {INFOMASK_VARIANTS}. "
+                f"Received: {name!r}"
+            )
+    if settings["gradcam_run"] and settings["gradcam_run"] not in settings["poolings"]:
+        raise app.UsageError(
+            "--gradcam_run must be one of the trained --poolings "
+            f"{settings['poolings']}. Received: {settings['gradcam_run']!r}"
+        )
+    if settings["noise_seeds"] and "pcam" not in settings["poolings"]:
+        raise app.UsageError("--noise_seeds needs pcam among --poolings.")
+    if settings["seed"] in settings["noise_seeds"]:
+        raise app.UsageError(
+            f"--noise_seeds must differ from --seed={settings['seed']}. "
+            f"Received: {settings['noise_seeds']}"
+        )
+    if settings["image_size"] % 32 or settings["image_size"] < 32:
+        raise app.UsageError(
+            "--image_size must be a positive multiple of 32. "
+            f"Received: {settings['image_size']}"
+        )
+    for name in ("steps", "batch_size", "num_patients"):
+        if settings[name] < 1:
+            raise app.UsageError(f"--{name} must be >= 1. Received: {settings[name]}")
+    return settings
+
+
+def plan_runs(settings):
+    """The trainings: name -> dict(backbone, pooling, variant, seed)."""
+    runs = {}
+    for pooling in settings["poolings"]:
+        runs[pooling] = {
+            "backbone": "resnet34",
+            "pooling": pooling,
+            "variant": None,
+            "seed": settings["seed"],
+        }
+    for seed in settings["noise_seeds"]:
+        runs[f"pcam_seed{seed}"] = {
+            "backbone": "resnet34",
+            "pooling": "pcam",
+            "variant": None,
+            "seed": seed,
+        }
+    for variant in settings["infomask_variants"]:
+        runs[f"infomask_{variant}"] = {
+            "backbone": "infomask",
+            "pooling": "avg",
+            "variant": variant,
+            "seed": settings["seed"],
+        }
+    return runs
+
+
+def plan_evaluations(settings, runs):
+    """The evaluations: name -> dict(run, map_source)."""
+    evals = {name: {"run": name, "map_source": "model"} for name in runs}
+    if settings["gradcam_run"]:
+        evals["gradcam"] = {"run": settings["gradcam_run"], "map_source": "gradcam"}
+    return evals
+
+
+# ---------------------------------------------------------------------------
+# Subprocess stages.
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def run_stage(name, argv, stage_dir, reuse):
+    """Runs `python -m ...` once per distinct argument list; logs to a file.
+
+    Args:
+      name: stage name for messages.
+      argv: the module and its arguments (after `python -m`).
+      stage_dir: directory whose `reproduce_stage.json` records the finished
+        stage (argv, wall time).
+      reuse: skip the stage when the record shows the same argv finished.
+
+    Returns:
+      dict with "argv", "wall_s", "reused".
+
+    Raises:
+      RuntimeError: the subprocess failed (its log's tail is in the message).
+    """
+    stage_dir = pathlib.Path(stage_dir)
+    record_path = stage_dir / "reproduce_stage.json"
+    if reuse and record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("argv") == argv:
+            logging.info("Reusing %s (%s)", name, stage_dir)
+            return {**record, "reused": True}
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    log_path = stage_dir / "reproduce_stage.log"
+    command = [sys.executable, "-m"] + argv
+    logging.info("Running %s: %s", name, shlex.join(command))
+    start = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            command, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT
+        )
+    wall = time.time() - start
+    if proc.returncode:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(
+            f"Stage {name} failed with exit status {proc.returncode} after "
+            f"{wall:.0f} s: {shlex.join(command)}\nLog {log_path} ends:\n{tail}"
+        )
+    record = {"argv": argv, "wall_s": round(wall, 1)}
+    record_path.write_text(json.dumps(record, indent=2))
+    logging.info("%s done in %.0f s", name, wall)
+    return {**record, "reused": False}
+
+
+def make_data(settings, work_dir, reuse):
+    """Synthetic films, then TFRecords; returns (synthetic dir, records dir, timings)."""
+    synthetic_dir = work_dir / "synthetic"
+    records_dir = work_dir / "records"
+    timings = {}
+    timings["synthetic"] = run_stage(
+        "synthetic data",
+        [
+            "cxr_tf.data.synthetic",
+            f"--output_dir={synthetic_dir}",
+            f"--num_patients={settings['num_patients']}",
+            f"--image_size={settings['data_image_size']}",
+            f"--seed={settings['seed']}",
+        ],
+        work_dir / "stage_synthetic",
+        reuse,
+    )
+    timings["ingest"] = run_stage(
+        "ingest",
+        [
+            "pipeline.ingest",
+            f"--data_dir={synthetic_dir}",
+            f"--output_dir={records_dir}",
+            f"--image_size={settings['image_size']}",
+            f"--seed={settings['seed']}",
+            "--overwrite",
+        ],
+        work_dir / "stage_ingest",
+        # New films mean new records even if the ingest arguments match.
+        reuse and timings["synthetic"]["reused"],
+    )
+    return synthetic_dir, records_dir, timings
+
+
+def train_argv(settings, records_dir, model_dir, run):
+    """`python -m cxr_tf.train` arguments of one run."""
+    argv = [
+        "cxr_tf.train",
+        f"--data_dir={records_dir}",
+        f"--model_dir={model_dir}",
+        f"--backbone={run['backbone']}",
+        f"--pooling={run['pooling']}",
+        f"--image_size={settings['image_size']}",
+        f"--batch_size={settings['batch_size']}",
+        "--epochs=1",
+        f"--steps_per_epoch={settings['steps']}",
+        "--optimizer=adam",
+        f"--learning_rate={settings['learning_rate']}",
+        "--lr_schedule=constant",
+        "--loss=balanced_bce",
+        f"--seed={run['seed']}",
+        f"--jit_compile={settings['jit_compile']}",
+        # One backup at the end: a killed run restarts its only epoch.
+        f"--backup_every_steps={settings['steps']}",
+        "--num_overlay_images=0",
+        "--verbose=2",
+    ]
+    if run["variant"]:
+        argv.append(f"--infomask_variant={run['variant']}")
+    return argv
+
+
+def evaluate_argv(records_dir, model_dir, output_dir, map_source):
+    """`python -m cxr_tf.evaluate` arguments of one evaluation."""
+    return [
+        "cxr_tf.evaluate",
+        f"--model_dir={model_dir}",
+        "--checkpoint=final",
+        f"--data_dir={records_dir}",
+        "--split=test",
+        "--val_split=val",
+        f"--map={map_source}",
+        f"--output_dir={output_dir}",
+        "--iobb_thresholds=" + ",".join(f"{t:g}" for t in IOBB_THRESHOLDS),
+    ]
+
+
+def _free_checkpoints(model_dir):
+    # Each ResNet-34 .keras file with its Adam state is ~250 MB; evaluation
+    # and the figures read only model.keras.
+    for sub in ("checkpoints", "backup"):
+        path = pathlib.Path(model_dir) / sub
+        if path.is_dir():
+            for item in sorted(path.iterdir(), reverse=True):
+                if item.is_file():
+                    item.unlink()
+
+
+# ---------------------------------------------------------------------------
+# Data facts and extra metrics.
+
+
+def data_summary(synthetic_dir, records_dir):
+    """Split sizes, labels and boxes of the test split, from the tables."""
+    from cxr_tf.data import metadata
+
+    report = json.loads((records_dir / schema.INGEST_REPORT).read_text())
+    entries, _ = metadata.read_data_entry(str(synthetic_dir / "Data_Entry_2017.csv"))
+    boxes = metadata.read_bbox_list(str(synthetic_dir / "BBox_List_2017.csv"))
+    test_ids = set(metadata.read_image_list(str(synthetic_dir / "test_list.txt")))
+    test_entries = entries[entries["image_id"].isin(test_ids)]
+    labels = np.stack(test_entries["labels"].to_numpy()) if len(test_entries) else None
+    test_boxes = boxes[boxes["image_id"].isin(test_ids)]
+    return {
+        "written": report.get("written"),
+        "patients": report.get("patients"),
+        "test_positives": {
+            f: int(labels[:, k].sum()) if labels is not None else 0
+            for k, f in enumerate(schema.FINDINGS)
+        },
+        "test_boxes": {
+            f: int((test_boxes["finding"] == f).sum()) for f in schema.BOXED_FINDINGS
+        },
+        "test_images_with_boxes": {
+            f: int(test_boxes[test_boxes["finding"] == f]["image_id"].nunique())
+            for f in schema.BOXED_FINDINGS
+        },
+    }
+
+
+def labels_by_image(synthetic_dir):
+    """image id -> (14,) float labels, from the synthetic Data_Entry table."""
+    from cxr_tf.data import metadata
+
+    entries, _ = metadata.read_data_entry(str(synthetic_dir / "Data_Entry_2017.csv"))
+    return {
+        i: np.asarray(l, np.float64)
+        for i, l in zip(entries["image_id"], entries["labels"])
+    }
+
+
+def accuracy_per_class(predictions_path, labels, threshold=0.5):
+    """Classification accuracy per finding at probability >= threshold.
+
+    Args:
+      predictions_path: predictions.jsonl as `cxr_tf.evaluate` writes it.
+      labels: image id -> (14,) labels.
+      threshold: decision threshold on the probability.
+
+    Returns:
+      dict finding -> accuracy (None for a finding the model does not output).
+    """
+    correct, total = {}, {}
+    with open(predictions_path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            truth = labels.get(record["image"])
+            if truth is None:
+                continue
+            for finding, p in record["probabilities"].items():
+                k = schema.FINDINGS.index(finding)
+                hit = float(p >= threshold) == truth[k]
+                correct[finding] = correct.get(finding, 0) + int(hit)
+                total[finding] = total.get(finding, 0) + 1
+    return {f: correct[f] / total[f] for f in total}
+
+
+def compact_metrics(metrics):
+    """The parts of an evaluate metrics dict the report uses."""
+    out = {"num_images": metrics.get("num_images"), "source": metrics.get("source")}
+    cls = metrics.get("classification", {})
+    out["auc"] = {f: v.get("auc") for f, v in cls.get("per_class", {}).items()}
+    out["mean_auc"] = cls.get("mean_auc")
+    out["localization"] = {}
+    for threshold, section in metrics.get("localization", {}).items():
+        out["localization"][threshold] = {
+            "per_class": {
+                f: {k: v[k] for k in ("iobb", "iou", "afp", "num_gt_boxes") if k in v}
+                for f, v in section["per_class"].items()
+            },
+            "mean": section["mean"],
+        }
+    if "mask" in metrics:
+        out["mask"] = metrics["mask"]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Figures.
+
+
+def choose_figure_images(synthetic_dir, count):
+    """A fixed set of test films: the first (by id) with a box of each finding.
+
+    Args:
+      synthetic_dir: the synthetic data set.
+      count: number of films.
+
+    Returns:
+      list of (image_id, finding shown); findings in canonical order, one
+      film each, cycling until `count` distinct films are chosen.
+    """
+    from cxr_tf.data import metadata
+
+    boxes = metadata.read_bbox_list(str(synthetic_dir / "BBox_List_2017.csv"))
+    test_ids = set(metadata.read_image_list(str(synthetic_dir / "test_list.txt")))
+    boxes = boxes[boxes["image_id"].isin(test_ids)]
+    candidates = {
+        f: sorted(boxes[boxes["finding"] == f]["image_id"].unique())
+        for f in schema.BOXED_FINDINGS
+    }
+    chosen, used = [], set()
+    while len(chosen) < count:
+        added = False
+        for finding in schema.BOXED_FINDINGS:
+            for image_id in candidates[finding]:
+                if image_id not in used:
+                    chosen.append((image_id, finding))
+                    used.add(image_id)
+                    added = True
+                    break
+            if len(chosen) == count:
+                break
+        if not added:
+            break
+    return chosen
+
+
+def _gt_boxes(synthetic_dir):
+    from cxr_tf.data import metadata
+
+    boxes = metadata.read_bbox_list(str(synthetic_dir / "BBox_List_2017.csv"))
+    out = {}
+    for row in boxes.itertuples():
+        out.setdefault(row.image_id, {}).setdefault(row.finding, []).append(
+            (row.x, row.y, row.w, row.h)
+        )
+    return out
+
+
+def _panel_map(score_map, hw, image_size, map_kind):
+    """A map cropped to the film, scaled as thresholded, upsampled to (H, W)."""
+    from cxr_tf import localization
+    from cxr_tf import predict_lib
+
+    cropped = predict_lib.crop_map_to_image(score_map, hw, image_size)
+    if map_kind == "cam":
+        cropped = localization.normalize_cam(cropped)
+        if cropped is None:
+            cropped = np.zeros((1, 1), np.float32)
+    return localization.resize_bilinear(cropped, hw)
+
+
+def _draw(axes, image, heat=None, vmax=1.0, truth=(), pred=(), title="", mask=None):
+    from matplotlib import patches
+
+    axes.imshow(image, cmap="gray")
+    if heat is not None:
+        axes.imshow(heat, cmap="jet", alpha=0.4, vmin=0.0, vmax=vmax)
+    if mask is not None and mask.any() and not mask.all():
+        axes.contour(
+            mask.astype(np.float32), levels=[0.5], colors="white", linewidths=1
+        )
+    for color, style, items in (("#00d000", "-", truth), ("#1f5cff", "-", pred)):
+        for box in items:
+            x, y, w, h = (float(v) for v in tuple(box)[:4])
+            axes.add_patch(
+                patches.Rectangle(
+                    (x, y), w, h, fill=False, edgecolor=color, lw=1.5, ls=style
+                )
+            )
+    axes.set_title(title, fontsize=8)
+    axes.set_axis_off()
+
+
+def make_figures(settings, synthetic_dir, work_dir, output_dir, evaluations):
+    """Writes figure2.png (and infomask_maps.png); returns their names."""
+    from matplotlib import figure as mpl_figure
+    from matplotlib.backends import backend_agg
+
+    from cxr_tf import predict_lib
+    from cxr_tf import train_lib
+    from cxr_tf.data import images as cxr_images
+
+    chosen = choose_figure_images(synthetic_dir, settings["num_figure_images"])
+    if not chosen:
+        logging.warning("No test film with boxes: no figures.")
+        return {"files": [], "images": []}
+    gt = _gt_boxes(synthetic_dir)
+    films = {
+        image_id: cxr_images.read_image(str(synthetic_dir / "images" / image_id))
+        for image_id, _ in chosen
+    }
+    cache = {}
+
+    def maps_of(run, map_source):
+        key = (run, map_source)
+        if key not in cache:
+            loaded = train_lib.load_model(str(work_dir / "runs" / run), "final")
+            computer = predict_lib.MapComputer(loaded, map_source)
+            inputs = np.stack(
+                [
+                    predict_lib.preprocess(
+                        films[i], loaded.image_size, loaded.normalization
+                    )
+                    for i, _ in chosen
+                ]
+            )
+            probs, maps = computer(inputs)
+            cache[key] = (loaded, computer.map_kind, probs, maps)
+        return cache[key]
+
+    def panel(axes, row, run, map_source, label, threshold=None, mask_threshold=None):
+        image_id, finding = chosen[row]
+        loaded, kind, probs, maps = maps_of(run, map_source)
+        k = list(loaded.findings).index(finding)
+        film = films[image_id]
+        hw = film.shape
+        heat = _panel_map(maps[row, ..., k], hw, loaded.image_size, kind)
+        pred = []
+        if threshold is not None:
+            pred = predict_lib.boxes_in_original(
+                maps[row, ..., k], hw, loaded.image_size, kind, threshold
+            )
+        mask = None if mask_threshold is None else heat >= mask_threshold
+        _draw(
+            axes,
+            film,
+            heat,
+            255.0 if kind == "cam" else 1.0,
+            gt.get(image_id, {}).get(finding, []),
+            pred,
+            f"{label}: {finding} p={probs[row, k]:.2f}",
+            mask,
+        )
+
+    written = []
+    columns = []
+    if "lse" in settings["poolings"]:
+        columns.append(("lse", "LSE CAM (>=180)", 180.0))
+    if "pcam" in settings["poolings"]:
+        columns.append(("pcam", "PCAM map (>=0.9)", 0.9))
+    if columns:
+        fig = mpl_figure.Figure(figsize=(3.0 * (1 + len(columns)), 3.1 * len(chosen)))
+        backend_agg.FigureCanvasAgg(fig)
+        grid = fig.subplots(len(chosen), 1 + len(columns), squeeze=False)
+        for row, (image_id, finding) in enumerate(chosen):
+            truth = [b for boxes in gt.get(image_id, {}).values() for b in boxes]
+            names = ", ".join(sorted(gt.get(image_id, {})))
+            _draw(
+                grid[row, 0], films[image_id], truth=truth, title=f"{image_id}\n{names}"
+            )
+            for col, (run, label, threshold) in enumerate(columns, 1):
+                panel(grid[row, col], row, run, "model", label, threshold)
+        fig.suptitle(
+            "Truth boxes green, predicted boxes blue (shown finding's boxes only)",
+            fontsize=9,
+        )
+        fig.tight_layout()
+        fig.savefig(output_dir / FIGURE2, dpi=90)
+        written.append(FIGURE2)
+
+    columns = []
+    if settings["gradcam_run"]:
+        columns.append((settings["gradcam_run"], "gradcam", "GradCAM", "gradcam"))
+    for variant in settings["infomask_variants"]:
+        columns.append(
+            (
+                f"infomask_{variant}",
+                "model",
+                INFOMASK_TITLES[variant],
+                f"infomask_{variant}",
+            )
+        )
+    if columns:
+        fig = mpl_figure.Figure(figsize=(3.0 * (1 + len(columns)), 3.1 * len(chosen)))
+        backend_agg.FigureCanvasAgg(fig)
+        grid = fig.subplots(len(chosen), 1 + len(columns), squeeze=False)
+        for row, (image_id, finding) in enumerate(chosen):
+            _draw(
+                grid[row, 0],
+                films[image_id],
+                truth=gt.get(image_id, {}).get(finding, []),
+                title=f"{image_id}\n{finding} truth",
+            )
+            for col, (run, source, label, eval_name) in enumerate(columns, 1):
+                mask_threshold = (
+                    evaluations.get(eval_name, {}).get("mask", {}).get("threshold")
+                )
+                panel(grid[row, col], row, run, source, label, None, mask_threshold)
+        fig.suptitle(
+            "Maps with the validation-chosen mask threshold (white contour)",
+            fontsize=9,
+        )
+        fig.tight_layout()
+        fig.savefig(output_dir / INFOMASK_FIGURE, dpi=90)
+        written.append(INFOMASK_FIGURE)
+    return {"files": written, "images": [list(c) for c in chosen]}
+
+
+# ---------------------------------------------------------------------------
+# Noise.
+
+
+def noise_summary(evaluations, noise_seeds, seed):
+    """Differences between the PCAM runs of different training seeds."""
+    names = ["pcam"] + [f"pcam_seed{s}" for s in noise_seeds]
+    names = [n for n in names if n in evaluations]
+    if len(names) < 2:
+        return None
+
+    def figures(e):
+        loc = e["localization"].get("0.9", next(iter(e["localization"].values())))
+        mask = e.get("mask", {}).get("mean", {})
+        return {
+            "mean_auc": e["mean_auc"],
+            "mean_iobb_acc_0.5": loc["mean"]["iobb"]["0.5"],
+            "mean_iobb_acc_0.1": loc["mean"]["iobb"]["0.1"],
+            "mean_afp_0.5": loc["mean"]["afp"]["0.5"],
+            "mean_iop": mask.get("iop"),
+        }
+
+    values = {n: figures(evaluations[n]) for n in names}
+    spread = {}
+    for key in values[names[0]]:
+        xs = [values[n][key] for n in names if values[n][key] is not None]
+        if len(xs) >= 2:
+            spread[key] = {
+                "range": float(max(xs) - min(xs)),
+                "std": float(np.std(xs, ddof=1)),
+            }
+    auc_diffs = []
+    for finding in schema.FINDINGS:
+        xs = [evaluations[n]["auc"].get(finding) for n in names]
+        if all(x is not None for x in xs):
+            auc_diffs.append(max(xs) - min(xs))
+    acc_diffs = []
+    for finding in schema.BOXED_FINDINGS:
+        xs = []
+        for n in names:
+            loc = evaluations[n]["localization"].get("0.9", {})
+            xs.append(
+                loc.get("per_class", {}).get(finding, {}).get("iobb", {}).get("0.5")
+            )
+        if all(x is not None for x in xs):
+            acc_diffs.append(max(xs) - min(xs))
+    return {
+        "runs": names,
+        "seeds": [seed] + list(noise_seeds),
+        "values": values,
+        "spread": spread,
+        "per_class_auc_range": {
+            "mean": float(np.mean(auc_diffs)) if auc_diffs else None,
+            "max": float(np.max(auc_diffs)) if auc_diffs else None,
+        },
+        "per_class_iobb05_range": {
+            "mean": float(np.mean(acc_diffs)) if acc_diffs else None,
+            "max": float(np.max(acc_diffs)) if acc_diffs else None,
+        },
+    }
+
+
+def rerun_summary(results, other_path):
+    """Differences between this run and a same-seed rerun of the command.
+
+    Args:
+      results: this run's results dict.
+      other_path: the rerun's results.json.
+
+    Returns:
+      dict with per-evaluation differences and a sentence for the report.
+
+    Raises:
+      ValueError: the rerun used other settings or another seed.
+    """
+    other = json.loads(pathlib.Path(other_path).read_text())
+    mine, theirs = results["settings"], other["settings"]
+    for key in (
+        "seed",
+        "num_patients",
+        "data_image_size",
+        "image_size",
+        "batch_size",
+        "steps",
+        "learning_rate",
+    ):
+        if mine.get(key) != theirs.get(key):
+            raise ValueError(
+                f"{other_path} is not a rerun of these settings: {key} is "
+                f"{theirs.get(key)!r} there, {mine.get(key)!r} here."
+            )
+    diffs = {}
+    for name, e in results["evaluations"].items():
+        o = other["evaluations"].get(name)
+        if o is None:
+            continue
+        auc = [
+            abs(e["auc"][f] - o["auc"][f])
+            for f in e["auc"]
+            if e["auc"][f] is not None and o["auc"].get(f) is not None
+        ]
+        loc_e, _ = _box_section(e)
+        loc_o, _ = _box_section(o)
+        diffs[name] = {
+            "mean_auc": abs(e["mean_auc"] - o["mean_auc"]),
+            "max_class_auc": max(auc) if auc else None,
+            "mean_iobb_acc_0.5": abs(
+                loc_e["mean"]["iobb"]["0.5"] - loc_o["mean"]["iobb"]["0.5"]
+            ),
+        }
+    if not diffs:
+        raise ValueError(f"{other_path} shares no evaluation with this run.")
+    worst_auc = max(d["mean_auc"] for d in diffs.values())
+    worst_acc = max(d["mean_iobb_acc_0.5"] for d in diffs.values())
+    worst_class = max((d["max_class_auc"] or 0.0) for d in diffs.values())
+    text = (
+        "Same-seed rerun (`"
+        + other["command"]
+        + "`, a fresh work dir): for "
+        + ", ".join(sorted(diffs))
+        + f", mean AUC differs by at most {worst_auc:.4f} (any one finding's "
+        f"AUC by at most {worst_class:.4f}) and mean accuracy at IoBB > 0.5 by "
+        f"at most {worst_acc:.4f}"
+        + (
+            ": the command reproduces its numbers exactly."
+            if worst_auc == 0 and worst_acc == 0 and worst_class == 0
+            else ": TensorFlow's multithreaded CPU kernels are not bitwise "
+            "deterministic, so a rerun lands near, not on, these numbers."
+        )
+    )
+    return {"other": str(other_path), "differences": diffs, "text": text}
+
+
+# ---------------------------------------------------------------------------
+# The report.
+
+
+def _fmt(value, digits=3):
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _box_section(evaluation):
+    """The localization section used in the tables: the paper's threshold."""
+    loc = evaluation["localization"]
+    kind = evaluation["source"]["map_kind"]
+    key = "0.9" if kind == "probability" else "180"
+    return loc.get(key) or next(iter(loc.values())), key
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _compare(ours_a, ours_b, noise):
+    """'higher' / 'lower' / 'tie within noise' for a - b against the noise."""
+    if ours_a is None or ours_b is None:
+        return "n/a"
+    diff = ours_a - ours_b
+    if noise is not None and abs(diff) <= noise:
+        return f"within the seed spread ({diff:+.3f}, spread {noise:.3f})"
+    return f"{'higher' if diff > 0 else 'lower'} ({diff:+.3f})"
+
+
+def write_report(results, md_path, output_dir):
+    """Writes RESULTS.md from the results dict."""
+    s = results["settings"]
+    ev = results["evaluations"]
+    poolings = [p for p in s["poolings"] if p in ev]
+    rel = os.path.relpath(output_dir, os.path.dirname(os.path.abspath(md_path)))
+    noise = results.get("noise")
+    spread = (noise or {}).get("spread", {})
+    auc_noise = (spread.get("mean_auc") or {}).get("range")
+    acc_noise = (spread.get("mean_iobb_acc_0.5") or {}).get("range")
+    afp_noise = (spread.get("mean_afp_0.5") or {}).get("range")
+    iop_noise = (spread.get("mean_iop") or {}).get("range")
+    data = results["data"]
+    out = []
+    w = out.append
+    w("# Reproducing the papers' comparisons on synthetic films\n")
+    w(
+        "Generated by `benchmarks/reproduce.py`; do not edit by hand. Every "
+        "number below comes from `"
+        + rel
+        + "/"
+        + RESULTS_JSON
+        + "`, written by the same run.\n"
+    )
+    if s.get("smoke"):
+        w(
+            "**This is a `--smoke` run (a few steps on tiny data): the numbers "
+            "test the script, they mean nothing.**\n"
+        )
+    w("## Command, seed, time\n")
+    w("```\n" + results["command"] + "\n```\n")
+    machine = results["machine"]
+    w(
+        f"- Data seed = split seed = training seed = **{s['seed']}**; PCAM also "
+        f"with training seed(s) {s['noise_seeds'] or 'none'} for the noise "
+        "estimate (same data).\n"
+        f"- Wall time: **{results['wall_time_s'] / 60:.1f} min** in all "
+        f"({results['started_utc']} to {results['finished_utc']} UTC) on "
+        f"{machine['cpu_count']} CPU cores, TensorFlow {machine['tensorflow']}, "
+        f"Keras {machine['keras']}. Load average (1 min) at start "
+        f"{machine['load_start'][0]:.1f}, at end {machine['load_end'][0]:.1f}"
+        + (
+            ": **the machine was shared with other jobs, so the times are "
+            "inflated**; the metrics do not depend on load."
+            if max(machine["load_start"][0], machine["load_end"][0])
+            > machine["cpu_count"] + 0.5
+            else "."
+        )
+        + "\n"
+    )
+    timing_rows = []
+    for name, run in results["runs"].items():
+        e = results["evaluations"].get(name, {})
+        timing_rows.append(
+            [
+                name,
+                run["backbone"],
+                run.get("variant") or run["pooling"],
+                run["seed"],
+                _fmt(run["train_wall_s"], 0) + (" (reused)" if run["reused"] else ""),
+                _fmt(e.get("eval_wall_s"), 0),
+            ]
+        )
+    if "gradcam" in ev:
+        timing_rows.append(
+            [
+                "gradcam",
+                "(of " + ev["gradcam"]["run"] + ")",
+                "Grad-CAM",
+                "",
+                "",
+                _fmt(ev["gradcam"]["eval_wall_s"], 0),
+            ]
+        )
+    w("<details><summary>Per-run wall times (s)</summary>\n")
+    w(_table(["run", "backbone", "head", "seed", "train", "evaluate"], timing_rows))
+    w("\n</details>\n")
+
+    w("## Setup\n")
+    written = data.get("written") or {}
+    boxes = data["test_boxes"]
+    w(
+        f"- **Data**: `python -m cxr_tf.data.synthetic --num_patients="
+        f"{s['num_patients']} --image_size={s['data_image_size']} --seed="
+        f"{s['seed']}`"
+        + (
+            " (the demo's data set)"
+            if (s["num_patients"], s["data_image_size"]) == (360, 256)
+            else ""
+        )
+        + ", ingested with `python -m "
+        f"pipeline.ingest --image_size={s['image_size']}`: "
+        f"{written.get('train', '?')} train / {written.get('val', '?')} val / "
+        f"{written.get('test', '?')} test films, split by patient. Test boxes "
+        "per finding: "
+        + ", ".join(f"{ABBREVIATIONS[f]} {boxes[f]}" for f in schema.BOXED_FINDINGS)
+        + f" ({sum(boxes.values())} in all). Test positives per finding: "
+        + ", ".join(f"{f} {n}" for f, n in data["test_positives"].items())
+        + ".\n"
+    )
+    w(
+        f"- **Training** (every run): {s['steps']} steps of batch {s['batch_size']} "
+        f"({s['steps'] * s['batch_size'] / max(written.get('train', 1), 1):.1f} "
+        f"epochs), {s['image_size']} px input, Adam lr {s['learning_rate']:g} "
+        "constant, batch-balanced BCE (Wang et al.), default augmentation, "
+        "random initialisation (no ImageNet weights), all 14 findings. Poolings "
+        "on ResNet-34 (feature map "
+        f"{s['image_size'] // 32}x{s['image_size'] // 32}); InfoMask variants on "
+        f"the InfoMask paper's network (map {s['image_size'] // 4}x"
+        f"{s['image_size'] // 4}). The papers: ResNet-34 at 1024 px, batch 36, "
+        "10 epochs of ~78k films (PCAM); InfoMask on ~20k films.\n"
+    )
+    w(
+        "- **Evaluation** (`python -m cxr_tf.evaluate --checkpoint=final "
+        "--split=test --val_split=val`): AUROC per finding on the test split; "
+        "boxes from the PCAM probability map at 0.9, from the CAM of the "
+        "other poolings normalised per image to [0, 255] at 180 (the papers' "
+        "thresholds); a truth box is localized when a predicted box of its "
+        "finding has IoBB > T. **AFP** (average false positives; the papers "
+        "give no formula): predicted boxes of the finding on the films with a "
+        "truth box of that finding whose IoBB with every truth box is <= T, "
+        "per such film. InfoMask's IoP / FPR / FNR are pixelwise on the map "
+        "thresholded at the value that minimises (FPR + FNR) / 2 on the "
+        "validation split (per run), averaged over test (film, finding) pairs "
+        "with a truth box.\n"
+    )
+
+    # Table 2.
+    w("## Classification: AUROC per finding (cf. PCAM paper, Table 2)\n")
+    header = (
+        ["Finding"]
+        + [POOLING_TITLES[p] for p in poolings]
+        + [f"paper: {m}" for m in PAPER_AUC]
+    )
+    rows = []
+    for k, finding in enumerate(schema.FINDINGS):
+        ours = [ev[p]["auc"].get(finding) for p in poolings]
+        best = max((v for v in ours if v is not None), default=None)
+        cells = [
+            (f"**{_fmt(v)}**" if v is not None and v == best else _fmt(v)) for v in ours
+        ]
+        rows.append([finding] + cells + [_fmt(PAPER_AUC[m][k]) for m in PAPER_AUC])
+    rows.append(
+        ["**mean**"]
+        + [_fmt(ev[p]["mean_auc"]) for p in poolings]
+        + [_fmt(float(np.mean(PAPER_AUC[m]))) for m in PAPER_AUC]
+    )
+    w(_table(header, rows) + "\n")
+
+    # Table 3.
+    w(
+        "## Localization: accuracy and average false positives at IoBB > 0.5 "
+        "(cf. PCAM paper, Table 3)\n"
+    )
+    header = ["Method"] + [ABBREVIATIONS[f] for f in schema.BOXED_FINDINGS] + ["mean"]
+
+    def loc_rows(metric, t, paper=None):
+        rows = []
+        for p in poolings:
+            section, key = _box_section(ev[p])
+            values = [
+                section["per_class"].get(f, {}).get(metric, {}).get(t)
+                for f in schema.BOXED_FINDINGS
+            ]
+            rows.append(
+                [f"{POOLING_TITLES[p]} (map >= {key})"]
+                + [_fmt(v) for v in values]
+                + [_fmt(_mean(values))]
+            )
+        for name, values in (paper or {}).items():
+            rows.append(
+                [f"paper: {name}"]
+                + [_fmt(v) for v in values]
+                + [_fmt(float(np.mean(values)))]
+            )
+        return rows
+
+    w("**Localization accuracy, IoBB > 0.5**\n")
+    w(_table(header, loc_rows("iobb", "0.5", PAPER_IOBB05)) + "\n")
+    w("**Average false positives, IoBB > 0.5**\n")
+    w(_table(header, loc_rows("afp", "0.5", PAPER_AFP05)) + "\n")
+    for t in ("0.1", "0.25", "0.75", "0.9"):
+        w(f"**Localization accuracy, IoBB > {t}**\n")
+        w(_table(header, loc_rows("iobb", t)) + "\n")
+        w(f"<details><summary>Average false positives, IoBB > {t}</summary>\n")
+        w(_table(header, loc_rows("afp", t)) + "\n\n</details>\n")
+    w("**Localization accuracy, IoU > T (mean over the 8 findings)**\n")
+    rows = []
+    for p in poolings:
+        section, key = _box_section(ev[p])
+        rows.append(
+            [f"{POOLING_TITLES[p]} (map >= {key})"]
+            + [_fmt(section["mean"]["iou"].get(f"{t:g}")) for t in IOBB_THRESHOLDS]
+        )
+    w(_table(["Method"] + [f"T={t:g}" for t in IOBB_THRESHOLDS], rows) + "\n")
+
+    # InfoMask Table 1.
+    im_methods = [
+        m
+        for m in ("gradcam", "featuremask", "regl1", "infomask")
+        if (m if m == "gradcam" else f"infomask_{m}") in ev
+    ]
+    if im_methods:
+        w(
+            "## InfoMask comparison: IoP, FPR, FNR, accuracy, AUC (cf. InfoMask "
+            "paper, Table 1)\n"
+        )
+        gradcam_of = ev.get("gradcam", {}).get("run")
+        w(
+            "GradCAM = Grad-CAM of the plain "
+            + (
+                POOLING_TITLES.get(gradcam_of, str(gradcam_of))
+                + "-pooling ResNet-34 run"
+            )
+            + " (a CAM classifier like the paper's CheXCAM rather than the "
+            "InfoMask network without mask); FeatureMask, RegL1 and InfoMask are "
+            "the InfoMask network with the respective mask. All are trained on "
+            "the 14 findings (pneumonia alone has only "
+            f"{boxes.get('Pneumonia', 0)} test boxes here), and the table is "
+            "given for **Pneumonia** (the paper's finding) and as the **mean "
+            "over the 8 boxed findings**. The InfoMask mask is one map for all "
+            "findings (class-agnostic), so against one finding's boxes it also "
+            "pays for the other findings' lesions it covers; Grad-CAM maps are "
+            "per finding. Accuracy: probability >= 0.5 (the balanced loss "
+            "leaves probabilities uncalibrated).\n"
+        )
+        header = ["Method", "IoP", "FPR", "FNR", "Acc.", "AUC", "threshold"]
+        for scope in ("Pneumonia", "mean"):
+            rows = []
+            for m in im_methods:
+                e = ev[m if m == "gradcam" else f"infomask_{m}"]
+                mask = e.get("mask", {})
+                if scope == "mean":
+                    values = [
+                        mask.get("mean", {}).get(k) for k in ("iop", "fpr", "fnr")
+                    ]
+                    acc = _mean([e["accuracy"].get(f) for f in schema.BOXED_FINDINGS])
+                    auc = _mean([e["auc"].get(f) for f in schema.BOXED_FINDINGS])
+                else:
+                    pc = mask.get("per_class", {}).get(scope, {})
+                    values = [pc.get(k) for k in ("iop", "fpr", "fnr")]
+                    acc = e["accuracy"].get(scope)
+                    auc = e["auc"].get(scope)
+                rows.append(
+                    [INFOMASK_TITLES[m]]
+                    + [_fmt(v) for v in values]
+                    + [_fmt(acc), _fmt(auc), _fmt(mask.get("threshold"), 2)]
+                )
+            if scope == "Pneumonia":
+                for name, values in PAPER_INFOMASK.items():
+                    rows.append(
+                        [f"paper: {name}"] + [_fmt(v, 3) for v in values] + [""]
+                    )
+            title = (
+                "**Pneumonia**"
+                if scope == "Pneumonia"
+                else "**Mean over the 8 boxed findings**"
+            )
+            w(title + "\n")
+            w(_table(header, rows) + "\n")
+
+    # Figures.
+    figures = results.get("figures") or {}
+    if figures.get("files"):
+        w("## Figures\n")
+        images = ", ".join(f"{i} ({f})" for i, f in figures["images"])
+        w(
+            "The same test films in both (the first film by id with a box of "
+            f"each boxed finding, in canonical order): {images}. Green: truth "
+            "boxes; blue: predicted boxes of the shown finding.\n"
+        )
+        if FIGURE2 in figures["files"]:
+            w(
+                "PCAM paper, Figure 2 layout: film with truth boxes, LSE class "
+                "activation map (normalised to [0, 255], boxes at 180), PCAM "
+                "probability map (boxes at 0.9).\n"
+            )
+            w(f"![Figure 2 layout]({rel}/{FIGURE2})\n")
+        if INFOMASK_FIGURE in figures["files"]:
+            w(
+                "InfoMask paper, Figure 3 layout: Grad-CAM and the three masks "
+                "(class-agnostic), with the validation-chosen threshold as a "
+                "white contour.\n"
+            )
+            w(f"![InfoMask maps]({rel}/{INFOMASK_FIGURE})\n")
+
+    # Noise.
+    w("## Run-to-run noise\n")
+    if noise:
+        v = noise["values"]
+        rows = [
+            [n, sd]
+            + [
+                _fmt(v[n][k])
+                for k in (
+                    "mean_auc",
+                    "mean_iobb_acc_0.5",
+                    "mean_iobb_acc_0.1",
+                    "mean_afp_0.5",
+                    "mean_iop",
+                )
+            ]
+            for n, sd in zip(noise["runs"], noise["seeds"])
+        ]
+        w(
+            "PCAM trained with different training seeds on the same data and "
+            "budget (the data seed fixed):\n"
+        )
+        w(
+            _table(
+                [
+                    "run",
+                    "training seed",
+                    "mean AUC",
+                    "mean acc IoBB>0.5",
+                    "mean acc IoBB>0.1",
+                    "mean AFP 0.5",
+                    "mean IoP",
+                ],
+                rows,
+            )
+            + "\n"
+        )
+        w(
+            f"Spread (max - min) between seeds: mean AUC {_fmt(auc_noise)}, mean "
+            f"accuracy at IoBB > 0.5 {_fmt(acc_noise)}, mean AFP {_fmt(afp_noise)}, "
+            f"mean IoP {_fmt(iop_noise)}; per finding, AUC differs by "
+            f"{_fmt(noise['per_class_auc_range']['mean'])} on average (at most "
+            f"{_fmt(noise['per_class_auc_range']['max'])}) and accuracy at IoBB > "
+            f"0.5 by {_fmt(noise['per_class_iobb05_range']['mean'])} (at most "
+            f"{_fmt(noise['per_class_iobb05_range']['max'])}). Differences between "
+            "methods smaller than these are not resolved by this run, and a rerun "
+            "of the command with the same seed is expected to land within them "
+            f"(see `{rel}/{RESULTS_JSON}` `rerun` when present).\n"
+        )
+    else:
+        w("No noise seeds were run (`--noise_seeds`).\n")
+    rerun = results.get("rerun")
+    if rerun:
+        w(rerun["text"] + "\n")
+
+    # Agreement.
+    w("## Where we agree with the papers, and where not\n")
+    lines = agreement_lines(results, auc_noise, acc_noise, afp_noise, iop_noise)
+    w("\n".join(f"- {line}" for line in lines) + "\n")
+    w(
+        "Why results may differ from the papers: the films are synthetic "
+        "(procedural lesions with their own contrast and sizes, not "
+        "radiologists' findings), there are a few hundred of them instead of "
+        "~100k, every network trains from scratch for "
+        f"{s['steps']} steps (the papers: 10 epochs of ChestX-ray14), and the "
+        f"input is {s['image_size']} px instead of 1024, so the ResNet-34 map "
+        f"is {s['image_size'] // 32}x{s['image_size'] // 32}: one map cell "
+        f"spans {1024 * 32 // s['image_size']} px of a 1024 film, larger than "
+        "a nodule or a small mass, which caps IoBB for small findings. The "
+        "test split has only a handful of boxes per finding, so one box moves "
+        "a finding's accuracy by 1/n. The paper's LSE row is Wang et al.'s "
+        "number (ResNet-50, their thresholds), not a rerun.\n"
+    )
+    pathlib.Path(md_path).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(md_path).write_text("\n".join(out))
+
+
+def agreement_lines(results, auc_noise, acc_noise, afp_noise, iop_noise):
+    """Plain statements comparing our ordering of methods with the papers'."""
+    ev = results["evaluations"]
+    lines = []
+    if "pcam" in ev:
+        ranked = sorted(
+            (p for p in results["settings"]["poolings"] if p in ev),
+            key=lambda p: -(ev[p]["mean_auc"] or -1),
+        )
+        rank = ranked.index("pcam") + 1
+        lines.append(
+            f"Classification: PCAM's mean AUC ({_fmt(ev['pcam']['mean_auc'])}) "
+            f"ranks {rank} of {len(ranked)} poolings (best: "
+            f"{POOLING_TITLES[ranked[0]]}, {_fmt(ev[ranked[0]]['mean_auc'])}). "
+            "The paper reports PCAM above LSE and LSE-LBA on 12 of 14 findings "
+            "(mean .802 vs .745 and .761)."
+            + (
+                f" Ours vs LSE: {_compare(ev['pcam']['mean_auc'], ev['lse']['mean_auc'], auc_noise)}."
+                if "lse" in ev
+                else ""
+            )
+        )
+    if "pcam" in ev and "lse" in ev:
+        pc, _ = _box_section(ev["pcam"])
+        ls, _ = _box_section(ev["lse"])
+        wins, ties, n = 0, 0, 0
+        afp_higher = 0
+        for f in schema.BOXED_FINDINGS:
+            a = pc["per_class"].get(f, {}).get("iobb", {}).get("0.5")
+            b = ls["per_class"].get(f, {}).get("iobb", {}).get("0.5")
+            if a is None or b is None:
+                continue
+            n += 1
+            wins += a > b
+            ties += a == b
+            fa = pc["per_class"][f]["afp"]["0.5"]
+            fb = ls["per_class"][f]["afp"]["0.5"]
+            afp_higher += fa > fb
+        lines.append(
+            "Localization at IoBB > 0.5: the paper has PCAM above the LSE "
+            "baseline on all 8 findings (mean .508 vs .329). Ours: PCAM above "
+            f"LSE on {wins} of {n} findings ({ties} ties); mean accuracy "
+            f"{_fmt(pc['mean']['iobb']['0.5'])} vs {_fmt(ls['mean']['iobb']['0.5'])}, "
+            f"PCAM {_compare(pc['mean']['iobb']['0.5'], ls['mean']['iobb']['0.5'], acc_noise)}."
+        )
+        lines.append(
+            "Average false positives at IoBB > 0.5: the paper has PCAM's AFP "
+            "above LSE's on 6 of 8 findings (PCAM's maps enlarge regions). Ours: "
+            f"above on {afp_higher} of {n}; mean "
+            f"{_fmt(pc['mean']['afp']['0.5'])} vs {_fmt(ls['mean']['afp']['0.5'])}, "
+            f"PCAM {_compare(pc['mean']['afp']['0.5'], ls['mean']['afp']['0.5'], afp_noise)}."
+        )
+        best = max(
+            (p for p in results["settings"]["poolings"] if p in ev),
+            key=lambda p: _box_section(ev[p])[0]["mean"]["iobb"]["0.5"] or -1,
+        )
+        lines.append(
+            "Best mean localization accuracy at IoBB > 0.5 among our poolings: "
+            f"{POOLING_TITLES[best]} "
+            f"({_fmt(_box_section(ev[best])[0]['mean']['iobb']['0.5'])})."
+        )
+    if "infomask_infomask" in ev and "gradcam" in ev:
+        im = ev["infomask_infomask"].get("mask", {}).get("mean", {})
+        gc = ev["gradcam"].get("mask", {}).get("mean", {})
+        lines.append(
+            "InfoMask vs GradCAM (mean over boxed findings): the paper has "
+            "InfoMask's IoP far above GradCAM's (.44 vs .12) and its FPR far "
+            f"lower (.025 vs .196). Ours: IoP {_fmt(im.get('iop'))} vs "
+            f"{_fmt(gc.get('iop'))} (InfoMask "
+            f"{_compare(im.get('iop'), gc.get('iop'), iop_noise)}), FPR "
+            f"{_fmt(im.get('fpr'))} vs {_fmt(gc.get('fpr'))}, FNR "
+            f"{_fmt(im.get('fnr'))} vs {_fmt(gc.get('fnr'))} (paper .80 vs .20)."
+        )
+    others = [m for m in ("featuremask", "regl1") if f"infomask_{m}" in ev]
+    if "infomask_infomask" in ev and others:
+        im = ev["infomask_infomask"].get("mask", {}).get("mean", {})
+        parts = []
+        for m in others:
+            o = ev[f"infomask_{m}"].get("mask", {}).get("mean", {})
+            parts.append(
+                f"{INFOMASK_TITLES[m]} IoP {_fmt(o.get('iop'))} "
+                f"(InfoMask {_compare(im.get('iop'), o.get('iop'), iop_noise)})"
+            )
+        lines.append(
+            "InfoMask vs its ablations: the paper has InfoMask's IoP above "
+            "FeatureMask's (.19) and RegL1's (.11). Ours: " + "; ".join(parts) + "."
+        )
+    if "pcam" in ev:
+        lines.append(
+            "Absolute levels: our mean AUC and accuracies are not comparable "
+            "with the papers' (different data); only the orderings are."
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# Main.
+
+
+def _machine(load):
+    import keras
+    import tensorflow as tf
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "load_start": list(load),
+    }
+
+
+def _command(argv):
+    parts = ["python", "benchmarks/reproduce.py"] + list(argv[1:])
+    return shlex.join(parts)
+
+
+def main(argv):
+    output_dir = pathlib.Path(_OUTPUT_DIR.value)
+    md_path = _RESULTS_MD.value or str(output_dir.parent / "RESULTS.md")
+    if _REPORT_ONLY.value:
+        results = json.loads((output_dir / RESULTS_JSON).read_text())
+        if _RERUN_OF.value:
+            results["rerun"] = rerun_summary(results, _RERUN_OF.value)
+            (output_dir / RESULTS_JSON).write_text(
+                json.dumps(results, indent=1, sort_keys=True)
+            )
+        write_report(results, md_path, output_dir)
+        print(md_path)
+        return
+    settings = resolve_settings()
+    settings["smoke"] = _SMOKE.value
+    work_dir = pathlib.Path(_WORK_DIR.value).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    reuse = _REUSE.value
+    start = time.time()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    machine = _machine(os.getloadavg())
+    logging.info("Settings: %s", settings)
+
+    synthetic_dir, records_dir, data_timings = make_data(settings, work_dir, reuse)
+    data = data_summary(synthetic_dir, records_dir)
+    labels = labels_by_image(synthetic_dir)
+    runs = plan_runs(settings)
+    # Trained models stay valid only on the very same records.
+    data_reused = (
+        data_timings["synthetic"]["reused"] and data_timings["ingest"]["reused"]
+    )
+    run_records = {}
+    for name, run in runs.items():
+        model_dir = work_dir / "runs" / name
+        record = run_stage(
+            f"train {name}",
+            train_argv(settings, records_dir, model_dir, run),
+            model_dir,
+            reuse and data_reused and (model_dir / "model.keras").is_file(),
+        )
+        _free_checkpoints(model_dir)
+        history = {}
+        if (model_dir / "history.json").is_file():
+            history = json.loads((model_dir / "history.json").read_text())
+        run_records[name] = {
+            **run,
+            "train_wall_s": record["wall_s"],
+            "reused": record["reused"],
+            "final_loss": (history.get("history", {}).get("loss") or [None])[-1],
+        }
+    evaluations = {}
+    for name, spec in plan_evaluations(settings, runs).items():
+        eval_dir = work_dir / "eval" / name
+        model_dir = work_dir / "runs" / spec["run"]
+        record = run_stage(
+            f"evaluate {name}",
+            evaluate_argv(records_dir, model_dir, eval_dir, spec["map_source"]),
+            eval_dir,
+            reuse and run_records[spec["run"]]["reused"],
+        )
+        metrics = json.loads((eval_dir / "metrics.json").read_text())
+        evaluations[name] = {
+            **compact_metrics(metrics),
+            "run": spec["run"],
+            "map_source": spec["map_source"],
+            "eval_wall_s": record["wall_s"],
+            "accuracy": accuracy_per_class(eval_dir / "predictions.jsonl", labels),
+        }
+    figures = make_figures(settings, synthetic_dir, work_dir, output_dir, evaluations)
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    machine["load_end"] = list(os.getloadavg())
+    results = {
+        "command": _command(sys.argv),
+        "settings": settings,
+        "started_utc": started.strftime("%Y-%m-%d %H:%M"),
+        "finished_utc": finished.strftime("%Y-%m-%d %H:%M"),
+        "wall_time_s": round(time.time() - start, 1),
+        "machine": machine,
+        "data": data,
+        "data_stages": data_timings,
+        "runs": run_records,
+        "evaluations": evaluations,
+        "figures": figures,
+        "noise": noise_summary(evaluations, settings["noise_seeds"], settings["seed"]),
+    }
+    if _RERUN_OF.value:
+        results["rerun"] = rerun_summary(results, _RERUN_OF.value)
+    (output_dir / RESULTS_JSON).write_text(
+        json.dumps(results, indent=1, sort_keys=True)
+    )
+    write_report(results, md_path, output_dir)
+    print(
+        json.dumps(
+            {
+                "results_md": md_path,
+                "wall_time_s": results["wall_time_s"],
+                "mean_auc": {n: e["mean_auc"] for n, e in evaluations.items()},
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("output_dir")
+    app.run(main)
