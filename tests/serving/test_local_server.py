@@ -160,3 +160,16 @@ def test_constructor_validates():
         local_server.LocalServer("/tmp", ssl_cert="a.pem")
     with pytest.raises(ValueError, match="max_batch_size"):
         local_server.LocalServer("/tmp", max_batch_size=0)
+
+
+def test_output_filter(stub):
+    request = _request({"image_bytes": np.array(_images(2), dtype=object)})
+    request.output_filter.append("probabilities")
+    response = stub.Predict(request)
+    assert list(response.outputs) == ["probabilities"]
+    assert tf.make_ndarray(response.outputs["probabilities"]).shape == (2, 14)
+    request.output_filter.append("masks")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "masks" in info.value.details()
