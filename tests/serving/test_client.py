@@ -303,3 +303,35 @@ def test_versions_and_labels(tiny_model_dir):
                     client.metadata()
             assert info.value.code == grpc.StatusCode.NOT_FOUND
             assert message in info.value.message
+
+
+def test_client_runs_without_cxr_tf(tiny_server, tmp_path):
+    import subprocess
+    import sys
+
+    name, data = _images()[0]
+    (tmp_path / name).write_bytes(data)
+    script = (
+        "import sys; sys.modules['cxr_tf'] = None\n"  # Any cxr_tf import fails.
+        "from serving import client\n"
+        "sys.exit(client.main(sys.argv[1:]))\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            f"--server=127.0.0.1:{tiny_server.port}",
+            str(tmp_path / name),
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (line,) = [json.loads(l) for l in result.stdout.splitlines()]
+    assert line["image"] == name
+    assert tuple(line["probabilities"]) == FINDINGS
