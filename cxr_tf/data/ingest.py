@@ -3,7 +3,6 @@
 import collections
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import os

@@ -162,7 +162,7 @@ def _pad_boxes(boxes, box_labels, max_boxes):
 
 
 def decode_record(serialized, config, with_info=False):
-    """Parses and decodes one record to a letterboxed (S, S, 1) float image.
+    """Parses and decodes one record to a letterboxed (S, S, 1) uint8 image.
 
     Args:
       serialized: scalar string tensor, one serialized `tf.train.Example`.
@@ -170,9 +170,10 @@ def decode_record(serialized, config, with_info=False):
       with_info: also return boxes, ids and sizes.
 
     Returns:
-      A dict: "image" uint8 (S, S, 1), "labels" float32 (14,); with_info adds "image_id", "boxes" (max_boxes, 4) [ymin, xmin,
-      ymax, xmax] normalised to the SxS input, "box_labels" (max_boxes,) int32
-      (-1 pads), "num_boxes", "original_height", "original_width" int32.
+      A dict: "image" uint8 (S, S, 1), "labels" float32 (14,); with_info adds
+      "image_id", "boxes" (max_boxes, 4) [ymin, xmin, ymax, xmax] normalised to
+      the SxS input, "box_labels" (max_boxes,) int32 (-1 pads), "num_boxes",
+      "original_height", "original_width" int32.
     """
     if with_info:
         parsed = tfrecord.parse_example(serialized)
@@ -211,9 +212,9 @@ def augment_batch(features, seed, config, normalize=False):
     becomes the enclosing box of the moved corners, clipped to [0, 1].
 
     Args:
-      features: dict with "image" (B, S, S, C) uint8 or float on 0..255 and optionally
-        "boxes" (B, N, 4) [ymin, xmin, ymax, xmax] normalised and "num_boxes"
-        (B,).
+      features: dict with "image" (B, S, S, C) uint8 or float on 0..255, and
+        optionally "boxes" (B, N, 4) [ymin, xmin, ymax, xmax] normalised and
+        "num_boxes" (B,).
       seed: int tensor of shape (2,), the stateless seed of this batch.
       config: `InputConfig` (ranges of the random parameters).
       normalize: also apply `config.normalization` (folded into the same
