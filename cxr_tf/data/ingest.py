@@ -777,7 +777,7 @@ def run_ingest(config, pipeline_args=()):
     report = _report(config, tables, plan, written, skipped, box_notes, work)
     path = tf.io.gfile.join(config.output_dir, schema.INGEST_REPORT)
     with tf.io.gfile.GFile(path, "w") as f:
-        json.dump(report, f, indent=1, sort_keys=True)
+        f.write(report_to_json(report))
     logging.info(
         "Wrote %s: %d read, %d written %s, %d skipped %s",
         path,
@@ -796,6 +796,24 @@ def run_ingest(config, pipeline_args=()):
             report,
         )
     return report
+
+
+def report_to_json(report):
+    """Serialises a report: readable summary, one line per listed row.
+
+    Pretty-printed, 112k skipped rows take 560k lines; one compact line per
+    row keeps the file greppable (`grep corrupt_image`) and ~15 % smaller.
+    """
+    parts = []
+    for key in sorted(report):
+        value = report[key]
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            rows = ",\n  ".join(json.dumps(v, sort_keys=True) for v in value)
+            text = f"[\n  {rows}\n ]"
+        else:
+            text = json.dumps(value, indent=1, sort_keys=True).replace("\n", "\n ")
+        parts.append(f" {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def _report(config, tables, plan, written, skipped, box_notes, work):
