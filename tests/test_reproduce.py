@@ -234,3 +234,33 @@ def test_smoke_run_end_to_end(tmp_path):
         capture_output=True,
     )
     assert md.read_text() == text
+
+
+def test_partial_report_names_missing_runs(reproduce, tmp_path):
+    results = _results(reproduce)
+    results["complete"] = False
+    results["planned_runs"] = ["pcam", "pcam_seed1", "lse", "infomask_infomask", "max"]
+    md = tmp_path / "RESULTS.md"
+    reproduce.write_report(results, md, tmp_path / "results")
+    assert "Partial results: 4 of 5 trainings finished" in md.read_text()
+    assert "missing: max." in md.read_text()
+
+
+def test_run_order_puts_headline_runs_first(reproduce):
+    settings = {
+        "poolings": ["pcam", "avg", "max", "lse"],
+        "noise_seeds": [1],
+        "infomask_variants": ["infomask", "regl1"],
+        "gradcam_run": "avg",
+        "seed": 0,
+    }
+    runs = reproduce.plan_runs(settings)
+    assert reproduce.run_order(runs, settings) == [
+        "pcam",
+        "lse",
+        "avg",
+        "pcam_seed1",
+        "infomask_infomask",
+        "infomask_regl1",
+        "max",
+    ]
