@@ -5,6 +5,7 @@ override earlier ones. Rerunning the same command after an interruption
 resumes from the last backup and stops at the same total number of steps.
 """
 
+import json
 import os
 import sys
 
@@ -108,29 +109,12 @@ _INFOMASK_VARIANT = flags.DEFINE_enum(
 )
 _INFOMASK_ALPHA = flags.DEFINE_float("infomask_alpha", 0.5, "InfoMask KL weight.")
 _INFOMASK_TAU = flags.DEFINE_float("infomask_tau", 0.2, "InfoMask mask offset.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Print the resolved config as JSON and exit without training."
+)
 _VERBOSE = flags.DEFINE_integer(
     "verbose", 1, "Keras output: 1 progress bar, 2 one line per epoch, 0 quiet."
 )
-
-
-def parse_options(items):
-    """Parses ["gamma=10", ...] into a dict of numbers (or strings)."""
-    options = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ValueError(
-                f"`pooling_options` entries must be name=value. Received: {item!r}"
-            )
-        for cast in (int, float):
-            try:
-                options[name] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            options[name] = value
-    return options
 
 
 def config_from_flags():
@@ -140,7 +124,7 @@ def config_from_flags():
         model_dir=_MODEL_DIR.value,
         backbone=_BACKBONE.value,
         pooling=_POOLING.value,
-        pooling_options=parse_options(_POOLING_OPTIONS.value),
+        pooling_options=train_lib.parse_options(_POOLING_OPTIONS.value),
         image_size=_IMAGE_SIZE.value,
         weights=None if _WEIGHTS.value == "none" else _WEIGHTS.value,
         findings=tuple(_FINDINGS.value),
@@ -177,9 +161,15 @@ def config_from_flags():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        config = config_from_flags()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    if _DRY_RUN.value:
+        print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        return
     if not os.path.isdir(_DATA_DIR.value):
         raise app.UsageError(f"--data_dir is not a directory: {_DATA_DIR.value}")
-    config = config_from_flags()
     logging.info("Train config: %s", config.to_dict())
     try:
         result = train_lib.train(config)

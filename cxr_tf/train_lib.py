@@ -215,6 +215,30 @@ def _check_positive_int(name, value):
         raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
 
 
+def parse_options(items):
+    """Parses ["gamma=10", ...] into a dict of ints, floats or strings.
+
+    Raises:
+      ValueError: an item is not name=value.
+    """
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(
+                f"`pooling_options` entries must be name=value. Received: {item!r}"
+            )
+        for cast in (int, float):
+            try:
+                options[name] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[name] = value
+    return options
+
+
 def map_kind(model_config):
     """Returns "probability" or "cam": how a model's maps are thresholded."""
     if model_config.backbone == "infomask" or model_config.pooling == "pcam":

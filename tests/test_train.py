@@ -120,8 +120,7 @@ def test_config_errors_name_the_value(tmp_path, kw, match):
 
 
 def test_parse_pooling_options():
-    from cxr_tf.train import parse_options
-
+    parse_options = train_lib.parse_options
     assert parse_options(["gamma=10", "r=0.5", "mode=x"]) == {
         "gamma": 10,
         "r": 0.5,
@@ -173,6 +172,53 @@ def test_resolve_model_path(tmp_path):
     assert keras_path.endswith(os.path.join("checkpoints", "best.keras"))
     assert config_path == str(model_dir / "config.json")
     assert train_lib.resolve_model_path(keras_path)[1] == config_path
+
+
+_RESOLVE_FLAGFILES = """
+import json, sys
+from absl import flags
+from cxr_tf import train
+out = {}
+for path in sys.argv[1:]:
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["train", f"--flagfile={path}", "--data_dir=d", "--model_dir=m",
+                 "--seed=7"])
+    out[path] = train.config_from_flags().to_dict()
+print(json.dumps(out))
+"""
+
+
+def test_checked_in_flagfiles_resolve():
+    # A subprocess: the CLI's flags live in the global absl registry.
+    names = [
+        "pcam_resnet34",
+        "lse_resnet34",
+        "infomask",
+        "chexpert_densenet121",
+        "demo",
+    ]
+    paths = [os.path.join(REPO, "configs", f"{n}.flags") for n in names]
+    run = subprocess.run(
+        [sys.executable, "-c", _RESOLVE_FLAGFILES, *paths],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    configs = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, path in zip(names, paths):
+        config = configs[path]
+        # Later flags override the file.
+        assert config["seed"] == 7 and config["data_dir"] == "d", name
+        assert train_lib.TrainConfig.from_dict(config).to_dict() == config
+    pcam = configs[paths[0]]
+    assert (pcam["image_size"], pcam["batch_size"], pcam["epochs"]) == (1024, 36, 10)
+    assert pcam["pooling"] == "pcam" and pcam["learning_rate"] == 1e-4
+    assert pcam["loss"] == "balanced_bce"
+    assert configs[paths[1]]["pooling"] == "lse"
+    assert configs[paths[2]]["findings"] == ["Pneumonia"]
+    assert configs[paths[3]]["backbone"] == "densenet121"
 
 
 # ---------------------------------------------------------------------------
