@@ -28,8 +28,12 @@ _TRAIN_FLAGFILE = flags.DEFINE_string(
 _NUM_PATIENTS = flags.DEFINE_integer(
     "num_patients", 400, "Synthetic patients (about 1.7 films each)."
 )
-_FILM_SIZE = flags.DEFINE_integer(
-    "film_size", 256, "Side of the synthetic films and of the ingested images."
+_FILM_SIZE = flags.DEFINE_integer("film_size", 256, "Side of the synthetic films.")
+_INGEST_SIZE = flags.DEFINE_integer(
+    "ingest_size",
+    128,
+    "Longer side of the ingested images: the training size of configs/demo.flags, "
+    "so the input pipeline never resizes.",
 )
 _LSE_OPTIONS = flags.DEFINE_string(
     "lse_pooling_options", "", "Extra --pooling_options of the LSE run (e.g. r=10)."
@@ -150,7 +154,7 @@ def run_demo(output_dir):
                 "pipeline.ingest",
                 f"--data_dir={synthetic}",
                 f"--output_dir={records}",
-                f"--image_size={_FILM_SIZE.value}",
+                f"--image_size={_INGEST_SIZE.value}",
                 "--overwrite",
             ],
             logs,
