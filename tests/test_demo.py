@@ -24,6 +24,7 @@ def test_demo_runs_every_step_and_leaves_its_outputs(tmp_path):
             f"--output_dir={out}",
             "--num_patients=30",
             "--film_size=64",
+            "--ingest_size=64",
             "--num_overlays=2",
             "--train_args=image_size=64,epochs=1,steps_per_epoch=2,batch_size=4",
         ],
