@@ -40,16 +40,23 @@ class Artifact:
         return self.record["outputs"]
 
 
-def code_version():
-    """Returns the package version plus a hash of the pipeline's source files.
+def code_version(sources=_CODE_ROOTS):
+    """Returns the package version plus a hash of the source files a step runs.
 
-    A step's cache key includes it, so editing the code reruns the steps (TFX
-    does the same through the component's spec and executor versions).
+    A step's cache key includes it, so editing the code a step runs reruns that
+    step, and editing other code does not (TFX does the same through the
+    component's spec and executor versions).
+
+    Args:
+      sources: paths relative to the repository root: folders (every .py file
+        below them) or single files.
     """
     digest = hashlib.sha256()
     top = pathlib.Path(__file__).resolve().parent.parent
-    for root in _CODE_ROOTS:
-        for path in sorted((top / root).rglob("*.py")):
+    for source in sources:
+        root = top / source
+        paths = sorted(root.rglob("*.py")) if root.is_dir() else [root]
+        for path in paths:
             digest.update(str(path.relative_to(top)).encode())
             digest.update(path.read_bytes())
     return f"{cxr_tf.__version__}+{digest.hexdigest()[:12]}"
@@ -100,7 +107,16 @@ def _write_record(step_dir, record):
     os.replace(tmp, path)
 
 
-def run_step(pipeline_root, step, fn, parameters, inputs, force=False, keep=False):
+def run_step(
+    pipeline_root,
+    step,
+    fn,
+    parameters,
+    inputs,
+    force=False,
+    keep=False,
+    sources=_CODE_ROOTS,
+):
     """Runs `fn` once per distinct (parameters, inputs, code); reuses earlier output.
 
     The output folder is PIPELINE_ROOT/<step>/<run_id>/ with run_id the cache
@@ -116,6 +132,7 @@ def run_step(pipeline_root, step, fn, parameters, inputs, force=False, keep=Fals
       force: run even when a succeeded record exists.
       keep: when rerunning a failed or forced step, keep the folder's files
         (training resumes from its backup) instead of starting clean.
+      sources: the code the step runs (see `code_version`).
 
     Returns:
       The step's `Artifact`.
@@ -123,7 +140,7 @@ def run_step(pipeline_root, step, fn, parameters, inputs, force=False, keep=Fals
     Raises:
       StepFailedError: `fn` raised; the record says `failed` with the error.
     """
-    code = code_version()
+    code = code_version(sources)
     run_id = fingerprint(step, parameters, inputs, code)
     out = pathlib.Path(pipeline_root) / step / run_id
     earlier = read_record(out)

@@ -20,6 +20,19 @@ from absl import app, flags, logging
 
 from pipeline import _subprocess, base, evaluate, push, statistics, train
 
+# The code each step runs: editing it reruns that step (and those after it).
+_BASE_CODE = ("cxr_tf/__init__.py", "pipeline/base.py", "pipeline/_subprocess.py")
+_DATA_CODE = _BASE_CODE + ("cxr_tf/data",)
+_MODEL_CODE = _BASE_CODE + ("cxr_tf",)
+SOURCES = {
+    "synthetic": _DATA_CODE,
+    "ingest": _DATA_CODE + ("pipeline/ingest.py",),
+    "statistics": _DATA_CODE + ("pipeline/statistics.py",),
+    "train": _MODEL_CODE + ("pipeline/train.py",),
+    "evaluate": _MODEL_CODE + ("pipeline/evaluate.py",),
+    "push": _MODEL_CODE + ("pipeline/push.py",),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
@@ -89,7 +102,15 @@ def run_pipeline(config):
             )
             return {"data_dir": out}
 
-        raw = base.run_step(root, "synthetic", make_data, params, {}, force=force)
+        raw = base.run_step(
+            root,
+            "synthetic",
+            make_data,
+            params,
+            {},
+            force=force,
+            sources=SOURCES["synthetic"],
+        )
         artifacts["synthetic"] = raw
         data_dir = raw.uri
     elif config.data_dir:
@@ -126,7 +147,15 @@ def run_pipeline(config):
         )
         return {"examples_dir": out}
 
-    examples = base.run_step(root, "ingest", ingest, ingest_params, {}, force=force)
+    examples = base.run_step(
+        root,
+        "ingest",
+        ingest,
+        ingest_params,
+        {},
+        force=force,
+        sources=SOURCES["ingest"],
+    )
     artifacts["ingest"] = examples
 
     stats = base.run_step(
@@ -138,6 +167,7 @@ def run_pipeline(config):
         {"image_size": config.image_size, "schema": config.schema},
         {"examples": examples},
         force=force,
+        sources=SOURCES["statistics"],
     )
     artifacts["statistics"] = stats
 
@@ -154,6 +184,7 @@ def run_pipeline(config):
         train_params,
         {"examples": examples, "statistics": stats},
         force=force,
+        sources=SOURCES["train"],
         keep=True,
     )
     artifacts["train"] = model
@@ -179,6 +210,7 @@ def run_pipeline(config):
         },
         {"model": model, "examples": examples},
         force=force,
+        sources=SOURCES["evaluate"],
     )
     artifacts["evaluate"] = evaluation
 
@@ -194,6 +226,7 @@ def run_pipeline(config):
         },
         {"model": model, "evaluation": evaluation},
         force=force,
+        sources=SOURCES["push"],
     )
     artifacts["push"] = pushed
 

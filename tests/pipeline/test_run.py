@@ -1,0 +1,203 @@
+"""End-to-end tests of `python -m pipeline.run` on tiny synthetic data."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import base
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+STEPS = ("synthetic", "ingest", "statistics", "train", "evaluate", "push")
+
+
+def _tiny_flags(tmp_path, steps=2, extra=()):
+    # Small data lacks rare findings in some splits: a curated schema that only
+    # checks labels, sizes and patient leaks (the default demands all 14).
+    schema_path = tmp_path / "schema.json"
+    schema_path.write_text(
+        json.dumps(
+            {
+                "required_splits": ["train", "val", "test"],
+                "required_findings_per_split": [],
+                "label_domain": [0, 1],
+                "image_max_side": 64,
+                "patient_disjoint_splits": True,
+            }
+        )
+    )
+    flags = [
+        "--synthetic_patients=40",
+        "--synthetic_image_size=64",
+        "--image_size=64",
+        f"--train_flagfile={REPO / 'configs' / 'demo.flags'}",
+        "--train_arg=--image_size=64",
+        "--train_arg=--epochs=1",
+        f"--train_arg=--steps_per_epoch={steps}",
+        "--train_arg=--batch_size=8",
+        "--train_arg=--jit_compile=off",
+        f"--schema={schema_path}",
+        f"--pipeline_root={tmp_path / 'root'}",
+        f"--serving_model_dir={tmp_path / 'serving'}",
+        "--min_mean_auc=0",
+        "--min_localization_accuracy=0",
+        "--ingest_arg=--num_workers=1",
+        "--direct_num_workers=1",
+    ]
+    return flags + list(extra)
+
+
+def _run(flags, cwd):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.run", *flags],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(
+        (
+            pathlib.Path(flags_value(flags, "pipeline_root")) / "last_run.json"
+        ).read_text()
+    )
+
+
+def flags_value(flags, name):
+    return next(f.split("=", 1)[1] for f in flags if f.startswith(f"--{name}="))
+
+
+@pytest.mark.slow
+def test_pipeline_runs_caches_and_reruns_what_changed(tmp_path):
+    flags = _tiny_flags(tmp_path)
+    first = _run(flags, tmp_path)
+    assert set(first["steps"]) == set(STEPS)
+    assert first["pushed"]["pushed"] is True and first["pushed"]["version"] == 1
+    version_dir = tmp_path / "serving" / "1"
+    assert (version_dir / "saved_model.pb").is_file()
+    assert not [p for p in (tmp_path / "serving").iterdir() if p.name.startswith(".")]
+    for step in STEPS:
+        record = json.loads(
+            (pathlib.Path(first["steps"][step]["uri"]) / base.RECORD_FILE).read_text()
+        )
+        assert record["status"] == "succeeded"
+        for key in (
+            "inputs",
+            "outputs",
+            "parameters",
+            "code_version",
+            "start_time",
+            "end_time",
+        ):
+            assert key in record
+
+    # Unchanged: every step is reused, nothing is pushed again.
+    second = _run(flags, tmp_path)
+    assert {s: v["run_id"] for s, v in second["steps"].items()} == {
+        s: v["run_id"] for s, v in first["steps"].items()
+    }
+    assert {s: v["start"] for s, v in second["steps"].items()} == {
+        s: v["start"] for s, v in first["steps"].items()
+    }
+    assert second["wall_seconds"] < 30, second["wall_seconds"]
+    assert sorted(p.name for p in (tmp_path / "serving").iterdir()) == ["1"]
+
+    # A training flag changed: only train, evaluate and push run again.
+    third = _run(_tiny_flags(tmp_path, steps=3), tmp_path)
+    for step in ("synthetic", "ingest", "statistics"):
+        assert third["steps"][step] == first["steps"][step], step
+    for step in ("train", "evaluate", "push"):
+        assert third["steps"][step]["run_id"] != first["steps"][step]["run_id"], step
+    # Either better (pushed as version 2) or not, and then the report says why.
+    if third["pushed"]["pushed"]:
+        assert third["pushed"]["version"] == 2
+    else:
+        assert any(
+            "worse than the pushed model" in r for r in third["pushed"]["reasons"]
+        )
+
+
+def _statistics_done(root):
+    return (
+        any(
+            json.loads(p.read_text()).get("status") == "succeeded"
+            for p in (root / "statistics").glob(f"*/{base.RECORD_FILE}")
+        )
+        if (root / "statistics").is_dir()
+        else False
+    )
+
+
+@pytest.mark.slow
+def test_killed_during_train_resumes_without_redoing_earlier_steps(tmp_path):
+    flags = _tiny_flags(
+        tmp_path, steps=40, extra=["--train_arg=--backup_every_steps=4"]
+    )
+    root = tmp_path / "root"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", *flags],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # Wait until training has written its first backup, then SIGKILL.
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            backups = list(root.glob("train/*/backup*")) if root.is_dir() else []
+            if backups and _statistics_done(root):
+                break
+            assert proc.poll() is None, "pipeline ended before training started"
+            time.sleep(0.5)
+        else:
+            pytest.fail("training never wrote a backup")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = {
+        step: sorted(p.name for p in (root / step).iterdir())
+        for step in ("synthetic", "ingest", "statistics")
+    }
+    record_times = {
+        step: json.loads(next((root / step).glob(f"*/{base.RECORD_FILE}")).read_text())[
+            "start_time"
+        ]
+        for step in before
+    }
+    report = _run(flags, tmp_path)
+    for step in before:
+        assert sorted(p.name for p in (root / step).iterdir()) == before[step]
+        assert report["steps"][step]["start"] == record_times[step]
+    assert report["pushed"]["pushed"] is True
+    train_log = (
+        pathlib.Path(report["steps"]["train"]["uri"]) / "train.log"
+    ).read_text()
+    assert "Finished 40 steps" in train_log
+
+
+@pytest.mark.slow
+def test_local_server_answers_from_the_pushed_version(tmp_path):
+    from serving import client as client_lib  # pylint: disable=import-outside-toplevel
+    from serving import local_server  # pylint: disable=import-outside-toplevel
+
+    first = _run(_tiny_flags(tmp_path), tmp_path)
+    image = next(
+        (pathlib.Path(first["steps"]["synthetic"]["uri"]) / "images").glob("*.png")
+    )
+    server = local_server.LocalServer(tmp_path / "serving", port=0).start()
+    try:
+        with client_lib.CxrClient(f"127.0.0.1:{server.port}", timeout=60) as client:
+            (result,) = list(client.predict_files([str(image)]))
+        assert len(result["probabilities"]) == 14
+        assert all(0.0 <= p <= 1.0 for p in result["probabilities"].values())
+    finally:
+        server.stop()
