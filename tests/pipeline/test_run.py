@@ -40,7 +40,7 @@ def _tiny_flags(tmp_path, steps=2, extra=()):
         "--train_arg=--epochs=1",
         f"--train_arg=--steps_per_epoch={steps}",
         "--train_arg=--batch_size=8",
-        "--train_arg=--jit_compile=off",
+        "--train_arg=--jit_compile=false",
         f"--schema={schema_path}",
         f"--pipeline_root={tmp_path / 'root'}",
         f"--serving_model_dir={tmp_path / 'serving'}",
