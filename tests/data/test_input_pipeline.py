@@ -272,3 +272,53 @@ def test_config_validation():
         input_pipeline.InputConfig(normalization=(128, 64))
     with pytest.raises(FileNotFoundError, match="No TFRecord files"):
         input_pipeline.build_dataset("/nonexistent", "train", _config(), True)
+
+
+def test_xla_warp_matches_image_projective_transform():
+    """The XLA warp samples like ImageProjectiveTransformV3 (bilinear, zero fill)."""
+    rng = np.random.default_rng(0)
+    batch, size = 3, 24
+    images = rng.integers(0, 256, (batch, size, size, 1)).astype(np.uint8)
+    angle = np.array([0.3, -0.1, 0.0])
+    scale = np.array([0.8, 1.2, 1.0])
+    shift = np.array([[3.5, -2.25], [-30.0, 1.0], [0.0, 0.0]])  # one mostly outside
+    cos, sin = np.cos(angle), np.sin(angle)
+    centre = (size - 1) / 2
+    a0, a1, b0, b1 = cos / scale, sin / scale, -sin / scale, cos / scale
+    a2 = centre - a0 * (centre + shift[:, 0]) - a1 * (centre + shift[:, 1])
+    b2 = centre - b0 * (centre + shift[:, 0]) - b1 * (centre + shift[:, 1])
+    transforms = np.stack([a0, a1, a2, b0, b1, b2], 1).astype(np.float32)
+    expected = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.constant(images, tf.float32),
+        transforms=np.concatenate([transforms, np.zeros((batch, 2))], 1).astype(
+            np.float32
+        ),
+        output_shape=[size, size],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    ).numpy()
+    ones, zeros = tf.ones([batch]), tf.zeros([batch])
+    warped = input_pipeline._warp_and_jitter(  # pylint: disable=protected-access
+        tf.constant(images), transforms, ones, zeros, zeros, 0.0, 255.0
+    ).numpy()
+    np.testing.assert_allclose(warped, expected, atol=1e-3)
+    assert np.abs(warped[2] - images[2]).max() < 1e-3  # identity is exact
+    # The intensity part: clip(x * gain + mean(input) * scale_mean + offset).
+    gain = tf.constant([1.1, 0.9, 1.0])
+    jittered = input_pipeline._warp_and_jitter(  # pylint: disable=protected-access
+        tf.constant(images),
+        transforms,
+        gain,
+        1.0 - gain,
+        tf.fill([batch], 5.0),
+        0.0,
+        255.0,
+    ).numpy()
+    mean = images.reshape(batch, -1).mean(1)[:, None, None, None]
+    gain = gain.numpy()[:, None, None, None]
+    np.testing.assert_allclose(
+        jittered,
+        np.clip(expected * gain + mean * (1 - gain) + 5.0, 0.0, 255.0),
+        atol=1e-2,
+    )
