@@ -25,8 +25,8 @@ class GradCAM:
       model: a model from `build_model` (or loaded from `.keras`): dict outputs
         with "logits".
       target_layer: name of the layer whose output is A; default
-        `gradcam_target_layer(model)` (the backbone, or InfoMask's classifier
-        block).
+        `gradcam_target_layer(model)` (the backbone's last feature map, or
+        that of InfoMask's classification block).
       jit_compile: compile the map computation with XLA.
 
     Example:
@@ -104,8 +104,9 @@ def gradcam_maps(model, images, target_layer=None):
 def _output_in_graph(layer):
     """The output tensor of `layer` in the graph of the model that calls it.
 
-    A nested functional model's `.output` is its own graph's output (fed by
-    its own Input), so the symbolic output of its call node is used instead.
+    For a plain layer this is `layer.output`; a nested functional model's
+    `.output` is its own inner graph's output (fed by its own Input), so the
+    symbolic output of its call node is used for both.
     """
     nodes = getattr(layer, "_inbound_nodes", [])
     if len(nodes) != 1:

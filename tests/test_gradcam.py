@@ -21,10 +21,17 @@ def _images(seed=0):
 def test_matches_numpy_reference(pcam_model):
     images = _images()
     maps, logits = GradCAM(pcam_model).maps_and_logits(images)
-    # Reference: features from the backbone alone, gradients of the pooling
-    # head by a separate tape, then the Grad-CAM formula in NumPy.
-    features = tf.constant(pcam_model.get_layer("backbone")(images))
-    head = [l for l in pcam_model.layers if l.name not in ("image", "backbone")][0]
+    # Reference: features from a sub-model up to the target layer, gradients
+    # of the pooling head by a separate tape, then the Grad-CAM formula.
+    import keras
+
+    from cxr_tf import layers as cxr_layers
+    from cxr_tf.models import gradcam_target_layer
+
+    target = pcam_model.get_layer(gradcam_target_layer(pcam_model))
+    features = tf.constant(keras.Model(pcam_model.inputs, target.output)(images))
+    pooling_types = tuple(cxr_layers.POOLING_CLASSES.values())
+    (head,) = [l for l in pcam_model.layers if isinstance(l, pooling_types)]
     expected = []
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(features)
@@ -56,10 +63,12 @@ def test_loaded_model_gives_same_maps(pcam_model, tmp_path):
     )
 
 
-def test_infomask_model_maps_at_classifier():
+def test_infomask_model_maps():
+    from cxr_tf.models import gradcam_target_layer
+
     model = build_model(ModelConfig(backbone="infomask", image_size=64, num_classes=2))
     cam = GradCAM(model)
-    assert cam.target_layer == "classifier"
+    assert cam.target_layer == gradcam_target_layer(model)
     maps = cam(_images())
     assert maps.shape[0] == 2 and maps.shape[-1] == 2
     assert np.all(maps >= 0) and np.all(np.isfinite(maps))
