@@ -72,8 +72,9 @@ def _make_records(work_dir, image_size, num_patients):
 
     data_dir = work_dir / f"data_{image_size}"
     records = work_dir / f"records_{image_size}"
-    if (records / "ingest_report.json").exists():
-        return records, "reused"
+    source_file = work_dir / f"source_{image_size}.txt"
+    if (records / "ingest_report.json").exists() and source_file.exists():
+        return records, source_file.read_text() + " (reused)"
     try:
         from cxr_tf.data import synthetic  # pylint: disable=import-outside-toplevel
 
@@ -99,6 +100,7 @@ def _make_records(work_dir, image_size, num_patients):
             images_per_shard=64,
         )
     )
+    source_file.write_text(source)
     return records, source
 
 
