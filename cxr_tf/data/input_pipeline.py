@@ -270,12 +270,14 @@ def augment_batch(features, seed, config, normalize=False):
     """Random affine + intensity jitter of a batch; boxes follow the geometry.
 
     The affine map (rotation, zoom, shift, optional flip about the centre) is
-    applied with `tf.raw_ops.ImageProjectiveTransformV3` (bilinear, zero
-    fill); each valid box's corners go through the same map and the box
-    becomes the enclosing box of the moved corners, clipped to [0, 1].
+    applied by `_warp_and_jitter`, one XLA kernel sampling as
+    `tf.raw_ops.ImageProjectiveTransformV3` does (bilinear, zero fill) with the
+    intensity jitter fused in; the contrast pivots on the mean of the
+    unwarped image. Each valid box's corners go through the same map and the
+    box becomes the enclosing box of the moved corners, clipped to [0, 1].
 
     Args:
-      features: dict with "image" (B, S, S, C) uint8 or float on 0..255, and
+      features: dict with "image" (B, S, S, 1) uint8 or float on 0..255, and
         optionally "boxes" (B, N, 4) [ymin, xmin, ymax, xmax] normalised and
         "num_boxes" (B,).
       seed: int tensor of shape (2,), the stateless seed of this batch.
@@ -310,7 +312,7 @@ def augment_batch(features, seed, config, normalize=False):
     cos, sin = tf.cos(angle), tf.sin(angle)
 
     # Forward map, continuous coordinates: p' = A (p - c) + c + t, with
-    # A = scale * R(angle) * diag(flip, 1). The op wants the inverse, from
+    # A = scale * R(angle) * diag(flip, 1). The warp wants the inverse, from
     # output pixel to input pixel; pixel centres sit at index + 0.5, so in
     # index coordinates the centre is (S - 1) / 2.
     centre = (size - 1.0) / 2.0
