@@ -39,6 +39,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 import _common  # The script's own directory is on sys.path.
 
@@ -181,6 +182,7 @@ def main(argv):
     if _COMPARE_POOLING.value:
         poolings.append(_COMPARE_POOLING.value)
     models = [_build(p, jit) for p in poolings]
+    logging.info("Built %s; timing.", ", ".join(m.name for m in models))
 
     load_start = os.getloadavg()
     result = {
@@ -212,6 +214,7 @@ def main(argv):
         for out, f, ms, cpu_ms in zip(per_model, first, timed, cpu):
             out.update(_common.summarize("train", ms, batch, cpu_ms))
             out["train_first_step_s"] = round(f / 1000.0, 1)
+        logging.info("Training steps done (ms): %s", timed)
     if _INFER.value:
         fns = [(lambda m=m: m.predict_on_batch(images)) for m in models]
         first, timed, cpu = _common.run_interleaved(
@@ -220,6 +223,7 @@ def main(argv):
         for out, f, ms, cpu_ms in zip(per_model, first, timed, cpu):
             out.update(_common.summarize("infer", ms, batch, cpu_ms))
             out["infer_first_step_s"] = round(f / 1000.0, 1)
+        logging.info("Inference steps done (ms): %s", timed)
     load_end = os.getloadavg()
     if _FLOPS.value:
         for out, model in zip(per_model, models):
@@ -238,12 +242,13 @@ def main(argv):
     result.update(per_model[0])
     if len(models) > 1:
         other = dict(per_model[1], pooling=poolings[1])
+        # How much more (negative: less) the first pooling's step costs.
         for key in ("train", "infer"):
-            name = f"{key}_ms_per_img"
-            if name in other:
-                other[f"{key}_extra_pct_of_{poolings[0]}"] = round(
-                    100.0 * (per_model[0][name] / other[name] - 1.0), 1
-                )
+            for unit in ("ms", "cpu_ms"):
+                name = f"{key}_{unit}_per_img"
+                if name in other:
+                    extra = 100.0 * (per_model[0][name] / other[name] - 1.0)
+                    other[f"{poolings[0]}_extra_{key}_{unit}_pct"] = round(extra, 1)
         result["compare"] = other
     result["load_avg_start"] = [round(v, 2) for v in load_start]
     result["load_avg_end"] = [round(v, 2) for v in load_end]
