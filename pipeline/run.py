@@ -21,13 +21,23 @@ from absl import app, flags, logging
 from pipeline import _subprocess, base, evaluate, push, statistics, train
 
 # The code each step runs: editing it reruns that step (and those after it).
-_BASE_CODE = ("cxr_tf/__init__.py", "pipeline/base.py", "pipeline/_subprocess.py")
-_DATA_CODE = _BASE_CODE + ("cxr_tf/data",)
+_BASE_CODE = (
+    "cxr_tf/__init__.py",
+    "cxr_tf/data/__init__.py",
+    "pipeline/base.py",
+    "pipeline/_subprocess.py",
+)
 _MODEL_CODE = _BASE_CODE + ("cxr_tf",)
 SOURCES = {
-    "synthetic": _DATA_CODE,
-    "ingest": _DATA_CODE + ("pipeline/ingest.py",),
-    "statistics": _DATA_CODE + ("pipeline/statistics.py",),
+    "synthetic": _BASE_CODE
+    + ("cxr_tf/data/schema.py", "cxr_tf/data/synthetic.py", "cxr_tf/data/_phantom.py"),
+    "ingest": _BASE_CODE
+    + tuple(
+        f"cxr_tf/data/{m}.py"
+        for m in ("schema", "metadata", "images", "tfrecord", "ingest")
+    )
+    + ("pipeline/ingest.py",),
+    "statistics": _BASE_CODE + ("cxr_tf/data/schema.py", "pipeline/statistics.py"),
     "train": _MODEL_CODE + ("pipeline/train.py",),
     "evaluate": _MODEL_CODE + ("pipeline/evaluate.py",),
     "push": _MODEL_CODE + ("pipeline/push.py",),
