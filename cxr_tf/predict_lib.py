@@ -145,15 +145,17 @@ def preprocess(pixels, image_size, normalization):
       normalization: `schema.Normalization`.
 
     Returns:
-      float32 (S, S, 1), letterboxed and normalised.
+      float32 (S, S, 1): resized as ingestion does, letterboxed, normalised.
     """
     import tensorflow as tf
 
-    from cxr_tf.data import input_pipeline
+    from cxr_tf.data import ingest, input_pipeline
 
-    image = tf.constant(np.asarray(pixels, np.uint8)[..., None])
-    # The pipeline's own letterbox, so predictions see exactly what the
-    # evaluation of ingested records sees.
+    # Ingestion first shrinks the film (area resampling, 8 bits), then the
+    # pipeline letterboxes it: both steps, so predictions see exactly what the
+    # evaluation of ingested records (and the SavedModel's graph) sees.
+    pixels = ingest.resize_longer_side(np.asarray(pixels, np.uint8), int(image_size))
+    image = tf.constant(pixels[..., None])
     letterboxed, _ = input_pipeline._letterbox(  # pylint: disable=protected-access
         image, None, int(image_size)
     )

@@ -225,13 +225,8 @@ def test_client_matches_cxr_tf_predict(exported, served, tmp_path):
         ).max()
         * norm.std
     )
-    if gap > 1e-3:
-        pytest.xfail(
-            "cxr_tf.predict_lib.preprocess letterboxes the full-size film "
-            "directly, skipping ingestion's resize_longer_side, so its pixels "
-            f"differ from training's (and serving's) by up to {gap:.1f} gray "
-            "levels; serving follows training (see the test above)"
-        )
+    # predict's preprocessing must equal training's (ingest resize + letterbox).
+    assert gap <= 1e-3, f"predict and training pixels differ by {gap:.2f} levels"
     predict_lib.predict(
         predict_lib.PredictConfig(
             model=model_dir,
