@@ -66,6 +66,7 @@ class PipelineConfig:
     min_localization_accuracy: float | None = None
     tolerance: float = 0.0
     force: bool = False
+    force_steps: tuple = ()
     beam_args: tuple = ()
 
 
@@ -94,7 +95,16 @@ def run_pipeline(config):
       base.AnomaliesFoundError: the statistics step found anomalies.
     """
     root = config.pipeline_root
-    force = config.force
+    unknown = set(config.force_steps) - set(SOURCES)
+    if unknown:
+        raise ValueError(
+            f"Unknown steps in --force_steps: {sorted(unknown)}; "
+            f"expected some of {list(SOURCES)}"
+        )
+
+    def force(step):
+        return config.force or step in config.force_steps
+
     artifacts = {}
     started = time.time()
 
@@ -118,7 +128,7 @@ def run_pipeline(config):
             make_data,
             params,
             {},
-            force=force,
+            force=force("synthetic"),
             sources=SOURCES["synthetic"],
         )
         artifacts["synthetic"] = raw
@@ -163,7 +173,7 @@ def run_pipeline(config):
         ingest,
         ingest_params,
         {},
-        force=force,
+        force=force("ingest"),
         sources=SOURCES["ingest"],
     )
     artifacts["ingest"] = examples
@@ -176,7 +186,7 @@ def run_pipeline(config):
         ),
         {"image_size": config.image_size, "schema": config.schema},
         {"examples": examples},
-        force=force,
+        force=force("statistics"),
         sources=SOURCES["statistics"],
     )
     artifacts["statistics"] = stats
@@ -193,7 +203,7 @@ def run_pipeline(config):
         ),
         train_params,
         {"examples": examples, "statistics": stats},
-        force=force,
+        force=force("train"),
         sources=SOURCES["train"],
         keep=True,
     )
@@ -219,7 +229,7 @@ def run_pipeline(config):
             "evaluate_args": list(config.evaluate_args),
         },
         {"model": model, "examples": examples},
-        force=force,
+        force=force("evaluate"),
         sources=SOURCES["evaluate"],
     )
     artifacts["evaluate"] = evaluation
@@ -235,7 +245,7 @@ def run_pipeline(config):
             "export_args": list(config.export_args),
         },
         {"model": model, "evaluation": evaluation},
-        force=force,
+        force=force("push"),
         sources=SOURCES["push"],
     )
     artifacts["push"] = pushed
@@ -318,6 +328,9 @@ _TOLERANCE = flags.DEFINE_float(
     "tolerance", 0.0, "Allowed drop against the pushed model."
 )
 _FORCE = flags.DEFINE_bool("force", False, "Rerun every step, cached or not.")
+_FORCE_STEPS = flags.DEFINE_list(
+    "force_steps", [], "Rerun these steps (e.g. evaluate,push), cached or not."
+)
 
 
 def main(argv):
@@ -344,6 +357,7 @@ def main(argv):
         min_localization_accuracy=_MIN_LOC.value,
         tolerance=_TOLERANCE.value,
         force=_FORCE.value,
+        force_steps=tuple(_FORCE_STEPS.value),
         beam_args=beam_args,
     )
     logging.info("pipeline config: %s", json.dumps(dataclasses.asdict(config)))

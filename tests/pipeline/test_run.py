@@ -115,13 +115,22 @@ def test_pipeline_runs_caches_and_reruns_what_changed(tmp_path):
         assert third["steps"][step] == first["steps"][step], step
     for step in ("train", "evaluate", "push"):
         assert third["steps"][step]["run_id"] != first["steps"][step]["run_id"], step
-    # Either better (pushed as version 2) or not, and then the report says why.
+    # A worse model is never pushed. Whichever of the two trained models is
+    # worse gets compared with the better one once that one is pushed:
+    # re-evaluating the first model against a pushed better second model
+    # (evaluate and push forced, training reused) must refuse it.
     if third["pushed"]["pushed"]:
         assert third["pushed"]["version"] == 2
+        fourth = _run(flags + ["--force_steps=evaluate,push"], tmp_path)
+        assert fourth["steps"]["train"] == first["steps"]["train"]
+        refused = fourth["pushed"]
     else:
-        assert any(
-            "worse than the pushed model" in r for r in third["pushed"]["reasons"]
-        )
+        refused = third["pushed"]
+    assert refused["pushed"] is False
+    assert any("worse than the pushed model" in r for r in refused["reasons"]), refused
+    assert len(list((tmp_path / "serving").iterdir())) == (
+        2 if third["pushed"]["pushed"] else 1
+    )
 
 
 def _statistics_done(root):
