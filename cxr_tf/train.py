@@ -25,7 +25,7 @@ _MODEL_DIR = flags.DEFINE_string(
 _BACKBONE = flags.DEFINE_enum(
     "backbone",
     "resnet34",
-    ["resnet34", "densenet121", "resnet50", "infomask"],
+    ["resnet34", "densenet121", "resnet50", "infomask", "compact"],
     "Backbone network.",
 )
 _POOLING = flags.DEFINE_string(

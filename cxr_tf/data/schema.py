@@ -97,6 +97,7 @@ FIXED = Normalization(mean=128.0, std=64.0)
 _NORMALIZATION = {
     "resnet34": FIXED,
     "infomask": FIXED,
+    "compact": FIXED,
     "densenet121": IMAGENET_GRAY,
     "resnet50": IMAGENET_GRAY,
 }

@@ -5,7 +5,7 @@ import json
 
 from cxr_tf.data import schema
 
-BACKBONES = ("resnet34", "densenet121", "resnet50", "infomask")
+BACKBONES = ("resnet34", "densenet121", "resnet50", "infomask", "compact")
 
 
 @dataclasses.dataclass(frozen=True)

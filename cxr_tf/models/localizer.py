@@ -5,6 +5,7 @@ from keras import ops
 
 from cxr_tf import layers as cxr_layers
 from cxr_tf.models import applications
+from cxr_tf.models import compact
 from cxr_tf.models import infomask_net
 from cxr_tf.models import resnet
 from cxr_tf.models.config import ModelConfig
@@ -96,6 +97,8 @@ def map_kind_for(config):
 def _backbone_features(config, inputs):
     if config.backbone == "resnet34":
         features = resnet.resnet34_trunk(inputs)
+    elif config.backbone == "compact":
+        features = compact.compact_trunk(inputs)
     else:
         features = applications.build_application(
             config.backbone,
