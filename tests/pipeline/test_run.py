@@ -98,6 +98,8 @@ def test_pipeline_runs_caches_and_reruns_what_changed(tmp_path):
         ):
             assert key in record
 
+    _assert_served(tmp_path / "serving", first)
+
     # Unchanged: every step is reused, nothing is pushed again.
     second = _run(flags, tmp_path)
     assert {s: v["run_id"] for s, v in second["steps"].items()} == {
@@ -131,6 +133,24 @@ def test_pipeline_runs_caches_and_reruns_what_changed(tmp_path):
     assert len(list((tmp_path / "serving").iterdir())) == (
         2 if third["pushed"]["pushed"] else 1
     )
+
+
+def _assert_served(serving_dir, report):
+    """The local PredictionService answers from the pushed version."""
+    from serving import client as client_lib  # pylint: disable=import-outside-toplevel
+    from serving import local_server  # pylint: disable=import-outside-toplevel
+
+    image = next(
+        (pathlib.Path(report["steps"]["synthetic"]["uri"]) / "images").glob("*.png")
+    )
+    server = local_server.LocalServer(serving_dir, port=0).start()
+    try:
+        with client_lib.CxrClient(f"127.0.0.1:{server.port}", timeout=60) as client:
+            (result,) = list(client.predict_files([str(image)]))
+        assert len(result["probabilities"]) == 14
+        assert all(0.0 <= p <= 1.0 for p in result["probabilities"].values())
+    finally:
+        server.stop()
 
 
 def _statistics_done(root):
@@ -191,22 +211,3 @@ def test_killed_during_train_resumes_without_redoing_earlier_steps(tmp_path):
         pathlib.Path(report["steps"]["train"]["uri"]) / "train.log"
     ).read_text()
     assert "Finished 40 steps" in train_log
-
-
-@pytest.mark.slow
-def test_local_server_answers_from_the_pushed_version(tmp_path):
-    from serving import client as client_lib  # pylint: disable=import-outside-toplevel
-    from serving import local_server  # pylint: disable=import-outside-toplevel
-
-    first = _run(_tiny_flags(tmp_path), tmp_path)
-    image = next(
-        (pathlib.Path(first["steps"]["synthetic"]["uri"]) / "images").glob("*.png")
-    )
-    server = local_server.LocalServer(tmp_path / "serving", port=0).start()
-    try:
-        with client_lib.CxrClient(f"127.0.0.1:{server.port}", timeout=60) as client:
-            (result,) = list(client.predict_files([str(image)]))
-        assert len(result["probabilities"]) == 14
-        assert all(0.0 <= p <= 1.0 for p in result["probabilities"].values())
-    finally:
-        server.stop()
