@@ -165,8 +165,9 @@ def _build_infomask_model(config, inputs):
 def build_model(config):
     """Builds the weakly supervised localizer a `ModelConfig` describes.
 
-    Pooling backbones (resnet34, densenet121, resnet50): trunk -> stride-32
-    features -> `get_pooling(config.pooling, ...)` -> logits and maps.
+    Pooling backbones (resnet34, densenet121, resnet50: stride 32; compact,
+    the CPU demo's: stride 8): trunk -> features ->
+    `get_pooling(config.pooling, ...)` -> logits and maps.
     InfoMask: encoder -> `InfoMask` -> masked image -> classifier -> global
     average pooling -> dense logits; the maps are the mask averaged to the
     classifier's stride-4 grid, the same for every class.
@@ -178,9 +179,10 @@ def build_model(config):
       A functional `keras.Model` taking `image` float32 `(B, S, S, channels)`,
       already normalised with `config.normalization`, and returning a dict:
       "logits" `(B, K)`, "probabilities" `(B, K)` (sigmoid of the logits),
-      "localization_maps" `(B, h, w, K)` with h = w = S/32 (S/4 for
-      InfoMask); all float32 under any dtype policy. The layer named
-      `gradcam_target_layer(model)` outputs the backbone feature map.
+      "localization_maps" `(B, h, w, K)` with h = w = S/32 (S/8 for
+      compact, S/4 for InfoMask); all float32 under any dtype policy. The
+      layer named `gradcam_target_layer(model)` outputs the backbone
+      feature map.
 
     Raises:
       TypeError: `config` is not a `ModelConfig`.
