@@ -19,7 +19,13 @@ from cxr_tf.models import localizer
 
 SIZE = 64
 K = 14
-FEATURES = {"resnet34": 512, "densenet121": 1024, "resnet50": 2048, "infomask": 64}
+FEATURES = {
+    "resnet34": 512,
+    "densenet121": 1024,
+    "resnet50": 2048,
+    "infomask": 64,
+    "compact": 128,
+}
 
 
 def _images(seed=0, batch=2, channels=1):
@@ -28,7 +34,7 @@ def _images(seed=0, batch=2, channels=1):
 
 
 def _grid(backbone):
-    return SIZE // 4 if backbone == "infomask" else SIZE // 32
+    return SIZE // {"infomask": 4, "compact": 8}.get(backbone, 32)
 
 
 def _check_outputs(outputs, backbone, batch=2):
@@ -65,6 +71,7 @@ def _save_load_same_outputs(model, tmp_path, images):
     [
         "resnet34",
         "infomask",
+        "compact",
         pytest.param("densenet121", marks=pytest.mark.slow),
         pytest.param("resnet50", marks=pytest.mark.slow),
     ],
@@ -142,6 +149,7 @@ def test_infomask_regulariser_and_sampling_only_when_training():
     [
         "resnet34",
         "infomask",
+        "compact",
         pytest.param("densenet121", marks=pytest.mark.slow),
         pytest.param("resnet50", marks=pytest.mark.slow),
     ],
