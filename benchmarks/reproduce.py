@@ -130,7 +130,7 @@ _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", 128, "Network input side (px, multiple of 32); also stored size."
 )
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Training batch size.")
-_STEPS = flags.DEFINE_integer("steps", 60, "Training steps of every run.")
+_STEPS = flags.DEFINE_integer("steps", 75, "Training steps of every run.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
 _JIT_COMPILE = flags.DEFINE_enum(
     "jit_compile", "auto", ["auto", "true", "false"], "XLA for training steps."
