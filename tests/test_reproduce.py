@@ -264,3 +264,14 @@ def test_run_order_puts_headline_runs_first(reproduce):
         "infomask_regl1",
         "max",
     ]
+
+
+def test_report_says_when_classifiers_are_near_chance(reproduce, tmp_path):
+    results = _results(reproduce)
+    md = tmp_path / "RESULTS.md"
+    reproduce.write_report(results, md, tmp_path / "results")
+    assert "near chance" not in md.read_text()
+    for name in ("pcam", "lse"):
+        results["evaluations"][name]["mean_auc"] = 0.52
+    reproduce.write_report(results, md, tmp_path / "results")
+    assert "every pooling classifies near chance** (mean AUC 0.520" in md.read_text()
