@@ -142,7 +142,7 @@ def test_cli_on_the_whole_sample(pcam_model_dir, cxr14_sample, tmp_path):
             sys.executable,
             "-m",
             "cxr_tf.predict",
-            f"--model={tiny_model_dir}",
+            f"--model={pcam_model_dir}",
             f"--output_dir={out}",
             "--positive_threshold=0.0",
             "--box_threshold=0.3",
