@@ -16,6 +16,14 @@ from absl import logging
 from cxr_tf import train_lib
 from cxr_tf.data import schema
 
+_CPU_TUNING = flags.DEFINE_bool(
+    "cpu_tuning",
+    False,
+    "On machines without a GPU: TensorFlow's oneDNN kernels on "
+    "(TF_ENABLE_ONEDNN_OPTS=1 unless the environment sets it) and one inter-op "
+    "thread (single-device runs). Measured faster on a loaded machine, slightly "
+    "slower on an idle one (BUILD_NOTES, Speed), hence opt-in.",
+)
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Directory of ingested TFRecords ({split}-*.tfrecord.gz)."
 )
@@ -158,6 +166,28 @@ def config_from_flags():
     )
 
 
+def tune_for_cpu(config):
+    """Applies the measured CPU settings; a no-op where a GPU is visible.
+
+    Must run before TensorFlow is first imported (oneDNN is chosen at import).
+    One inter-op thread only for single-device runs: replicas on several
+    logical CPU devices, or collectives between workers, need ops to run
+    side by side.
+    """
+    if "tensorflow" not in sys.modules:
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return
+    if config.strategy == "multi_worker" or config.num_cpu_devices > 1:
+        return
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError as e:  # The runtime already started: keep its pools.
+        logging.warning("Inter-op threads left as they are: %s", e)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -171,6 +201,8 @@ def main(argv):
     if not os.path.isdir(_DATA_DIR.value):
         raise app.UsageError(f"--data_dir is not a directory: {_DATA_DIR.value}")
     logging.info("Train config: %s", config.to_dict())
+    if _CPU_TUNING.value:
+        tune_for_cpu(config)
     try:
         result = train_lib.train(config)
     except FloatingPointError as e:
