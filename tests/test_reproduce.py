@@ -253,8 +253,14 @@ def test_run_order_puts_headline_runs_first(reproduce):
         "infomask_variants": ["infomask", "regl1"],
         "gradcam_run": "avg",
         "seed": 0,
+        "backbone": "compact",
+        "infomask_steps": 5,
+        "infomask_batch_size": 2,
     }
     runs = reproduce.plan_runs(settings)
+    assert runs["max"]["backbone"] == "compact"
+    assert runs["infomask_regl1"]["steps"] == 5
+    assert runs["infomask_regl1"]["batch_size"] == 2
     assert reproduce.run_order(runs, settings) == [
         "pcam",
         "lse",
