@@ -9,22 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-FINDINGS = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
+from cxr_tf.data.schema import FINDINGS
+
 SIZE = 32
 MAX_BOXES = 2
 
