@@ -405,3 +405,30 @@ def test_nan_loss_stops_with_message_and_keeps_good_state(tiny_data, tmp_path):
         if loaded is not None:
             for w in loaded.model.weights:
                 assert np.all(np.isfinite(keras.ops.convert_to_numpy(w)))
+
+
+@pytest.mark.parametrize(
+    "strategy, num_cpu_devices, inter_op",
+    [("default", 0, 1), ("mirrored", 2, 0), ("multi_worker", 0, 0)],
+)
+def test_cpu_tuning_sets_onednn_and_one_inter_op_thread_for_one_device(
+    strategy, num_cpu_devices, inter_op
+):
+    # A fresh process: oneDNN is chosen when TensorFlow is imported, and the
+    # thread pools when its runtime starts.
+    code = (
+        "import os, types\n"
+        "from cxr_tf import train\n"
+        f"train.tune_for_cpu(types.SimpleNamespace(strategy={strategy!r}, "
+        f"num_cpu_devices={num_cpu_devices}))\n"
+        "import tensorflow as tf\n"
+        "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], "
+        "tf.config.threading.get_inter_op_parallelism_threads())\n"
+    )
+    env = _env()
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["1", str(inter_op)]
