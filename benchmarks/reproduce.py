@@ -141,8 +141,8 @@ _DATA_IMAGE_SIZE = flags.DEFINE_integer(
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", 128, "Network input side (px, multiple of 32); also stored size."
 )
-# configs/demo.flags' budget: 24 epochs of batch 32 over the demo's ~990
-# training films, Adam 3e-3 with cosine decay.
+# configs/demo.flags' budget: 744 steps of batch 32 (24 epochs of the demo's
+# ~990 training films), Adam 3e-3 with cosine decay.
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Training batch size.")
 _STEPS = flags.DEFINE_integer("steps", 744, "Training steps of every run.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate.")
