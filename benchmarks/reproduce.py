@@ -141,8 +141,8 @@ _DATA_IMAGE_SIZE = flags.DEFINE_integer(
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", 128, "Network input side (px, multiple of 32); also stored size."
 )
-# configs/demo.flags' budget: 744 steps of batch 32 (24 epochs of the demo's
-# ~990 training films), Adam 3e-3 with cosine decay.
+# The demo's training setup (configs/demo.flags: batch 32, Adam 3e-3 with
+# cosine decay) for ~740 steps, the demo's step budget, on 800 patients.
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Training batch size.")
 _STEPS = flags.DEFINE_integer("steps", 744, "Training steps of every run.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate.")
@@ -1087,7 +1087,7 @@ def write_report(results, md_path, output_dir):
         f"{s['seed']}`"
         + (
             " (the demo's data set)"
-            if (s["num_patients"], s["data_image_size"]) == (800, 128)
+            if (s["num_patients"], s["data_image_size"]) == (1200, 128)
             else ""
         )
         + ", ingested with `python -m "
@@ -1418,8 +1418,8 @@ def agreement_lines(results, auc_noise, acc_noise, afp_noise, iop_noise):
             f"{min(aucs):.3f} to {max(aucs):.3f}, all below {NEAR_CHANCE_AUC}; "
             "chance is 0.5): the networks have not learned the findings yet, so "
             "the orderings below are not evidence for or against the papers. "
-            "configs/demo.flags trains 744 steps of the same setup to a mean "
-            "AUC near 0.93 on these films; rerun with a larger `--steps`."
+            "configs/demo.flags trains ~740 steps of the same setup to a mean "
+            "AUC near 0.95 on these films; rerun with a larger `--steps`."
         )
     masks = [
         (name, ev[name]["mean_auc"])

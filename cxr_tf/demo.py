@@ -26,7 +26,7 @@ _TRAIN_FLAGFILE = flags.DEFINE_string(
     "Training flagfile shared by the PCAM and LSE runs.",
 )
 _NUM_PATIENTS = flags.DEFINE_integer(
-    "num_patients", 800, "Synthetic patients (about 1.7 films each)."
+    "num_patients", 1200, "Synthetic patients (about 1.7 films each)."
 )
 _FILM_SIZE = flags.DEFINE_integer(
     "film_size",
