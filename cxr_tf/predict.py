@@ -43,6 +43,14 @@ _BOX_FINDINGS = flags.DEFINE_enum(
 )
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
 _OVERLAYS = flags.DEFINE_bool("overlays", True, "Write an overlay PNG per image.")
+_DICOM_ORIENTATION = flags.DEFINE_enum(
+    "dicom_orientation",
+    "auto",
+    ["auto", "header"],
+    "auto: follow PhotometricInterpretation, but invert a chest DICOM whose "
+    "content is plainly a negative (wrong header; flagged in its record). "
+    "header: follow PhotometricInterpretation only.",
+)
 
 
 def main(argv):
@@ -59,6 +67,7 @@ def main(argv):
         box_findings=_BOX_FINDINGS.value,
         batch_size=_BATCH_SIZE.value,
         overlays=_OVERLAYS.value,
+        dicom_orientation=_DICOM_ORIENTATION.value,
     )
     try:
         summary = predict_lib.predict(config, inputs)

@@ -252,6 +252,9 @@ class PredictConfig:
       overlays: write an overlay PNG per image.
       work_size: longer side above which box extraction is done at reduced
         size (large DICOMs).
+      dicom_orientation: "auto" or "header"; see
+        `cxr_tf.data.images.decode_image`. A DICOM inverted by "auto" gets
+        `"orientation_corrected": true` in its record.
     """
 
     model: str
@@ -264,8 +267,17 @@ class PredictConfig:
     batch_size: int = 8
     overlays: bool = True
     work_size: int | None = 2048
+    dicom_orientation: str = "auto"
 
     def __post_init__(self):
+        # pylint: disable-next=import-outside-toplevel
+        from cxr_tf.data import images as images_lib
+
+        if self.dicom_orientation not in images_lib.ORIENTATIONS:
+            raise ValueError(
+                f"`dicom_orientation` must be one of {images_lib.ORIENTATIONS}. "
+                f"Received: dicom_orientation={self.dicom_orientation!r}"
+            )
         if self.map_source not in MAP_SOURCES:
             raise ValueError(
                 f"`map_source` must be one of {MAP_SOURCES}. "
@@ -428,19 +440,21 @@ def predict(config, inputs):
             batch = []
             for path in paths[start : start + config.batch_size]:
                 try:
-                    pixels = images_lib.read_image(path)
+                    pixels, info = images_lib.read_image_with_info(
+                        path, orientation=config.dicom_orientation
+                    )
                 except (ValueError, OSError) as e:
                     logging.warning("Skipping %s: %s", path, e)
                     failed.append({"image": path, "reason": str(e)})
                     continue
-                batch.append((path, pixels))
+                batch.append((path, pixels, info))
             if not batch:
                 continue
             inputs_np = np.stack(
-                [preprocess(p, size, loaded.normalization) for _, p in batch]
+                [preprocess(p, size, loaded.normalization) for _, p, _ in batch]
             )
             probs, maps = computer(inputs_np)
-            for (path, pixels), p, m in zip(batch, probs, maps):
+            for (path, pixels, info), p, m in zip(batch, probs, maps):
                 name = os.path.basename(path)
                 record = prediction_record(
                     name,
@@ -455,6 +469,8 @@ def predict(config, inputs):
                     config.box_findings,
                     config.work_size,
                 )
+                if info.orientation_corrected:
+                    record["orientation_corrected"] = True
                 out.write(json.dumps(record) + "\n")
                 if config.overlays:
                     write_overlay(

@@ -76,6 +76,14 @@ _RUNNING_MODE = flags.DEFINE_enum(
     ["multi_processing", "multi_threading", "in_memory"],
     "DirectRunner running mode.",
 )
+_DICOM_ORIENTATION = flags.DEFINE_enum(
+    "dicom_orientation",
+    "auto",
+    ["auto", "header"],
+    "auto: follow PhotometricInterpretation, but invert a chest DICOM whose "
+    "content is plainly a negative (wrong header; listed in the report). "
+    "header: follow PhotometricInterpretation only.",
+)
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace records already in output_dir."
 )
@@ -103,6 +111,7 @@ def config_from_flags():
         num_workers=_NUM_WORKERS.value,
         running_mode=_RUNNING_MODE.value,
         overwrite=_OVERWRITE.value,
+        dicom_orientation=_DICOM_ORIENTATION.value,
     )
 
 

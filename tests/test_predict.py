@@ -99,6 +99,38 @@ def test_predict_png_rgba_dicom_and_a_broken_file(
     assert all(b["w"] == pytest.approx(1024) for r in png for b in r["boxes"])
 
 
+def test_predict_marks_a_dicom_whose_header_was_wrong(
+    tiny_model_dir, cxr14_sample, tmp_path
+):
+    dicom = cxr14_sample / "dicom"
+    siim = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+    inputs = [str(dicom / siim), str(dicom / "Fake_MONOHR1.dcm")]
+    by_mode = {}
+    for mode in ("auto", "header"):
+        out = tmp_path / mode
+        predict_lib.predict(
+            predict_lib.PredictConfig(
+                model=tiny_model_dir,
+                output_dir=str(out),
+                overlays=False,
+                dicom_orientation=mode,
+            ),
+            inputs,
+        )
+        with open(out / "predictions.jsonl") as f:
+            by_mode[mode] = {r["image"]: r for r in map(json.loads, f)}
+    auto, header = by_mode["auto"], by_mode["header"]
+    # Same pixels once the wrong header is caught: the same prediction.
+    assert auto["Fake_MONOHR1.dcm"].pop("orientation_corrected") is True
+    assert auto["Fake_MONOHR1.dcm"]["probabilities"] == auto[siim]["probabilities"]
+    assert "orientation_corrected" not in auto[siim]
+    assert not any("orientation_corrected" in r for r in header.values())
+    assert header[siim] == auto[siim]
+    assert header["Fake_MONOHR1.dcm"]["probabilities"] != auto[siim]["probabilities"]
+    with pytest.raises(ValueError, match="`dicom_orientation` must be one of"):
+        predict_lib.PredictConfig(model="m", output_dir="o", dicom_orientation="x")
+
+
 def test_boxes_match_the_model_map_in_original_pixels(tiny_model_dir, cxr14_sample):
     from cxr_tf.data import images
 

@@ -94,6 +94,10 @@ class IngestConfig:
       running_mode: DirectRunner mode ("multi_processing", "multi_threading"
         or "in_memory"); other runners ignore it.
       overwrite: replace records already in `output_dir` (else an error).
+      dicom_orientation: "auto" (PhotometricInterpretation, checked against
+        the content: a chest film whose header contradicts it is inverted
+        and listed in the report) or "header" (the header only); see
+        `cxr_tf.data.images.decode_image`.
     """
 
     data_dir: str
@@ -111,6 +115,7 @@ class IngestConfig:
     num_workers: int = 0
     running_mode: str = "multi_processing"
     overwrite: bool = False
+    dicom_orientation: str = "auto"
 
     def __post_init__(self):
         for name in ("data_dir", "output_dir"):
@@ -136,6 +141,11 @@ class IngestConfig:
                 raise ValueError(
                     f"`{name}` must be in [0, 1). Received: {name}={value!r}"
                 )
+        if self.dicom_orientation not in images.ORIENTATIONS:
+            raise ValueError(
+                f"`dicom_orientation` must be one of {images.ORIENTATIONS}. "
+                f"Received: dicom_orientation={self.dicom_orientation!r}"
+            )
         if self.running_mode not in _RUNNING_MODES:
             raise ValueError(
                 f"`running_mode` must be one of {_RUNNING_MODES}. "
@@ -329,18 +339,22 @@ def encode_png(pixels, level=6):
     )
 
 
-def encode_item(item, image_size):
+def encode_item(item, image_size, orientation="auto"):
     """Reads, decodes, resizes and serializes one work item.
 
     Args:
       item: dict from the driver (image_id, path, split, shard, labels, boxes
         in 1024-image pixels [x, y, w, h], box_labels, ...).
       image_size: longer side of the stored image (0 keeps it).
+      orientation: DICOM orientation, "auto" or "header" (see
+        `cxr_tf.data.images.decode_image`).
 
     Returns:
       `(serialized_example, None, notes)` on success, or `(None, skip, [])`
       with `skip` a report entry {"row", "image_id", "reason", "detail"}.
-      `notes` lists boxes that had to be clipped to the image.
+      `notes` are report entries {"kind", "row", "image_id", "reason"}:
+      kind "box_note" for a box clipped to the image, "orientation_corrected"
+      for a DICOM inverted because its content contradicts its header.
     """
 
     def skip(reason, detail):
@@ -356,7 +370,9 @@ def encode_item(item, image_size):
     except (OSError, IOError) as e:
         return skip(UNREADABLE_FILE, f"{item['path']}: {e}")
     try:
-        pixels = images.decode_image(data, name=item["path"])
+        pixels, info = images.decode_image_with_info(
+            data, name=item["path"], orientation=orientation
+        )
     except images.ImageDecodeError as e:
         return skip(CORRUPT_IMAGE, str(e))
     except Exception as e:  # pylint: disable=broad-except
@@ -368,6 +384,17 @@ def encode_item(item, image_size):
     height, width = stored.shape
 
     notes = []
+    if info.orientation_corrected:
+        notes.append(
+            {
+                "kind": "orientation_corrected",
+                "row": item["row"],
+                "image_id": item["image_id"],
+                "reason": f"{item['path']}: the content is a chest film's negative "
+                f"under PhotometricInterpretation {info.photometric}; stored "
+                "inverted (dicom_orientation='header' keeps the header's)",
+            }
+        )
     boxes = []
     for (x, y, w, h), label, row in zip(
         item["boxes"], item["box_labels"], item["box_rows"]
@@ -381,6 +408,7 @@ def encode_item(item, image_size):
         if np.abs(raw - clipped).max() * max(original_h, original_w) > 1.0:
             notes.append(
                 {
+                    "kind": "box_note",
                     "row": row,
                     "image_id": item["image_id"],
                     "reason": f"box [x={x}, y={y}, w={w}, h={h}] extends outside the "
@@ -437,14 +465,17 @@ def write_shard(output_dir, split, shard, num_shards, records):
 class _EncodeFn(beam.DoFn):
     """Work item -> ((split, shard, num_shards), (image_id, record)) or events."""
 
-    def __init__(self, image_size):
+    def __init__(self, image_size, orientation):
         super().__init__()
         self._image_size = image_size
+        self._orientation = orientation
 
     def process(self, item):
-        serialized, skipped, notes = encode_item(item, self._image_size)
+        serialized, skipped, notes = encode_item(
+            item, self._image_size, self._orientation
+        )
         for note in notes:
-            yield beam.pvalue.TaggedOutput("events", dict(note, kind="box_note"))
+            yield beam.pvalue.TaggedOutput("events", note)
         if skipped is not None:
             yield beam.pvalue.TaggedOutput("events", dict(skipped, kind="skipped"))
             return
@@ -473,9 +504,9 @@ def _build_pipeline(pipeline, work, config, tmp_dir):
         # Spreads the decoding over the workers (Create gives one bundle).
         | "Spread" >> beam.Reshuffle()
         | "Encode"
-        >> beam.ParDo(_EncodeFn(config.image_size)).with_outputs(
-            "events", main="records"
-        )
+        >> beam.ParDo(
+            _EncodeFn(config.image_size, config.dicom_orientation)
+        ).with_outputs("events", main="records")
     )
     written = (
         encoded.records
@@ -700,7 +731,9 @@ def run_ingest(config, pipeline_args=()):
       The report dict (also written to `output_dir/ingest_report.json`):
       "rows_read" == "rows_written" + "rows_skipped", "written" per split,
       "skipped" (every skipped row: row, image_id, reason, detail),
-      "skipped_by_reason", "box_problems", "unlisted_image_files", ...
+      "skipped_by_reason", "box_problems", "orientation_corrected" (DICOMs
+      inverted because their content contradicts their header: row,
+      image_id, reason), "unlisted_image_files", ...
 
     Raises:
       FileNotFoundError: `data_dir` or a named table is missing, or no
@@ -741,6 +774,7 @@ def run_ingest(config, pipeline_args=()):
     tf.io.gfile.makedirs(tmp_dir)
     written = {split: [] for split in schema.SPLITS}
     box_notes = []
+    corrected = []
     try:
         if work:
             options = _pipeline_options(config, pipeline_args)
@@ -755,6 +789,8 @@ def run_ingest(config, pipeline_args=()):
                         written[event["split"]].extend(event["image_ids"])
                     elif kind == "skipped":
                         skipped.append(event)
+                    elif kind == "orientation_corrected":
+                        corrected.append(event)
                     else:
                         box_notes.append(event)
     finally:
@@ -774,7 +810,7 @@ def run_ingest(config, pipeline_args=()):
                 with tf.io.TFRecordWriter(path, options):
                     pass
 
-    report = _report(config, tables, plan, written, skipped, box_notes, work)
+    report = _report(config, tables, plan, written, skipped, box_notes, corrected, work)
     path = tf.io.gfile.join(config.output_dir, schema.INGEST_REPORT)
     with tf.io.gfile.GFile(path, "w") as f:
         f.write(report_to_json(report))
@@ -816,7 +852,7 @@ def report_to_json(report):
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
-def _report(config, tables, plan, written, skipped, box_notes, work):
+def _report(config, tables, plan, written, skipped, box_notes, corrected, work):
     patients = plan["patients"]
     rows_written = sum(len(ids) for ids in written.values())
     skipped = sorted(skipped, key=lambda s: (s["row"], s["image_id"]))
@@ -852,6 +888,9 @@ def _report(config, tables, plan, written, skipped, box_notes, work):
         "boxes_written": boxes_written,
         "box_problems": sorted(
             plan["box_problems"] + box_notes, key=lambda b: (b["row"], b["image_id"])
+        ),
+        "orientation_corrected": sorted(
+            corrected, key=lambda c: (c["row"], c["image_id"])
         ),
         "unlisted_image_files": plan["unlisted_image_files"],
         "duplicate_image_files": plan["duplicate_image_files"],

@@ -124,7 +124,7 @@ def _lung_and_spine(image):
     return float(lungs.mean()), float(spine.mean())
 
 
-@pytest.mark.parametrize("name", [SIIM, CR_MONO1])
+@pytest.mark.parametrize("name", [SIIM, SIIM_MONO1, CR_MONO1])
 def test_dicoms_are_oriented_lungs_dark_bones_bright(dicoms, name):
     image = dicoms[name]
     assert image.ndim == 2 and image.dtype == np.uint8
@@ -143,14 +143,119 @@ def test_siim_dicom_is_jpeg_decoded_with_installed_packages(cxr14_sample, dicoms
     np.testing.assert_array_equal(image, expected.astype(np.uint8))
 
 
-def test_monochrome1_copy_is_the_inverted_original(dicoms):
-    # Fake_MONOHR1 has the very same pixel data with the header changed to
-    # MONOCHROME1: read as the standard says, it is the negative (so the
-    # header flip is honoured, not ignored).
-    original, mono1 = dicoms[SIIM], dicoms[SIIM_MONO1]
-    np.testing.assert_array_equal(mono1, 255 - original)
-    lungs, spine = _lung_and_spine(mono1)
+def test_mislabelled_monochrome1_copy_is_caught_by_its_content(
+    cxr14_sample, dicoms, caplog
+):
+    # Fake_MONOHR1 holds the SIIM file's pixel data byte for byte with only
+    # PhotometricInterpretation changed to MONOCHROME1: the header is wrong.
+    folder = cxr14_sample / "dicom"
+    assert (folder / SIIM_MONO1).read_bytes() != (folder / SIIM).read_bytes()
+    fake = pydicom.dcmread(folder / SIIM_MONO1)
+    real = pydicom.dcmread(folder / SIIM)
+    assert fake.PhotometricInterpretation == "MONOCHROME1"
+    assert real.PhotometricInterpretation == "MONOCHROME2"
+    assert fake.PixelData == real.PixelData
+    original = dicoms[SIIM]
+
+    # Read as the header says, it is the negative: the header flip is applied...
+    header_only = read_image(folder / SIIM_MONO1, orientation="header")
+    np.testing.assert_array_equal(header_only, 255 - original)
+    lungs, spine = _lung_and_spine(header_only)
     assert lungs > spine
+    assert images.looks_inverted(header_only)
+
+    # ... and "auto" (the default) sees a negative chest film, inverts it back
+    # and says so, naming the file.
+    with caplog.at_level(logging.WARNING):
+        auto, info = images.read_image_with_info(folder / SIIM_MONO1)
+    np.testing.assert_array_equal(auto, original)
+    np.testing.assert_array_equal(dicoms[SIIM_MONO1], original)
+    assert info == images.DecodeInfo(
+        "DICOM", photometric="MONOCHROME1", orientation_corrected=True
+    )
+    assert any(
+        SIIM_MONO1 in r.getMessage() and "MONOCHROME1" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+@pytest.mark.parametrize("name", [SIIM, CR_MONO1])
+def test_dicoms_with_a_right_header_are_not_touched(cxr14_sample, dicoms, name):
+    path = cxr14_sample / "dicom" / name
+    auto, info = images.read_image_with_info(path)
+    assert not info.orientation_corrected
+    np.testing.assert_array_equal(auto, read_image(path, orientation="header"))
+    assert not images.looks_inverted(auto)
+
+
+def test_orientation_cues_on_the_real_films(sample_pngs):
+    # The content check must never invert a correctly displayed film: on all
+    # 135 NIH films no cue set says "negative", while most negatives are seen.
+    paths, _ = sample_pngs
+    false_flips, caught = [], 0
+    for path in paths:
+        image = read_image(path)
+        cues = images.orientation_cues(image)
+        assert cues.shape == (3,)
+        np.testing.assert_allclose(
+            images.orientation_cues(255 - image), -cues, atol=1e-6
+        )
+        if images.looks_inverted(image):
+            false_flips.append(path.name)
+        caught += images.looks_inverted(255 - image)
+    assert false_flips == []
+    assert caught >= 125, caught
+
+
+def _film_dicom(pixels, photometric, **el):
+    return make_dicom(pixels, photometric=photometric, bits_stored=8, **el)
+
+
+@pytest.fixture(scope="module")
+def small_film(sample_pngs):
+    paths, _ = sample_pngs
+    image = Image.fromarray(read_image(paths[0])).resize((256, 256), Image.BILINEAR)
+    # Spanning 0..255, so a DICOM of it without window decodes to it exactly.
+    return images._min_max(np.asarray(image))  # pylint: disable=protected-access
+
+
+def test_wrong_monochrome2_header_is_caught_too(small_film):
+    # A negative stored under MONOCHROME2 (the other way a header goes wrong).
+    data = _film_dicom(255 - small_film, "MONOCHROME2", Modality="DX")
+    pixels, info = images.decode_image_with_info(data, "neg.dcm")
+    assert info.orientation_corrected and info.photometric == "MONOCHROME2"
+    np.testing.assert_array_equal(pixels, small_film)
+    np.testing.assert_array_equal(
+        decode_image(data, orientation="header"), 255 - small_film
+    )
+    # A right header stays as it is under both modes.
+    right = _film_dicom(255 - small_film, "MONOCHROME1", Modality="CR")
+    for mode in images.ORIENTATIONS:
+        pixels, info = images.decode_image_with_info(right, orientation=mode)
+        assert not info.orientation_corrected
+        np.testing.assert_array_equal(pixels, small_film)
+
+
+def test_content_check_only_for_large_radiographs(small_film):
+    negative = 255 - small_film
+    # Not a projection radiograph: the chest-film check does not apply.
+    ct = _film_dicom(negative, "MONOCHROME2", Modality="CT")
+    np.testing.assert_array_equal(decode_image(ct), negative)
+    # Too small to judge.
+    tiny = images._min_max(negative[::8, ::8])  # pylint: disable=protected-access
+    assert images.orientation_cues(tiny) is None
+    np.testing.assert_array_equal(decode_image(_film_dicom(tiny, "MONOCHROME2")), tiny)
+    # Flat images have no cues either.
+    assert images.orientation_cues(np.full((100, 100), 7, np.uint8)) is None
+    # PNG and JPEG carry no orientation claim: never inverted.
+    pixels, info = images.decode_image_with_info(encode(negative))
+    assert info == images.DecodeInfo("PNG")
+    np.testing.assert_array_equal(pixels, negative)
+
+
+def test_orientation_argument_is_validated(small_film):
+    with pytest.raises(ValueError, match="`orientation` must be one of"):
+        decode_image(encode(small_film), orientation="content")
 
 
 def test_cr_mono1_without_preamble_window_and_inversion(cxr14_sample, dicoms):
@@ -401,3 +506,14 @@ def test_identifying_dicom_tags_never_in_errors_or_logs(caplog):
         warnings.simplefilter("ignore")
         _ = pydicom.dcmread(io.BytesIO(data)).NumberOfFrames
     assert any(SECRET_ID in r.getMessage() for r in caplog.records)
+
+
+def test_orientation_check_on_synthetic_films():
+    # Films the check's regions were not chosen on (PA and AP, all findings).
+    from cxr_tf.data import synthetic  # pylint: disable=import-outside-toplevel
+
+    specs = synthetic.sample_specs(25, seed=11, image_size=128)
+    for spec in specs:
+        film, _ = synthetic.render_film(spec, 128)
+        assert not images.looks_inverted(film), spec.image_id
+        assert images.looks_inverted(255 - film), spec.image_id

@@ -324,6 +324,8 @@ def test_config_validation(tmp_path):
         _config(tmp_path, tmp_path, max_skip_fraction=1.5)
     with pytest.raises(ValueError, match="`running_mode` must be one of"):
         _config(tmp_path, tmp_path, running_mode="threads")
+    with pytest.raises(ValueError, match="`dicom_orientation` must be one of"):
+        _config(tmp_path, tmp_path, dicom_orientation="content")
     with pytest.raises(FileNotFoundError, match="`data_dir` not found"):
         ingest.run_ingest(_config(tmp_path / "absent", tmp_path))
 
@@ -385,6 +387,53 @@ def test_real_sample_ingest(cxr14_sample, tmp_path):
         patients.setdefault(record["patient_id"], set()).add(record["split"])
     assert all(len(s) == 1 for s in patients.values())
     assert sum(1 for i in records if i in boxes) == 91
+
+
+@pytest.mark.parametrize("orientation", ["auto", "header"])
+def test_sample_dicoms_ingest_and_a_wrong_header_is_reported(
+    cxr14_sample, tmp_path, orientation
+):
+    # The SIIM DICOM and its copy relabelled MONOCHROME1 (same pixel data).
+    data_dir = tmp_path / "data"
+    (data_dir / "images").mkdir(parents=True)
+    dicom = cxr14_sample / "dicom"
+    sources = {
+        "00000001_000.dcm": dicom
+        / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
+        "00000002_000.dcm": dicom / "Fake_MONOHR1.dcm",
+        "00000003_000.dcm": dicom / "CR-MONO1-10-chest.dcm",
+    }
+    for name, source in sources.items():
+        (data_dir / "images" / name).write_bytes(source.read_bytes())
+    rows = [
+        f"{name},No Finding,0,{i + 1},50,M,PA,1024,1024,0.143,0.143"
+        for i, name in enumerate(sources)
+    ]
+    (data_dir / "Data_Entry_2017.csv").write_text(HEADER + "\n".join(rows) + "\n")
+    output_dir = tmp_path / "records"
+    report = ingest.run_ingest(
+        _config(data_dir, output_dir, image_size=64, dicom_orientation=orientation)
+    )
+    assert report["rows_read"] == report["rows_written"] == 3
+    records = _records(output_dir)
+    siim = records["00000001_000.dcm"]["pixels"]
+    fake = records["00000002_000.dcm"]["pixels"]
+    assert siim.shape == fake.shape == (64, 64)
+    on_disk = json.loads((output_dir / schema.INGEST_REPORT).read_text())
+    if orientation == "auto":
+        np.testing.assert_array_equal(fake, siim)
+        [entry] = report["orientation_corrected"]
+        assert entry["image_id"] == "00000002_000.dcm"
+        assert (
+            "MONOCHROME1" in entry["reason"] and "00000002_000.dcm" in entry["reason"]
+        )
+    else:
+        # The negative, up to the area resize's rounding.
+        diff = fake.astype(int) - (255 - siim.astype(int))
+        assert np.abs(diff).max() <= 1
+        assert report["orientation_corrected"] == []
+    assert on_disk["orientation_corrected"] == report["orientation_corrected"]
+    assert on_disk["config"]["dicom_orientation"] == orientation
 
 
 @pytest.mark.slow
