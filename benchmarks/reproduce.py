@@ -420,6 +420,7 @@ def make_data(settings, work_dir, reuse):
 
 def train_argv(settings, records_dir, model_dir, run):
     """`python -m cxr_tf.train` arguments of one run."""
+    steps = run.get("steps", settings["steps"])
     argv = [
         "cxr_tf.train",
         f"--data_dir={records_dir}",
@@ -429,7 +430,7 @@ def train_argv(settings, records_dir, model_dir, run):
         f"--image_size={settings['image_size']}",
         f"--batch_size={run.get('batch_size', settings['batch_size'])}",
         "--epochs=1",
-        f"--steps_per_epoch={run.get('steps', settings['steps'])}",
+        f"--steps_per_epoch={steps}",
         "--optimizer=adam",
         f"--learning_rate={settings['learning_rate']}",
         # configs/demo.flags' setup: cosine decay and no augmentation
@@ -441,7 +442,7 @@ def train_argv(settings, records_dir, model_dir, run):
         f"--seed={run['seed']}",
         f"--jit_compile={settings['jit_compile']}",
         # One backup at the end: a killed run restarts its only epoch.
-        f"--backup_every_steps={run.get('steps', settings['steps'])}",
+        f"--backup_every_steps={steps}",
         "--num_overlay_images=0",
         "--verbose=2",
     ]
