@@ -16,14 +16,15 @@ from cxr_tf import errors
 from cxr_tf import localization
 from cxr_tf import localization_graph
 from cxr_tf import model_dir
+from cxr_tf import serving_contract
 from cxr_tf.data import preprocess
 from cxr_tf.data import schema
 
 WARMUP_FILE = "tf_serving_warmup_requests"
-SERVING_SIGNATURE = "serving_default"
-PIXELS_SIGNATURE = "predict_pixels"
-MODEL_INFO_SIGNATURE = "model_info"
-OUTPUT_KEYS = ("probabilities", "localization_maps", "boxes", "box_scores", "num_boxes")
+SERVING_SIGNATURE = serving_contract.SERVING_SIGNATURE
+PIXELS_SIGNATURE = serving_contract.PIXELS_SIGNATURE
+MODEL_INFO_SIGNATURE = serving_contract.MODEL_INFO_SIGNATURE
+OUTPUT_KEYS = serving_contract.OUTPUT_KEYS
 _VERSION_DIR = re.compile(r"^\d+$")
 
 INTENDED_USE = (
@@ -289,13 +290,17 @@ class ServingModule(tf.Module):
         size, channels = self.image_size, self.channels
         self.serve_bytes = tf.function(
             self._serve_bytes,
-            input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+            input_signature=[tf.TensorSpec([None], tf.string, name=serving_contract.BYTES_INPUT)],
             autograph=False,
         )
         self.serve_pixels = tf.function(
             self._serve_pixels,
             input_signature=[
-                tf.TensorSpec([None, size, size, channels], tf.float32, name="pixels")
+                tf.TensorSpec(
+                    [None, size, size, channels],
+                    tf.float32,
+                    name=serving_contract.PIXELS_INPUT,
+                )
             ],
             autograph=False,
         )

@@ -16,8 +16,9 @@ from scipy import special
 
 from cxr_tf import localization
 from cxr_tf.data import preprocess
+from cxr_tf.data import schema
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+IMAGE_EXTENSIONS = schema.IMAGE_EXTENSIONS
 MAP_SOURCES = ("model", "gradcam")
 PREDICTIONS_FILE = "predictions.jsonl"
 OVERLAY_DIR = "overlays"

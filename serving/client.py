@@ -40,30 +40,12 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-try:  # Optional: the client runs without the cxr_tf package installed.
-    from cxr_tf.data import schema as _schema
+from cxr_tf import serving_contract
+from cxr_tf.data import schema as _schema
 
-    DEFAULT_FINDINGS = tuple(_schema.FINDINGS)
-except ImportError:  # pragma: no cover - depends on the installation
-    DEFAULT_FINDINGS = (
-        "Atelectasis",
-        "Cardiomegaly",
-        "Effusion",
-        "Infiltration",
-        "Mass",
-        "Nodule",
-        "Pneumonia",
-        "Pneumothorax",
-        "Consolidation",
-        "Edema",
-        "Emphysema",
-        "Fibrosis",
-        "Pleural_Thickening",
-        "Hernia",
-    )
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-MODEL_INFO_SIGNATURE = "model_info"
+DEFAULT_FINDINGS = tuple(serving_contract.FINDINGS)
+IMAGE_EXTENSIONS = _schema.IMAGE_EXTENSIONS
+MODEL_INFO_SIGNATURE = serving_contract.MODEL_INFO_SIGNATURE
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -230,7 +212,7 @@ class CxrClient:
         self,
         server=None,
         model_name="cxr",
-        signature_name="serving_default",
+        signature_name=serving_contract.SERVING_SIGNATURE,
         version=None,
         version_label=None,
         tls=False,
@@ -662,7 +644,7 @@ class CxrClient:
     def _predict_batch(self, batch, return_maps):
         signature = self._signature(self.signature_name)
         try:
-            if self.signature_name == "predict_pixels" or (
+            if self.signature_name == serving_contract.PIXELS_SIGNATURE or (
                 len(signature["inputs"]) == 1
                 and next(iter(signature["inputs"].values()))["dtype"] == "DT_FLOAT"
             ):

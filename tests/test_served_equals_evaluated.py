@@ -28,7 +28,7 @@ from cxr_tf.data import synthetic
 MAX_MEAN_ABS_DIFF = 0.005
 
 
-def _ingest(data_dir, out, size):
+def _ingest(data_dir, out, size, **tables):
     ingest.run_ingest(
         ingest.IngestConfig(
             data_dir=str(data_dir),
@@ -36,6 +36,7 @@ def _ingest(data_dir, out, size):
             image_size=size,
             running_mode="in_memory",
             max_skip_fraction=1.0,
+            **tables,
         )
     )
     return out
@@ -82,8 +83,10 @@ def _served_probabilities(version_dir, paths):
     return out
 
 
-def _check_three_paths(tmp_path, data_dir, image_dir, ingest_size, image_size):
-    records = _ingest(data_dir, tmp_path / "records", ingest_size)
+def _check_three_paths(
+    tmp_path, data_dir, image_dir, ingest_size, image_size, **tables
+):
+    records = _ingest(data_dir, tmp_path / "records", ingest_size, **tables)
     model_dir = tmp_path / "model"
     _train(records, model_dir, image_size)
     loaded = model_dir_lib.load(str(model_dir))
@@ -154,7 +157,12 @@ def test_ingest_512_train_128_same_probabilities_everywhere(tmp_path):
 @pytest.mark.slow
 def test_ingest_1024_train_512_same_probabilities_on_real_films(tmp_path, cxr14_sample):
     _check_three_paths(
-        tmp_path, cxr14_sample, cxr14_sample / "images", 1024, 512
+        tmp_path,
+        cxr14_sample,
+        cxr14_sample / "images",
+        1024,
+        512,
+        data_entry=str(cxr14_sample / "meta" / "Data_Entry_2017_v2020.csv"),
     )
 
 

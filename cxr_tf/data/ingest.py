@@ -36,7 +36,7 @@ TABLE_PATTERNS = {
     "train_val_list": re.compile(r"^train_val_list(_v\d+)?\.txt$"),
     "test_list": re.compile(r"^test_list(_v\d+)?\.txt$"),
 }
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+IMAGE_EXTENSIONS = schema.IMAGE_EXTENSIONS
 SHARD_TEMPLATE = "{split}-{shard:05d}-of-{num_shards:05d}.tfrecord.gz"
 
 # Reasons a Data_Entry row is skipped (the report's `skipped[*].reason`).
