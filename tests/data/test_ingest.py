@@ -166,14 +166,17 @@ def test_every_row_is_written_or_skipped_with_its_reason(tiny):
 
 def test_box_rows_and_unlisted_files_are_reported(tiny):
     _, _, _, report = tiny
-    problems = {
-        (p["image_id"], p["reason"].split(" ")[0]) for p in report["box_problems"]
-    }
-    assert ("00000099_000.png", "image") in problems  # not in Data_Entry
-    assert ("00000002_000.png", "box") in problems  # clipped
+    assert report["box_skipped"] == [
+        {"row": 4, "image_id": "00000099_000.png", "reason": "image not in Data_Entry"}
+    ]
+    [clipped] = report["box_notes"]
+    assert (clipped["row"], clipped["image_id"]) == (3, "00000002_000.png")
+    assert "clipped" in clipped["reason"]
     assert report["unlisted_image_files"] == 1
     assert report["box_rows_read"] == 4
     assert report["boxes_written"] == 3
+    assert report["box_rows_skipped"] == 1
+    assert report["skipped_folders"] == []
 
 
 def test_records_hold_labels_boxes_and_resized_images(tiny):
