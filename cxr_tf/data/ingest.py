@@ -637,6 +637,9 @@ class IngestProgress:
 
     A daemon thread in the driver reads `FilmTally.count()` every
     `interval_s` and logs one line; `stop()` logs the final count and rate.
+    The rate is taken over the last `RATE_WINDOW_S` seconds, from the first
+    film on, so the workers' start-up (tens of seconds for multi_processing)
+    does not drag the ETA.
 
     Args:
       tally: a `FilmTally`.
@@ -646,8 +649,14 @@ class IngestProgress:
       log: where lines go (`logging.info`-like, %-style arguments).
     """
 
+    RATE_WINDOW_S = 30.0
+
     def __init__(
-        self, tally, total, interval_s=PROGRESS_INTERVAL_S, clock=time.monotonic,
+        self,
+        tally,
+        total,
+        interval_s=PROGRESS_INTERVAL_S,
+        clock=time.monotonic,
         log=None,
     ):
         self.tally = tally
@@ -655,28 +664,70 @@ class IngestProgress:
         self.interval_s = float(interval_s)
         self._clock = clock
         self._log = log or logging.info
-        self._start = clock()
         self._stop = threading.Event()
         self._thread = None
+        self._reset()
+
+    def _reset(self):
+        self._start = self._clock()
+        self._idle_until = self._start  # last time no film was done yet
+        self._all_done_at = None
+        self._samples = []  # (time, films done) of each line
+
+    def _rate(self, now, done):
+        ref_t, ref_done = self._idle_until, 0
+        for t, d in self._samples:
+            if t >= now - self.RATE_WINDOW_S and t >= self._idle_until:
+                ref_t, ref_done = t, d
+                break
+        if now <= ref_t or done <= ref_done:
+            return done / max(now - self._idle_until, 1e-9)
+        return (done - ref_done) / (now - ref_t)
 
     def line(self, done=None):
-        """One progress line: count, rate and ETA."""
+        """One progress line: count, rate and ETA (or the phase)."""
         done = self.tally.count() if done is None else done
-        elapsed = max(self._clock() - self._start, 1e-9)
-        rate = done / elapsed
-        text = f"ingest: {done}/{self.total} films, {rate:.1f} films/s"
-        if done >= self.total:
-            return text + f", done in {_format_seconds(elapsed)}"
+        now = self._clock()
+        elapsed = _format_seconds(now - self._start)
         if done == 0:
-            return text + f", ETA unknown ({_format_seconds(elapsed)} elapsed)"
-        return text + f", ETA {_format_seconds((self.total - done) / rate)}"
+            self._idle_until = now
+            text = (
+                f"ingest: 0/{self.total} films, starting the Beam workers "
+                f"({elapsed} elapsed)"
+            )
+        elif done < self.total:
+            rate = self._rate(now, done)
+            eta = _format_seconds((self.total - done) / max(rate, 1e-9))
+            text = (
+                f"ingest: {done}/{self.total} films, {rate:.1f} films/s, ETA {eta}"
+            )
+        else:
+            if self._all_done_at is None:
+                self._all_done_at = now
+            text = (
+                f"ingest: {done}/{self.total} films encoded, writing the shards "
+                f"({elapsed} elapsed)"
+            )
+        self._samples.append((now, done))
+        return text
+
+    def final_line(self, done=None):
+        """The closing line: films, total time and mean rate of the encoding."""
+        done = self.tally.count() if done is None else done
+        now = self._clock()
+        end = self._all_done_at or now
+        rate = done / max(end - self._idle_until, 1e-9)
+        return (
+            f"ingest: {done}/{self.total} films in {_format_seconds(now - self._start)}"
+            f", {rate:.1f} films/s once the workers ran"
+        )
 
     def _run(self):
         while not self._stop.wait(self.interval_s):
             self._log("%s", self.line())
 
     def start(self):
-        self._start = self._clock()
+        self._reset()
         self._thread = threading.Thread(
             target=self._run, name="ingest-progress", daemon=True
         )
@@ -687,7 +738,7 @@ class IngestProgress:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._log("%s", self.line())
+        self._log("%s", self.final_line())
 
 
 def write_shard(output_dir, split, shard, num_shards, records):

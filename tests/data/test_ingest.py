@@ -466,7 +466,7 @@ def test_cli_runs_on_tiny_data(tmp_path):
     report = json.loads((tmp_path / "out" / schema.INGEST_REPORT).read_text())
     assert report["rows_skipped"] == 8
     # Counted in the two worker processes, logged by the driver.
-    assert "ingest: 8/8 films, " in result.stderr
+    assert "ingest: 8/8 films in " in result.stderr
 
     # Too many skipped rows: exit status 1, the report still written.
     failing = command[:4] + [

@@ -297,19 +297,29 @@ def test_progress_line_counts_every_process_with_rate_and_eta(tmp_path):
     clock = _FakeClock()
     lines = []
     progress = ingest.IngestProgress(
-        ingest.FilmTally(str(tmp_path)), 120, clock=clock, log=lambda f, *a: lines.append(f % a)
+        ingest.FilmTally(str(tmp_path)),
+        120,
+        clock=clock,
+        log=lambda fmt, *args: lines.append(fmt % args),
     )
-    assert progress.line().startswith("ingest: 0/120 films")
-    assert "ETA unknown" in progress.line()
-    for i in range(30):
-        workers[i % 2].add()
-    clock.now += 10.0
-    assert progress.line() == "ingest: 30/120 films, 3.0 films/s, ETA 30s"
-    for i in range(90):
-        workers[i % 2].add()
-    clock.now += 50.0
+
+    def films(count, seconds):
+        for i in range(count):
+            workers[i % 2].add()
+        clock.now += seconds
+        return progress.line()
+
+    assert films(0, 0) == "ingest: 0/120 films, starting the Beam workers (0s elapsed)"
+    assert films(0, 10).startswith("ingest: 0/120 films, starting")
+    # The rate counts from the first film, not from the workers' start-up.
+    assert films(30, 10) == "ingest: 30/120 films, 3.0 films/s, ETA 30s"
+    assert films(60, 10) == "ingest: 90/120 films, 4.5 films/s, ETA 7s"
+    assert films(30, 5) == (
+        "ingest: 120/120 films encoded, writing the shards (35s elapsed)"
+    )
+    clock.now += 25
     progress.stop()
-    assert lines == ["ingest: 120/120 films, 2.0 films/s, done in 1m00s"]
+    assert lines == ["ingest: 120/120 films in 1m00s, 4.8 films/s once the workers ran"]
     for worker in workers:
         worker.close()
     assert len(os.listdir(tmp_path)) == 2
@@ -322,5 +332,5 @@ def test_progress_is_logged_during_the_beam_job(tmp_path, caplog):
     report = ingest.run_ingest(_config(data_dir, tmp_path / "records"))
     lines = [r.getMessage() for r in caplog.records if "films/s" in r.getMessage()]
     # 8 rows have a file and reach Beam: 4 written, 4 corrupt.
-    assert lines[-1].startswith("ingest: 8/8 films, ") and "done in" in lines[-1]
+    assert lines[-1].startswith("ingest: 8/8 films in ")
     assert report["rows_written"] == 4
