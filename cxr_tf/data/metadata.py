@@ -479,6 +479,31 @@ def label_matrix(entries):
     return np.stack(entries["labels"].to_list()).astype(np.int8, copy=False)
 
 
+def _is_box_header(fields):
+    """Whether the first row of a box list is its header, not a box.
+
+    A known first column name ("Image Index") is a header; so is a row whose
+    first field is not an image file name and whose four box fields are all
+    non-numeric ("Image_Idx,Label,x,y,w,h"), so a renamed header is not
+    counted as a bad box row.
+    """
+    if not fields:
+        return False
+    if _norm_name(fields[0]) in _IMAGE_LIST_HEADERS:
+        return True
+    if re.search(r"\.(png|jpe?g|dcm|dicom)$", fields[0].strip().lower()):
+        return False
+
+    def numeric(text):
+        try:
+            float(text)
+        except ValueError:
+            return False
+        return True
+
+    return len(fields) >= 6 and not any(numeric(f) for f in fields[2:6])
+
+
 def read_bbox_list(path, problems=None):
     """Reads a ChestX-ray14 box list (`BBox_List_2017.csv` and its variants).
 
@@ -505,7 +530,7 @@ def read_bbox_list(path, problems=None):
         number of fields; the message names the file and row.
     """
     header, rows, lines, undecodable = _read_rows(path)
-    if not header or _norm_name(header[0]) not in _IMAGE_LIST_HEADERS:
+    if not _is_box_header(header):
         # No header: the first line is a box.
         rows.insert(0, header)
         lines.insert(0, 1)

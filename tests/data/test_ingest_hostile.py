@@ -334,3 +334,24 @@ def test_progress_is_logged_during_the_beam_job(tmp_path, caplog):
     # 8 rows have a file and reach Beam: 4 written, 4 corrupt.
     assert lines[-1].startswith("ingest: 8/8 films in ")
     assert report["rows_written"] == 4
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Image Index,Finding Label,Bbox [x,y,w,h],,,",
+        "Image_Idx,Label,x,y,w,h",
+        "\ufeffImage Index,Finding Label,x,y,w,h",
+        None,  # no header: the first line is a box
+    ],
+)
+def test_box_row_count_is_not_off_by_one_whatever_the_header(tmp_path, header):
+    rows = ["00000001_000.png,Mass,1,2,3,4", "00000002_000.png,Mass,1,2,3,4"]
+    lines = ([header] if header else []) + rows
+    path = tmp_path / "BBox_List_2017.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    problems = []
+    boxes = metadata.read_bbox_list(path, problems=problems)
+    assert problems == []
+    assert boxes["image_id"].tolist() == ["00000001_000.png", "00000002_000.png"]
+    assert boxes["row"].tolist() == ([2, 3] if header else [1, 2])
