@@ -46,6 +46,19 @@ _MODEL_CONFIG = flags.DEFINE_string(
     "model_config", None, "config.json to use when none sits next to the model."
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing version.")
+_CHECKPOINT = flags.DEFINE_enum(
+    "checkpoint",
+    "final",
+    ["final", "best", "latest"],
+    "Which model of a model directory (the evaluated one: give the same "
+    "--checkpoint as to cxr_tf.evaluate, or --model=<its .keras file>).",
+)
+_METRICS = flags.DEFINE_string(
+    "metrics",
+    None,
+    "metrics.json of this model's evaluation, carried by the model card "
+    "(default: metrics.json in the model directory, if any).",
+)
 
 
 def _class_thresholds(values):
@@ -76,6 +89,8 @@ def main(argv):
             max_boxes=_MAX_BOXES.value,
             box_work_size=_BOX_WORK_SIZE.value,
             model_config_path=_MODEL_CONFIG.value,
+            checkpoint=_CHECKPOINT.value,
+            metrics_path=_METRICS.value,
             overwrite=_OVERWRITE.value,
         )
     except ValueError as e:
