@@ -22,9 +22,12 @@ _ENTRY_COLUMNS = {
     "view_position": ("view position", "view_position", "view"),
 }
 _REQUIRED_ENTRY_COLUMNS = ("image_id", "finding_labels", "patient_id")
-# The NIH table's spelling of each column, for messages.
-_ENTRY_COLUMN_TITLES = {key: aliases[0].title() for key, aliases in _ENTRY_COLUMNS.items()}
-_ENTRY_COLUMN_TITLES["patient_id"] = "Patient ID"
+# The NIH table's spelling of each required column, for messages.
+_ENTRY_COLUMN_TITLES = {
+    "image_id": "Image Index",
+    "finding_labels": "Finding Labels",
+    "patient_id": "Patient ID",
+}
 ENTRY_COLUMNS = (
     "image_id",
     "patient_id",
@@ -213,12 +216,12 @@ def read_data_entry(path):
     missing = [k for k in _REQUIRED_ENTRY_COLUMNS if k not in col_index]
     if missing:
         wanted = ", ".join(repr(_ENTRY_COLUMN_TITLES[k]) for k in missing)
+        needed = ", ".join(repr(t) for t in _ENTRY_COLUMN_TITLES.values())
         raise errors.UserValueError(
             f"the header lacks the required column(s) {wanted}",
             f"{path}, line 1",
-            f"a Data_Entry table needs the columns "
-            f"{', '.join(repr(_ENTRY_COLUMN_TITLES[k]) for k in _REQUIRED_ENTRY_COLUMNS)}"
-            f"; this header has {', '.join(repr(h) for h in header)}",
+            f"a Data_Entry table needs the columns {needed}; this header has "
+            + ", ".join(repr(h) for h in header),
         )
     problems = []
     for line, reason, fields in undecodable:

@@ -16,7 +16,12 @@ from tests.data.test_ingest import _config
 from tests.data.test_ingest import _records
 from tests.data.test_ingest import make_tiny_data_dir
 
-WRITTEN = ["00000001_000.png", "00000001_001.png", "00000002_000.png", "00000010_000.png"]
+WRITTEN = [
+    "00000001_000.png",
+    "00000001_001.png",
+    "00000002_000.png",
+    "00000010_000.png",
+]
 
 
 def _assert_accounts_hold(report):
