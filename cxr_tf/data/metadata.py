@@ -56,7 +56,7 @@ _AGE_UNITS = {"": 1.0, "Y": 1.0, "M": 1.0 / 12.0, "W": 7.0 / 365.25, "D": 1.0 / 
 
 
 def _read_text(path, what):
-    """Returns the text of `path`; bytes that are not UTF-8 become surrogates.
+    """Returns `(text, any_bad)`: bytes of `path` that are not UTF-8 become surrogates.
 
     `surrogateescape` keeps every other byte of a file with one bad byte, so
     the rows around it still parse; `_bad_bytes` finds the bad ones again.
@@ -75,12 +75,19 @@ def _read_text(path, what):
     # A BOM that spreadsheet software may add.
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    return data.decode("utf-8", errors="surrogateescape")
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="surrogateescape"), True
+
+
+# What `surrogateescape` makes of the bytes 0x80-0xff that are not UTF-8.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 
 def _bad_bytes(text):
     """Describes the non-UTF-8 bytes of `text` ("" when there are none)."""
-    found = [f"0x{ord(c) - 0xDC00:02x}" for c in text if "\udc80" <= c <= "\udcff"]
+    found = [f"0x{ord(c) - 0xDC00:02x}" for c in _ESCAPED_BYTE.findall(text)]
     if not found:
         return ""
     return "byte(s) " + ", ".join(found[:5]) + (" ..." if len(found) > 5 else "")
@@ -104,7 +111,7 @@ def _read_rows(path):
       UserFileError: the file does not exist.
       UserValueError: the file is empty, or not CSV the reader can split.
     """
-    text = _read_text(path, "Metadata file")
+    text, any_bad = _read_text(path, "Metadata file")
     reader = csv.reader(io.StringIO(text, newline=""))
     header = None
     rows, lines, bad = [], [], []
@@ -115,7 +122,7 @@ def _read_rows(path):
             if header is None:
                 header = [_replace_bad(f) for f in fields]
                 continue
-            undecodable = _bad_bytes("".join(fields))
+            undecodable = any_bad and _bad_bytes("".join(fields))
             if undecodable:
                 where = [i for i, f in enumerate(fields) if _bad_bytes(f)]
                 bad.append(
@@ -612,7 +619,7 @@ def read_image_list(path):
       UserValueError: an image id is listed twice, or a line is not UTF-8
         (names the file and rows).
     """
-    text = _read_text(path, "Image list")
+    text, _ = _read_text(path, "Image list")
     ids = []
     seen = {}
     for line_no, line in enumerate(text.splitlines(), start=1):
