@@ -870,6 +870,7 @@ def _plan(config, tables, image_files):
             "row": int(p["row"]),
             "image_id": p.get("image_id") or "",
             "detail": p["reason"],
+            "file": p["file"],
         }
         if p.get("dropped", True):
             skipped.append(dict(entry, reason=_problem_reason(p["reason"])))
@@ -1040,7 +1041,8 @@ def run_ingest(config, pipeline_args=(), progress_interval_s=PROGRESS_INTERVAL_S
     Returns:
       The report dict (also written to `output_dir/ingest_report.json`):
       "rows_read" == "rows_written" + "rows_skipped", "written" per split,
-      "skipped" (every skipped row: row, image_id, reason, detail),
+      "skipped" (every skipped row: row, image_id, reason, detail; "file"
+      too for a row the table reader refused),
       "skipped_by_reason"; for BBox_List rows "box_rows_read" ==
       "boxes_written" + "box_rows_skipped", "box_skipped" (every box row not
       written: row, image_id, reason), "box_notes" (boxes clipped to their

@@ -121,6 +121,7 @@ def test_one_non_utf8_byte_reports_its_row_and_the_rest_is_written(tmp_path):
     [entry] = [s for s in report["skipped"] if s["row"] == line]
     assert entry["image_id"] == "00000010_000.png"
     assert entry["reason"] == ingest.MALFORMED_ROW
+    assert entry["file"] == str(table)
     assert "0xff" in entry["detail"] and "UTF-8" in entry["detail"]
     # Every other good row is still written; its box row says why it is not.
     assert sorted(_records(output_dir)) == WRITTEN[:3]
