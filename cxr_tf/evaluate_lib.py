@@ -272,7 +272,9 @@ def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, kee
     columns = [schema.FINDINGS.index(f) for f in findings]
     size = loaded.image_size
     results = []
-    for features, labels in ds:
+    for features, labels in input_pipeline.iterate_naming_damaged_files(
+        ds, data_dir, split
+    ):
         probs, maps = computer(features["image"].numpy())
         labels = labels.numpy()[:, columns]
         for i in range(len(probs)):
