@@ -74,6 +74,64 @@ def flags_value(flags, name):
     return next(f.split("=", 1)[1] for f in flags if f.startswith(f"--{name}="))
 
 
+def _config(tmp_path, data):
+    from pipeline import run
+
+    return run.PipelineConfig(
+        pipeline_root=str(tmp_path / "root"),
+        serving_model_dir=str(tmp_path / "serving"),
+        train_flagfile=str(REPO / "configs" / "demo.flags"),
+        data_dir=str(data),
+    )
+
+
+def test_last_run_reflects_a_failed_run_and_times_each_step(
+    tmp_path, monkeypatch, caplog
+):
+    from cxr_tf import errors
+    from pipeline import run
+
+    data = tmp_path / "raw"
+    data.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "last_run.json").write_text(json.dumps({"status": "succeeded"}))
+    shard = str(data / "train-00001-of-00002.tfrecord.gz")
+
+    def ingest_fails(module, args, log_path=None):
+        raise errors.UserFileError("damaged TFRecord file: truncated record", shard)
+
+    monkeypatch.setattr(run._subprocess, "run_module", ingest_fails)
+    caplog.set_level("INFO")
+    with pytest.raises(base.StepUserError, match="train-00001-of-00002"):
+        run.run_pipeline(_config(tmp_path, data))
+    report = json.loads((root / "last_run.json").read_text())
+    assert report["status"] == "failed" and report["failed_step"] == "ingest"
+    assert shard in report["error"] and "\n" not in report["error"]
+    assert report["runs"]["ingest"]["action"] == "failed"
+    assert "pipeline step 1/5: ingest" in caplog.text
+
+    # Ingest now works; statistics fails: ingest is timed, statistics named.
+    monkeypatch.setattr(run._subprocess, "run_module", lambda *a, **k: None)
+
+    def statistics_fails(*args):
+        raise base.AnomaliesFoundError("label_domain: value 2 in train")
+
+    monkeypatch.setattr(run.statistics, "run_statistics", statistics_fails)
+    with pytest.raises(base.StepFailedError, match="label_domain"):
+        run.run_pipeline(_config(tmp_path, data))
+    report = json.loads((root / "last_run.json").read_text())
+    assert report["failed_step"] == "statistics"
+    assert report["runs"]["ingest"]["action"] == "ran"
+    assert report["runs"]["ingest"]["seconds"] >= 0
+    assert set(report["steps"]) == {"ingest"}
+    assert "AnomaliesFoundError: label_domain" in report["error"]
+    # The summary table names every step with what it did.
+    table = caplog.text[caplog.text.rindex("steps:") :]
+    for line in ("ingest       ran", "statistics   failed", "train        not run"):
+        assert line in table, table
+
+
 @pytest.mark.slow
 def test_pipeline_runs_caches_and_reruns_what_changed(tmp_path):
     flags = _tiny_flags(tmp_path)
