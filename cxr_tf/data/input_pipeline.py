@@ -501,6 +501,7 @@ def _tf_error_text(error):
     text = getattr(error, "message", None) or str(error)
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
     text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S)
+    text = text.replace("' failed with", " failed with")  # TF's stray quote.
     return " ".join(text.split())
 
 

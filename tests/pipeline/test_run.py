@@ -269,3 +269,39 @@ def test_killed_during_train_resumes_without_redoing_earlier_steps(tmp_path):
         pathlib.Path(report["steps"]["train"]["uri"]) / "train.log"
     ).read_text()
     assert "Finished 40 steps" in train_log
+
+
+@pytest.mark.slow
+def test_corrupted_cache_entries_are_rerun_not_reused(tmp_path):
+    # The attack: after a finished run, cut a train shard and the cached model
+    # to a third, then rerun the unchanged command.
+    flags = _tiny_flags(tmp_path)
+    first = _run(flags, tmp_path)
+    assert first["status"] == "succeeded" and first["failed_step"] is None
+    shard = sorted(
+        pathlib.Path(first["steps"]["ingest"]["uri"]).glob("train-*.tfrecord.gz")
+    )[0]
+    model = pathlib.Path(first["steps"]["train"]["uri"]) / "model.keras"
+    sizes = {}
+    for path in (shard, model):
+        data = path.read_bytes()
+        sizes[path] = len(data)
+        path.write_bytes(data[: len(data) // 3])
+
+    second = _run(flags, tmp_path)
+    runs = second["runs"]
+    assert second["status"] == "succeeded"
+    assert runs["ingest"]["action"] == "reran" and str(shard) in runs["ingest"]["reason"]
+    assert runs["train"]["action"] == "reran" and str(model) in runs["train"]["reason"]
+    for step in ("synthetic", "statistics", "evaluate", "push"):
+        assert runs[step]["action"] == "reused", (step, runs[step])
+    # Written again whole; training resumed from its intact backup.
+    from cxr_tf.data import input_pipeline  # pylint: disable=import-outside-toplevel
+
+    assert input_pipeline.find_damaged_files([str(shard)]) == []
+    assert model.stat().st_size > sizes[model] // 3
+    train_log = (model.parent / "train.log").read_text()
+    assert "Finished 2 steps (0 this run)" in train_log
+    assert "sha256" in json.dumps(
+        json.loads((model.parent / base.RECORD_FILE).read_text())["checksums"]
+    )
