@@ -710,6 +710,38 @@ def current_learning_rate(optimizer):
     return float(np.asarray(optimizer.learning_rate))
 
 
+def check_keras_file(path):
+    """Raises when `path` is not a whole `.keras` archive (cut or corrupt).
+
+    Keras itself answers "File not found" for a `.keras` file that is not a
+    zip archive; this names the file as damaged instead. Every member's CRC
+    is checked (a read of the file).
+
+    Raises:
+      cxr_tf.errors.UserFileError: the file is truncated or corrupt.
+    """
+    import zipfile
+
+    from cxr_tf import errors
+
+    fix = (
+        "the file is truncated or corrupt: train again (a rerun of the same "
+        "command rewrites it from the backup), or load another checkpoint "
+        "(best or latest)"
+    )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise errors.UserFileError(
+            f"damaged .keras model ({type(e).__name__}: {e})", path, fix
+        ) from e
+    if bad is not None:
+        raise errors.UserFileError(
+            f"damaged .keras model (member {bad} fails its CRC)", path, fix
+        )
+
+
 def save_model_atomic(model, path):
     """Saves a `.keras` file via a temporary name so a kill never leaves half."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -206,3 +206,16 @@ def test_damaged_backup_is_named(tmp_path, state, weights, match):
     with pytest.raises(errors.UserFileError, match=match) as info:
         train_lib.restore_backup(model, str(tmp_path))
     assert str(tmp_path) in str(info.value) and "delete" in info.value.fix
+
+
+def test_cut_keras_file_is_named_as_damaged(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    path = str(tmp_path / "model.keras")
+    train_lib.save_model_atomic(model, path)
+    train_lib.check_keras_file(path)  # Whole: no error.
+    assert os.listdir(tmp_path) == ["model.keras"]  # No temporary left.
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 3])
+    with pytest.raises(errors.UserFileError, match="damaged .keras model") as info:
+        train_lib.check_keras_file(path)
+    assert info.value.where == path and "File not found" not in str(info.value)
