@@ -281,7 +281,9 @@ def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, kee
     # the maps back to original pixels.
     stored = model_dir.stored_image_size(data_dir, split)
     results = []
-    for features, labels in ds:
+    for features, labels in input_pipeline.iterate_naming_damaged_files(
+        ds, data_dir, split
+    ):
         probs, maps = computer(features["image"].numpy())
         labels = labels.numpy()[:, columns]
         for i in range(len(probs)):

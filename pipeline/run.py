@@ -18,6 +18,7 @@ import time
 
 from absl import app, flags, logging
 
+from cxr_tf import errors as cxr_errors
 from pipeline import _subprocess, base, evaluate, push, statistics, train
 
 # The code each step runs: editing it reruns that step (and those after it).
@@ -81,8 +82,66 @@ def _data_signature(data_dir):
     return {"files": count, "bytes": size, "newest_mtime": newest}
 
 
+REPORT_FILE = "last_run.json"
+
+
+class _Progress:
+    """Times each step, logs what runs, and keeps the rows of the summary."""
+
+    def __init__(self, steps):
+        self.steps = steps
+        self.rows = {}
+
+    def run(self, root, step, *args, **kwargs):
+        """`base.run_step(root, step, ...)`, logged and timed."""
+        index = self.steps.index(step) + 1
+        logging.info("pipeline step %d/%d: %s", index, len(self.steps), step)
+        started = time.monotonic()
+        self.rows[step] = {"action": "running", "seconds": None}
+        try:
+            artifact = base.run_step(root, step, *args, **kwargs)
+        except BaseException:
+            seconds = round(time.monotonic() - started, 1)
+            self.rows[step] = {"action": "failed", "seconds": seconds}
+            raise
+        seconds = round(time.monotonic() - started, 1)
+        self.rows[step] = {"action": artifact.action, "seconds": seconds}
+        if artifact.reason:
+            self.rows[step]["reason"] = artifact.reason
+        logging.info(
+            "pipeline step %d/%d: %s %s in %.1f s",
+            index,
+            len(self.steps),
+            step,
+            artifact.action,
+            seconds,
+        )
+        return artifact
+
+    def table(self):
+        """The summary: one line per step with what happened and how long."""
+        lines = [f"{'step':<12} {'action':<8} {'seconds':>9}"]
+        for step in self.steps:
+            row = self.rows.get(step, {"action": "not run", "seconds": None})
+            seconds = "" if row["seconds"] is None else f"{row['seconds']:.1f}"
+            lines.append(f"{step:<12} {row['action']:<8} {seconds:>9}")
+        return "\n".join(lines)
+
+
+def _write_report(root, report):
+    path = pathlib.Path(root) / REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def run_pipeline(config):
     """Runs every step in order, reusing the cached ones.
+
+    Writes PIPELINE_ROOT/last_run.json whether the run succeeds or fails:
+    `status`, `failed_step` and `error`, what each step did (`runs`: ran,
+    reused, reran or failed, with seconds) and the artifacts so far.
 
     Args:
       config: a `PipelineConfig`.
@@ -94,19 +153,56 @@ def run_pipeline(config):
       base.StepFailedError: a step failed (its record says why).
       base.AnomaliesFoundError: the statistics step found anomalies.
     """
-    root = config.pipeline_root
     unknown = set(config.force_steps) - set(SOURCES)
     if unknown:
         raise ValueError(
             f"Unknown steps in --force_steps: {sorted(unknown)}; "
             f"expected some of {list(SOURCES)}"
         )
+    steps = [s for s in SOURCES if s != "synthetic" or config.synthetic_patients]
+    progress = _Progress(steps)
+    artifacts = {}
+    started = time.time()
+    report = {"status": "running", "failed_step": None, "error": None}
+    try:
+        _run_steps(config, progress, artifacts, report)
+    except BaseException as e:
+        failed = [s for s, row in progress.rows.items() if row["action"] == "failed"]
+        report.update(
+            status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+            failed_step=failed[0] if failed else None,
+            error=(
+                str(e)
+                if isinstance(e, cxr_errors.UserError)
+                else f"{type(e).__name__}: {e}"
+            ),
+        )
+        raise
+    else:
+        report["status"] = "succeeded"
+    finally:
+        report["wall_seconds"] = round(time.time() - started, 1)
+        report["runs"] = progress.rows
+        report["steps"] = {
+            name: {
+                "run_id": a.run_id,
+                "uri": a.uri,
+                "start": a.record["start_time"],
+                "end": a.record["end_time"],
+            }
+            for name, a in artifacts.items()
+        }
+        _write_report(config.pipeline_root, report)
+        logging.info("pipeline %s; steps:\n%s", report["status"], progress.table())
+    logging.info("pipeline finished: %s", json.dumps(report["pushed"]))
+    return artifacts
+
+
+def _run_steps(config, progress, artifacts, report):
+    root = config.pipeline_root
 
     def force(step):
         return config.force or step in config.force_steps
-
-    artifacts = {}
-    started = time.time()
 
     if config.synthetic_patients:
         params = {
@@ -122,7 +218,7 @@ def run_pipeline(config):
             )
             return {"data_dir": out}
 
-        raw = base.run_step(
+        raw = progress.run(
             root,
             "synthetic",
             make_data,
@@ -167,7 +263,7 @@ def run_pipeline(config):
         )
         return {"examples_dir": out}
 
-    examples = base.run_step(
+    examples = progress.run(
         root,
         "ingest",
         ingest,
@@ -178,7 +274,7 @@ def run_pipeline(config):
     )
     artifacts["ingest"] = examples
 
-    stats = base.run_step(
+    stats = progress.run(
         root,
         "statistics",
         lambda out, examples: statistics.run_statistics(
@@ -195,7 +291,7 @@ def run_pipeline(config):
         "flags": train.read_flagfile(config.train_flagfile),
         "overrides": list(config.train_args),
     }
-    model = base.run_step(
+    model = progress.run(
         root,
         "train",
         lambda out, examples, statistics: train.run_train(
@@ -209,7 +305,7 @@ def run_pipeline(config):
     )
     artifacts["train"] = model
 
-    evaluation = base.run_step(
+    evaluation = progress.run(
         root,
         "evaluate",
         lambda out, model, examples: evaluate.run_evaluate(
@@ -234,7 +330,7 @@ def run_pipeline(config):
     )
     artifacts["evaluate"] = evaluation
 
-    pushed = base.run_step(
+    pushed = progress.run(
         root,
         "push",
         lambda out, model, evaluation: push.run_push(
@@ -250,26 +346,12 @@ def run_pipeline(config):
     )
     artifacts["push"] = pushed
 
-    report = {
-        "wall_seconds": round(time.time() - started, 1),
-        "steps": {
-            name: {
-                "run_id": a.run_id,
-                "uri": a.uri,
-                "start": a.record["start_time"],
-                "end": a.record["end_time"],
-            }
-            for name, a in artifacts.items()
-        },
-        "evaluation": evaluation.outputs.get("summary"),
-        "blessed": evaluation.outputs.get("blessed"),
-        "blessing_reasons": evaluation.outputs.get("reasons"),
-        "pushed": pushed.outputs,
-    }
-    report_path = pathlib.Path(root) / "last_run.json"
-    report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    logging.info("pipeline finished: %s", json.dumps(report["pushed"]))
-    return artifacts
+    report.update(
+        evaluation=evaluation.outputs.get("summary"),
+        blessed=evaluation.outputs.get("blessed"),
+        blessing_reasons=evaluation.outputs.get("reasons"),
+        pushed=pushed.outputs,
+    )
 
 
 _PIPELINE_ROOT = flags.DEFINE_string(
