@@ -1,4 +1,4 @@
-"""The documents: relative links resolve, notes keep their form, DOMAIN.md is not cited."""
+"""Documents: links resolve, notes keep their form, named code exists, no DOMAIN.md."""
 
 import os
 import pathlib
@@ -53,13 +53,15 @@ def broken_links(path):
         if _EXTERNAL.match(target) or target.startswith("//"):
             continue  # http(s)://, mailto: ...: not checked offline
         file_part, _, anchor = target.partition("#")
-        linked = (pathlib.Path(path).parent / file_part).resolve() if file_part else path
-        linked = pathlib.Path(linked)
+        linked = pathlib.Path(path)
+        if file_part:
+            linked = (linked.parent / file_part).resolve()
         if not linked.exists():
             broken.append(f"{target}: no such file or folder")
             continue
         if anchor and linked.is_file() and linked.suffix == ".md":
-            if anchor.lower() not in heading_anchors(linked.read_text(encoding="utf-8")):
+            anchors = heading_anchors(linked.read_text(encoding="utf-8"))
+            if anchor.lower() not in anchors:
                 broken.append(f"{target}: no heading with anchor #{anchor}")
     return broken
 
@@ -88,7 +90,11 @@ def test_the_link_checker_finds_broken_links(tmp_path):
 
 
 def test_heading_anchors_follow_github():
-    text = "# Demo and pipeline runs\n## Speed: 2 cores, `train_step`\n## Speed: 2 cores, `train_step`\n"
+    text = (
+        "# Demo and pipeline runs\n"
+        "## Speed: 2 cores, `train_step`\n"
+        "## Speed: 2 cores, `train_step`\n"
+    )
     assert heading_anchors(text) == {
         "demo-and-pipeline-runs",
         "speed-2-cores-train_step",
@@ -104,7 +110,8 @@ def test_relative_links_resolve(path):
 
 
 def test_the_core_documents_exist():
-    for name in ("README.md", "BUILD_NOTES.md", "docs/DATA_AND_METRICS.md", "docs/RESULTS.md"):
+    names = ("README.md", "BUILD_NOTES.md", "docs/DATA_AND_METRICS.md")
+    for name in names + ("docs/RESULTS.md",):
         assert (ROOT / name).is_file(), name
     assert len(list((ROOT / "docs" / "design").glob("*.md"))) >= 16
 
@@ -123,7 +130,7 @@ def test_design_notes_say_decision_why_limit(path):
 def test_every_design_note_is_indexed_in_build_notes():
     index = (ROOT / "BUILD_NOTES.md").read_text(encoding="utf-8")
     for note in (ROOT / "docs" / "design").glob("*.md"):
-        assert f"docs/design/{note.name}" in index, f"{note.name} is not in BUILD_NOTES.md"
+        assert f"docs/design/{note.name}" in index, f"{note.name} is not indexed"
 
 
 def _tree_files():
@@ -140,8 +147,11 @@ def _tree_files():
         files = []
         for folder, dirs, names in os.walk(ROOT):
             dirs[:] = [
-                d for d in dirs
-                if not d.startswith(".") and d != "__pycache__" and not d.endswith(".egg-info")
+                d
+                for d in dirs
+                if not d.startswith(".")
+                and d != "__pycache__"
+                and not d.endswith(".egg-info")
             ]
             files.extend(pathlib.Path(folder) / n for n in names)
         return files
@@ -161,3 +171,59 @@ def test_no_file_cites_domain_md():
         if absent.encode() in path.read_bytes():
             citing.append(str(relative))
     assert citing == [], f"these files cite {absent}, which is not in the repository"
+
+
+_CODE_REFERENCE = re.compile(
+    r"`((?:[\w/]+/)?\w+\.py):([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?`"
+)
+_SOURCE_DIRS = ("cxr_tf", "pipeline", "serving", "benchmarks")
+
+
+def stale_code_references(text, root=ROOT):
+    """'file.py:name' code spans of `text` whose file or name does not exist.
+
+    A bare file name is looked up under the source folders (it may match
+    several files, e.g. cxr_tf/localization.py and cxr_tf/metrics/
+    localization.py); the name must be a module-level def, class or
+    constant, or `Class.method`.
+    """
+    stale = []
+    for path, name, member in _CODE_REFERENCE.findall(text):
+        if "/" in path:
+            files = [root / path] if (root / path).is_file() else []
+        else:
+            files = [f for d in _SOURCE_DIRS for f in (root / d).rglob(path)]
+        reference = f"{path}:{name}" + (f".{member}" if member else "")
+        if not files:
+            stale.append(f"{reference}: no such file")
+            continue
+        source = "\n".join(f.read_text(encoding="utf-8") for f in files)
+        if not re.search(rf"^(?:def|class) {name}\b|^{name}\b\s*[:=]", source, re.M):
+            stale.append(f"{reference}: no module-level {name}")
+        elif member and not re.search(rf"^\s+def {member}\b", source, re.M):
+            stale.append(f"{reference}: no method {member}")
+    return stale
+
+
+def test_stale_code_references_are_found(tmp_path):
+    (tmp_path / "cxr_tf" / "metrics").mkdir(parents=True)
+    (tmp_path / "cxr_tf" / "metrics" / "m.py").write_text(
+        "LIMIT = 3\n\ndef iobb():\n    pass\n\n"
+        "class Box:\n    def area(self):\n        pass\n"
+    )
+    text = (
+        "`cxr_tf/metrics/m.py:iobb` `m.py:LIMIT` `m.py:Box.area` "
+        "`m.py:iou` `m.py:Box.volume` `cxr_tf/n.py:iobb` `gone.py:f`"
+    )
+    assert stale_code_references(text, tmp_path) == [
+        "m.py:iou: no module-level iou",
+        "m.py:Box.volume: no method volume",
+        "cxr_tf/n.py:iobb: no such file",
+        "gone.py:f: no such file",
+    ]
+
+
+def test_data_and_metrics_names_code_that_exists():
+    text = (ROOT / "docs" / "DATA_AND_METRICS.md").read_text(encoding="utf-8")
+    assert len(_CODE_REFERENCE.findall(text)) >= 40
+    assert stale_code_references(text) == []
