@@ -1,4 +1,7 @@
-"""ChestX-ray14 metadata: Data_Entry table, box list, official lists, patient splits."""
+"""ChestX-ray14 metadata: Data_Entry table, box list, official lists, patient splits.
+
+The file formats and their quirks: docs/DATA_AND_METRICS.md, sections 3-5.
+"""
 
 import csv
 import io
