@@ -15,8 +15,8 @@ import numpy as np
 from scipy import special
 import tensorflow as tf
 
+from cxr_tf.model_dir import atomic_write_text
 from cxr_tf.train_lib import (
-    _atomic_write_text,
     current_learning_rate,
     overlay_grid,
     save_backup,
@@ -258,7 +258,7 @@ class BestCheckpoint(keras.callbacks.Callback):
             )
             self.best = value
             save_model_atomic(self.model, self.path)
-            _atomic_write_text(
+            atomic_write_text(
                 self.state_path,
                 json.dumps({"val_mean_auc": value, "epoch": epoch + 1}),
             )
@@ -344,7 +344,7 @@ class HistoryLog(keras.callbacks.Callback):
     def save(self, steps):
         """Writes the file (atomically); `steps` is the run's global step."""
         if self.write:
-            _atomic_write_text(
+            atomic_write_text(
                 self.path, json.dumps(history_payload(self.rows, steps), indent=2)
             )
 

@@ -509,13 +509,6 @@ def resolve_jit_compile(config, strategy):
 # Callbacks.
 
 
-def _atomic_write_text(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _summary_metadata(plugin):
     from tensorflow.core.framework import summary_pb2
 
@@ -675,7 +668,7 @@ def save_backup(model, backup_dir, step, write=True):
             os.remove(tmp)
         raise
     os.replace(tmp, weights)
-    _atomic_write_text(
+    model_dir_lib.atomic_write_text(
         os.path.join(target, "state.json"),
         json.dumps({"step": step, "weights": os.path.basename(weights)}),
     )
