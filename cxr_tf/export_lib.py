@@ -16,7 +16,7 @@ from cxr_tf import errors
 from cxr_tf import localization
 from cxr_tf import localization_graph
 from cxr_tf import model_dir
-from cxr_tf import serving_contract
+from serving import contract as serving_contract
 from cxr_tf.data import preprocess
 from cxr_tf.data import schema
 

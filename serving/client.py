@@ -40,11 +40,10 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from cxr_tf import serving_contract
-from cxr_tf.data import schema as _schema
+from serving import contract as serving_contract
 
 DEFAULT_FINDINGS = tuple(serving_contract.FINDINGS)
-IMAGE_EXTENSIONS = _schema.IMAGE_EXTENSIONS
+IMAGE_EXTENSIONS = serving_contract.IMAGE_EXTENSIONS
 MODEL_INFO_SIGNATURE = serving_contract.MODEL_INFO_SIGNATURE
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
