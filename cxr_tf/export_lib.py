@@ -14,6 +14,7 @@ from absl import logging
 
 from cxr_tf import localization
 from cxr_tf import localization_graph
+from cxr_tf.data import image_header
 from cxr_tf.data import input_pipeline
 from cxr_tf.data import schema
 
@@ -259,10 +260,19 @@ def decode_grayscale(data):
 
     Returns:
       uint8 tensor (H, W, 1).
+
+    Raises:
+      tf.errors.InvalidArgumentError: at run time, for an image refused from
+        its header (`image_header.guard_image_bytes`: unknown format, more
+        than `images.MAX_IMAGE_PIXELS` pixels) or undecodable.
     """
-    # PNG bit depth sits at byte 24 of the IHDR chunk.
+    # The header check runs before any decoder allocates the declared size.
+    data = image_header.guard_image_bytes(data)
+    # PNG bit depth sits at byte 24 of the IHDR chunk (substr past the end
+    # would raise an error quoting the whole input).
     is_png = tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n")
-    depth = tf.io.decode_raw(tf.strings.substr(data, 24, 1), tf.uint8)
+    depth_at = tf.minimum(24, tf.strings.length(data))
+    depth = tf.io.decode_raw(tf.strings.substr(data, depth_at, 1), tf.uint8)
     is_16bit = tf.logical_and(is_png, tf.reduce_any(tf.equal(depth, 16)))
 
     def from_16bit():
@@ -819,6 +829,7 @@ def export_saved_model(config):
             trained.model_config.channels,
             config.warmup_batch_sizes,
         )
+        _make_world_readable(tmp)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -827,6 +838,20 @@ def export_saved_model(config):
         raise
     logging.info("Exported %s (version %d) to %s", trained.keras_path, version, final)
     return final
+
+
+def _make_world_readable(root):
+    """Directories 0755, files 0644 under `root`, `root` included.
+
+    mkdtemp creates 0700 and a restrictive umask narrows what TF writes; a
+    model server running as another user must still read the version.
+    """
+    os.chmod(root, 0o755)
+    for directory, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(directory, name), 0o755)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644)
 
 
 def _write_asset_files(directory, trained, thresholds, preprocessing, card, config):
