@@ -408,6 +408,7 @@ def _op_error_message(error):
         and not line.startswith("  File ")
     ]
     line = lines[0] if lines else error.message
+    line = re.sub(r"^(\{\{function_node [^}]*\}\}\s*)+", "", line)
     line = re.sub(r"\s*\[\[.*$|\s*\[Op:.*$", "", line)
     match = _ASSERTION.match(line)
     if match:
