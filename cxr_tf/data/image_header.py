@@ -9,7 +9,8 @@ Python, and refuses an image over `images.MAX_IMAGE_PIXELS` (the limit that
 ingest and predict apply) with InvalidArgumentError before any decoder runs.
 
 `read_image_size` is the same reading in pure Python (for tests and for
-callers without TensorFlow); both give the same sizes and the same messages.
+callers without TensorFlow); both give the same sizes and reasons, and the
+same messages (the TF one writes a pixel count past 2^62 in float).
 No message quotes the request's bytes.
 
 Formats: PNG (IHDR), JPEG (the first SOFn frame header, walking at most
@@ -272,11 +273,26 @@ def read_image_size_tf(data, max_pixels=images.MAX_IMAGE_PIXELS):
             tf.where(
                 (height == 0) | (width == 0),
                 EMPTY,
-                tf.where(height * width > max_pixels, TOO_LARGE, OK),
+                tf.where(_over(height, width, max_pixels), TOO_LARGE, OK),
             ),
         ),
     )
     return reason, tf.where(known, fmt, ""), height, width
+
+
+def _over(height, width, max_pixels):
+    """height * width > max_pixels, without int64 overflow (PNG sides are 32-bit)."""
+    return (height > max_pixels) | (width > max_pixels) | (height * width > max_pixels)
+
+
+def _pixels_text(height, width):
+    """height * width as text; float64 where the int64 product would overflow."""
+    small = (height < 2**31) & (width < 2**31)
+    exact = tf.strings.as_string(tf.where(small, height * width, 0))
+    rough = tf.strings.as_string(
+        tf.cast(height, tf.float64) * tf.cast(width, tf.float64), scientific=True
+    )
+    return tf.where(small, exact, rough)
 
 
 def _message(template, **values):
@@ -328,7 +344,7 @@ def guard_image_bytes(data, max_pixels=images.MAX_IMAGE_PIXELS):
                 format=fmt,
                 width=width,
                 height=height,
-                pixels=width * height,
+                pixels=_pixels_text(height, width),
                 limit=tf.constant(max_pixels, tf.int64),
             ),
         ],

@@ -152,8 +152,12 @@ def test_the_limit_is_ingests():
     # A 6000x6000 film (36 MP) is under the limit; a smaller limit refuses it.
     assert _both(png_header_only(6000, 6000))[0][0] == image_header.OK
     assert _both(png_header_only(6000, 6000), 1000)[0][0] == image_header.TOO_LARGE
-    # PNG sides are 32-bit: their product must not overflow.
-    assert _both(png_header_only(2**31 - 1, 2**31 - 1))[0][0] == image_header.TOO_LARGE
+    # PNG sides are 32-bit: their int64 product overflows to a negative.
+    for side in (2**31 - 1, 2**32 - 1):
+        got_tf, got_py = _both(png_header_only(side, side))
+        assert got_tf[0] == got_py[0] == image_header.TOO_LARGE
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"4294967295x4294967295 = 1.8"):
+        _guard(tf.constant(png_header_only(2**32 - 1, 2**32 - 1)))
 
 
 def test_guard_raises_invalid_argument_without_request_bytes():
