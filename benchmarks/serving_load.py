@@ -163,7 +163,10 @@ def garbage_kinds(max_batch_size, seed=0):
             "truncated PNG",
             lambda: {"image_bytes": np.array([png_head + rng.bytes(64)], object)},
         ),
-        ("PNG header, corrupt IDAT", one(sound_header + b"\x00\x00\x00\x08IDAT" + rng.bytes(12))),
+        (
+            "PNG header, corrupt IDAT",
+            one(sound_header + b"\x00\x00\x00\x08IDAT" + rng.bytes(12)),
+        ),
         ("empty string", one(b"")),
         ("PNG bomb 16000x16000", one(bomb)),
         ("JPEG header 20000x20000", one(jpeg_bomb)),

@@ -101,14 +101,11 @@ def scan_versions(model_base_path):
         if not _VERSION_DIR.match(name):
             continue
         path = os.path.join(model_base_path, name)
-        missing = [
-            part
-            for part, present in (
-                ("saved_model.pb", tf.io.gfile.exists(os.path.join(path, "saved_model.pb"))),
-                ("assets/", tf.io.gfile.isdir(os.path.join(path, "assets"))),
-            )
-            if not present
-        ]
+        missing = []
+        if not tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+            missing.append("saved_model.pb")
+        if not tf.io.gfile.isdir(os.path.join(path, "assets")):
+            missing.append("assets/")
         if missing:
             skipped[int(name)] = f"{path} has no {' and no '.join(missing)}"
         else:

@@ -211,8 +211,14 @@ def _jpeg_size_tf(data):
     _, _, _, found, height, width = tf.while_loop(
         lambda i, pos, done, *_: tf.logical_and(i < MAX_JPEG_SEGMENTS, ~done),
         body,
-        (tf.constant(0), tf.constant(2, tf.int64), tf.constant(False),
-         tf.constant(False), zero, zero),
+        (
+            tf.constant(0),
+            tf.constant(2, tf.int64),
+            tf.constant(False),
+            tf.constant(False),
+            zero,
+            zero,
+        ),
         maximum_iterations=MAX_JPEG_SEGMENTS,
     )
     return found, height, width
@@ -240,10 +246,9 @@ def read_image_size_tf(data, max_pixels=images.MAX_IMAGE_PIXELS):
     is_bmp = _starts_with(head, BMP_SIGNATURE)
 
     png_ok = (length >= 24) & _starts_with(head[12:], b"IHDR")
+    zero = tf.constant(0, tf.int64)
     jpeg_ok, jpeg_h, jpeg_w = tf.cond(
-        is_jpeg,
-        lambda: _jpeg_size_tf(data),
-        lambda: (tf.constant(False), tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
+        is_jpeg, lambda: _jpeg_size_tf(data), lambda: (tf.constant(False), zero, zero)
     )
     bmp_w = _little_endian(head[18:22])
     bmp_h = _little_endian(head[22:26])

@@ -21,9 +21,8 @@ def _pil(fmt, width=37, height=21, **kwargs):
 
 
 def _chunk(kind, data):
-    return (
-        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    )
+    crc = struct.pack(">I", zlib.crc32(kind + data))
+    return struct.pack(">I", len(data)) + kind + data + crc
 
 
 def png_header_only(width, height):
@@ -58,7 +57,15 @@ def _both(data, max_pixels=images.MAX_IMAGE_PIXELS):
         ("GIF", _pil("GIF")),
         ("BMP", _pil("BMP")),
     ],
-    ids=["png", "png_16bit", "jpeg_baseline", "jpeg_progressive", "jpeg_app1", "gif", "bmp"],
+    ids=[
+        "png",
+        "png_16bit",
+        "jpeg_baseline",
+        "jpeg_progressive",
+        "jpeg_app1",
+        "gif",
+        "bmp",
+    ],
 )
 def test_sizes_of_real_files(fmt, data):
     got_tf, got_py = _both(data)
@@ -107,10 +114,19 @@ def test_every_truncation_agrees_and_never_passes_without_a_size(fmt):
         (b"", image_header.UNKNOWN_FORMAT),
         (b"GIF", image_header.UNKNOWN_FORMAT),
         (bytes(range(256)) * 4, image_header.UNKNOWN_FORMAT),
-        (image_header.PNG_SIGNATURE + b"\x00\x00\x00\x0dIDAT" + b"\x00" * 20, image_header.BAD_HEADER),
-        (b"\xff\xd8\xff\xda\x00\x08" + b"\x00" * 40, image_header.BAD_HEADER),  # SOS first.
-        (b"\xff\xd8\xff\xe0\x00\x01" + b"\x00" * 40, image_header.BAD_HEADER),  # Length < 2.
-        (b"\xff\xd8\xff\xe0\x00\x10\x00\x00\x42" + b"\x00" * 40, image_header.BAD_HEADER),
+        (
+            image_header.PNG_SIGNATURE + b"\x00\x00\x00\x0dIDAT" + b"\x00" * 20,
+            image_header.BAD_HEADER,
+        ),
+        # SOS before any frame header.
+        (b"\xff\xd8\xff\xda\x00\x08" + b"\x00" * 40, image_header.BAD_HEADER),
+        # A segment length under 2.
+        (b"\xff\xd8\xff\xe0\x00\x01" + b"\x00" * 40, image_header.BAD_HEADER),
+        # A sound APP0 followed by bytes that are no marker.
+        (
+            b"\xff\xd8\xff\xe0\x00\x10\x00\x00\x42" + b"\x00" * 40,
+            image_header.BAD_HEADER,
+        ),
         (png_header_only(0, 5), image_header.EMPTY),
         (png_header_only(16000, 16000), image_header.TOO_LARGE),
     ],
@@ -156,7 +172,8 @@ def test_the_limit_is_ingests():
     for side in (2**31 - 1, 2**32 - 1):
         got_tf, got_py = _both(png_header_only(side, side))
         assert got_tf[0] == got_py[0] == image_header.TOO_LARGE
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"4294967295x4294967295 = 1.8"):
+    overflow = r"4294967295x4294967295 = 1.8"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=overflow):
         _guard(tf.constant(png_header_only(2**32 - 1, 2**32 - 1)))
 
 

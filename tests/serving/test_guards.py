@@ -149,7 +149,9 @@ class _EchoingModule(tf.Module):
 
 def test_error_message_with_raw_bytes_is_invalid_argument(tmp_path):
     module = _EchoingModule()
-    tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.serve})
+    tf.saved_model.save(
+        module, str(tmp_path / "1"), signatures={"serving_default": module.serve}
+    )
     with local_server.LocalServer(str(tmp_path), port=0, poll_seconds=60) as server:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -196,10 +198,11 @@ def test_rest_bad_version_is_400(guarded_server, version):
 
 def test_rest_predict_and_bomb(guarded_server):
     image = {"b64": base64.b64encode(_good_png()).decode()}
-    status, body = _rest(guarded_server, "/v1/models/cxr:predict", {"instances": [image]})
+    predict = "/v1/models/cxr:predict"
+    status, body = _rest(guarded_server, predict, {"instances": [image]})
     assert status == 200 and len(body["predictions"][0]["probabilities"]) == 14
     bomb = {"b64": base64.b64encode(png_zeros(16000, 16000)).decode()}
-    status, body = _rest(guarded_server, "/v1/models/cxr:predict", {"instances": [bomb]})
+    status, body = _rest(guarded_server, predict, {"instances": [bomb]})
     assert status == 400 and "16000x16000" in body["error"]
 
 
