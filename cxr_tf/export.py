@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 
 from cxr_tf import export_lib
+from cxr_tf import localization
 
 _MODEL = flags.DEFINE_string(
     "model",
@@ -39,8 +40,9 @@ _CLASS_THRESHOLD = flags.DEFINE_multi_string(
 _MAX_BOXES = flags.DEFINE_integer("max_boxes", 10, "Boxes kept per finding.")
 _BOX_WORK_SIZE = flags.DEFINE_integer(
     "box_work_size",
-    None,
-    "Find regions at this longer side at most (default: at the image size, exact).",
+    localization.DEFAULT_WORK_SIZE,
+    "Find regions at this longer side at most (as predict; 0: at the image "
+    "size, exact, with a cost that grows with the film).",
 )
 _MODEL_CONFIG = flags.DEFINE_string(
     "model_config", None, "config.json to use when none sits next to the model."
@@ -87,7 +89,7 @@ def main(argv):
             threshold=_THRESHOLD.value,
             class_thresholds=_class_thresholds(_CLASS_THRESHOLD.value),
             max_boxes=_MAX_BOXES.value,
-            box_work_size=_BOX_WORK_SIZE.value,
+            box_work_size=_BOX_WORK_SIZE.value or None,
             model_config_path=_MODEL_CONFIG.value,
             checkpoint=_CHECKPOINT.value,
             metrics_path=_METRICS.value,
