@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import datetime
+import ast
 import hashlib
 import json
 import os
@@ -56,6 +57,66 @@ class Artifact:
     @property
     def outputs(self):
         return self.record["outputs"]
+
+
+_OWN_PACKAGES = ("cxr_tf", "pipeline", "serving")
+
+
+def _module_file(top, name):
+    """The .py file of module `name` under `top`, or None when it is not ours."""
+    parts = name.split(".")
+    if parts[0] not in _OWN_PACKAGES:
+        return None
+    as_package = top.joinpath(*parts, "__init__.py")
+    if as_package.is_file():
+        return as_package
+    as_module = top.joinpath(*parts[:-1], parts[-1] + ".py")
+    return as_module if as_module.is_file() else None
+
+
+def module_sources(*modules):
+    """The source files the given modules run: their transitive imports of ours.
+
+    Every `import` and `from ... import` in a file (at module level or inside
+    a function, where this code defers TensorFlow) is followed when it names
+    a module of cxr_tf, pipeline or serving; each module's enclosing
+    `__init__.py` files come along, since Python runs them first. A step's
+    cache key hashes exactly these files, so no hand-kept list can forget
+    one.
+
+    Args:
+      *modules: dotted module names, e.g. "pipeline.train", "cxr_tf.train"
+        (the module a step runs in a child process).
+
+    Returns:
+      Sorted paths relative to the repository root.
+    """
+    top = pathlib.Path(__file__).resolve().parent.parent
+    seen, queue = set(), list(modules)
+    while queue:
+        name = queue.pop()
+        path = _module_file(top, name)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            queue.append(".".join(parts[:i]))
+        package = name if path.name == "__init__.py" else ".".join(parts[:-1])
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                queue.extend(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base_parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    source = ".".join(base_parts + ([node.module] if node.module else []))
+                else:
+                    source = node.module or ""
+                queue.append(source)
+                # `from package import module` names a module too.
+                queue.extend(f"{source}.{a.name}" for a in node.names)
+    return tuple(sorted(str(p.relative_to(top)) for p in seen))
 
 
 def code_version(sources=_CODE_ROOTS):

@@ -21,28 +21,21 @@ from absl import app, flags, logging
 from cxr_tf import errors as cxr_errors
 from pipeline import _subprocess, base, evaluate, push, statistics, train
 
-# The code each step runs: editing it reruns that step (and those after it).
-_BASE_CODE = (
-    "cxr_tf/__init__.py",
-    "cxr_tf/data/__init__.py",
-    "pipeline/base.py",
-    "pipeline/_subprocess.py",
-)
-_MODEL_CODE = _BASE_CODE + ("cxr_tf",)
-SOURCES = {
-    "synthetic": _BASE_CODE
-    + ("cxr_tf/data/schema.py", "cxr_tf/data/synthetic.py", "cxr_tf/data/_phantom.py"),
-    "ingest": _BASE_CODE
-    + tuple(
-        f"cxr_tf/data/{m}.py"
-        for m in ("schema", "metadata", "images", "tfrecord", "ingest")
-    )
-    + ("pipeline/ingest.py",),
-    "statistics": _BASE_CODE + ("cxr_tf/data/schema.py", "pipeline/statistics.py"),
-    "train": _MODEL_CODE + ("pipeline/train.py",),
-    "evaluate": _MODEL_CODE + ("pipeline/evaluate.py",),
-    "push": _MODEL_CODE + ("pipeline/push.py",),
+# The code each step runs, found from its imports (`base.module_sources`):
+# the step's own module and the CLI module it runs in a child process.
+# Editing any file they import reruns that step (and those after it). The
+# synthetic and ingest steps are closures below that only call their CLI
+# module (their arguments are in the step's parameters), so their code is
+# that module's and the child-process runner's.
+STEP_MODULES = {
+    "synthetic": ("pipeline._subprocess", "cxr_tf.data.synthetic"),
+    "ingest": ("pipeline._subprocess", "pipeline.ingest"),
+    "statistics": ("pipeline.statistics",),
+    "train": ("pipeline.train", "cxr_tf.train"),
+    "evaluate": ("pipeline.evaluate", "cxr_tf.evaluate"),
+    "push": ("pipeline.push", "cxr_tf.export"),
 }
+SOURCES = {step: base.module_sources(*m) for step, m in STEP_MODULES.items()}
 
 
 @dataclasses.dataclass(frozen=True)

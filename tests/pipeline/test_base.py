@@ -215,3 +215,26 @@ def test_child_user_error_line_is_passed_on(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="a bug") as info:
         _subprocess.run_module("crashing_cli", [])
     assert not isinstance(info.value, errors.UserError)
+
+
+def test_module_sources_follow_imports_and_catch_what_a_hand_list_forgot():
+    from pipeline import run
+
+    train = set(run.SOURCES["train"])
+    # Deferred (function-level) imports are followed: train_lib imports the
+    # model builder inside `train`.
+    assert "cxr_tf/models/localizer.py" in train
+    assert "cxr_tf/model_dir.py" in train and "cxr_tf/callbacks.py" in train
+    # Package __init__ files run first, so they count.
+    assert "cxr_tf/layers/__init__.py" in train
+    # What a step does not import does not rerun it.
+    assert "cxr_tf/export_lib.py" not in train
+    assert "cxr_tf/export_lib.py" in run.SOURCES["push"]
+    assert "cxr_tf/data/synthetic.py" not in run.SOURCES["ingest"]
+    assert "cxr_tf/data/ingest.py" in run.SOURCES["ingest"]
+
+
+def test_module_sources_of_a_package_follow_its_init():
+    # `cxr_tf.models` is a package: its __init__ imports the builder.
+    got = base.module_sources("cxr_tf.models")
+    assert "cxr_tf/models/localizer.py" in got and "cxr_tf/models/config.py" in got
