@@ -43,6 +43,9 @@ def run_module(module, args, log_path=None):
       args: list of command-line arguments.
       log_path: where the child's combined output is also written.
 
+    Returns:
+      The last 40 lines of the child's output.
+
     Raises:
       cxr_tf.errors.UserError: the child exited non-zero after reporting a
         user error (`error: ...`); the message is that line.
@@ -80,3 +83,4 @@ def run_module(module, args, log_path=None):
             f"`python -m {module}` exited with status {rc}. Last output:\n"
             + "".join(tail)
         )
+    return tail

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from pipeline import base, evaluate, push
+from pipeline import base, evaluate
 
 
 def test_step_runs_once_then_reuses(tmp_path):
@@ -71,7 +71,6 @@ def test_atomic_directory(tmp_path):
         with base.atomic_directory(tmp_path / "4"):
             raise RuntimeError("export failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["3"]
-    assert push.next_version(tmp_path) == 4
 
 
 def test_bless():
