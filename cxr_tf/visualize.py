@@ -136,6 +136,7 @@ def overlay_axes_figure(
     map_kind="probability",
     title=None,
     max_side=OVERLAY_MAX_SIDE,
+    frame_hw=None,
 ):
     """The figure of `overlay_figure`, not yet rendered (see there).
 
@@ -150,14 +151,21 @@ def overlay_axes_figure(
         image = image[..., 0]
     if image.ndim != 2 or min(image.shape) < 1:
         raise ValueError(f"`image` must be 2-D (H, W). Received: shape={image.shape}")
-    height, width = image.shape
+    image_h, image_w = image.shape
+    height, width = frame_hw if frame_hw is not None else image.shape
+    height, width = float(height), float(width)
     small, factor = downscale(image, max_side)
-    # The drawn copy covers [0, ceil(W / f) f) x [0, ceil(H / f) f); the axes
-    # limits cut the repeated edge back to the film.
-    extent = (0, small.shape[1] * factor, small.shape[0] * factor, 0)
+    # The drawn copy covers [0, ceil(W / f) f) x [0, ceil(H / f) f) of the
+    # image's pixels; the axes limits cut the repeated edge back to the film.
+    extent = (
+        0,
+        small.shape[1] * factor * width / image_w,
+        small.shape[0] * factor * height / image_h,
+        0,
+    )
     map_hw = (
-        max(1, int(round(height / factor))),
-        max(1, int(round(width / factor))),
+        max(1, int(round(image_h / factor))),
+        max(1, int(round(image_w / factor))),
     )
     order = sorted(maps, key=lambda f: -float(probabilities.get(f, 0.0)))
     panels = 1 + len(order)
@@ -248,6 +256,7 @@ def overlay_figure(
     path=None,
     title=None,
     max_side=OVERLAY_MAX_SIDE,
+    frame_hw=None,
 ):
     """The PCAM paper's Figure 2 layout for one image.
 
@@ -272,6 +281,8 @@ def overlay_figure(
       path: optional file to write the PNG to.
       title: optional figure title (e.g. the image id).
       max_side: longer side of the drawn copy of the film (None: full size).
+      frame_hw: (H, W) of the film the boxes are measured in, when `image`
+        is a resized copy of it (e.g. an ingested record); None: image.shape.
 
     Returns:
       The PNG as bytes.
@@ -280,7 +291,15 @@ def overlay_figure(
       ValueError: a bad image shape or map_kind.
     """
     fig = overlay_axes_figure(
-        image, maps, boxes, probabilities, gt_boxes, map_kind, title, max_side
+        image,
+        maps,
+        boxes,
+        probabilities,
+        gt_boxes,
+        map_kind,
+        title,
+        max_side,
+        frame_hw,
     )
     return _finish(fig, path)
 

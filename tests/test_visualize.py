@@ -77,11 +77,15 @@ def _near(pixels, y, x, colour, radius=2, tolerance=60.0):
     return bool((np.linalg.norm(patch - colour, axis=-1) < tolerance).any())
 
 
-@pytest.mark.parametrize("side", [96, 3000])
-def test_overlay_draws_the_truth_box_where_it_is(side):
+@pytest.mark.parametrize(
+    "side, frame",
+    [(96, None), (3000, None), (64, 1024)],
+    ids=["small", "large-film-drawn-downscaled", "record-of-a-1024-film"],
+)
+def test_overlay_draws_the_truth_box_where_it_is(side, frame):
     # A flat grey film: the only green and blue pixels are the boxes' outlines.
     image = np.full((side, side), 128, np.uint8)
-    scale = side / 96
+    scale = (frame or side) / 96
     truth = (20 * scale, 30 * scale, 40 * scale, 30 * scale)
     predicted = Box(50 * scale, 10 * scale, 30 * scale, 20 * scale, 0.9)
     fig = visualize.overlay_axes_figure(
@@ -90,6 +94,7 @@ def test_overlay_draws_the_truth_box_where_it_is(side):
         {"Mass": [predicted]},
         {"Mass": 0.8},
         gt_boxes={"Mass": [truth]},
+        frame_hw=None if frame is None else (frame, frame),
     )
     pixels = _decode(visualize._finish(fig, None))  # pylint: disable=protected-access
     height = pixels.shape[0]
@@ -111,6 +116,10 @@ def test_overlay_draws_the_truth_box_where_it_is(side):
     # Inside the box: the grey film, no outline.
     row, col = to_pixel(x + w / 2, y + h / 2)
     assert not _near(pixels, row, col, green, radius=4)
+    # The film fills its panel whatever size it is drawn at (not white there).
+    frame_side = frame or side
+    row, col = to_pixel(0.97 * frame_side, 0.97 * frame_side)
+    assert np.linalg.norm(pixels[row, col] - 255.0) > 100
     # The finding's panel shows the predicted box in blue and the truth dashed.
     map_panel = fig.axes[1]
     px, py = map_panel.transData.transform(
