@@ -35,6 +35,7 @@ from cxr_tf.data import schema
 
 IOBB_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
 METRICS_FILE = "metrics.json"
+OVERLAY_DIR = "overlays"
 # Mask metrics are computed with the longer side at most this many pixels:
 # the ratios barely change and the work stays small for 1024 px films.
 MASK_WORK_SIZE = 256
@@ -68,6 +69,9 @@ class EvalConfig:
       batch_size: images per forward pass.
       max_images: evaluate at most this many images (None: all).
       work_size: see `localization.extract_boxes`.
+      num_overlays: overlays (film, maps, predicted and truth boxes) of this
+        many images with truth boxes go to `output_dir/overlays/` (model
+        runs only: a predictions file carries no pixels).
     """
 
     output_dir: str
@@ -86,6 +90,7 @@ class EvalConfig:
     batch_size: int = 8
     max_images: int | None = None
     work_size: int | None = 2048
+    num_overlays: int = 8
 
     def __post_init__(self):
         for name in ("box_thresholds", "iobb_thresholds", "mask_thresholds"):
@@ -111,6 +116,11 @@ class EvalConfig:
             raise ValueError(
                 f"`split` must be one of {schema.SPLITS}. Received: split={self.split!r}"
             )
+        if not isinstance(self.num_overlays, int) or self.num_overlays < 0:
+            raise ValueError(
+                "`num_overlays` must be an int >= 0. "
+                f"Received: num_overlays={self.num_overlays!r}"
+            )
         for t in self.iobb_thresholds:
             if not 0.0 <= t < 1.0:
                 raise ValueError(
@@ -131,6 +141,9 @@ class ImageResult:
       gt_boxes: finding -> (N, 4) [x, y, w, h] in original pixels.
       pred_boxes: box threshold -> finding -> list of `localization.Box`.
       maps: (h, w, K) map (kept for images with gt boxes) or None.
+      image: the film as stored in its record (padding removed, 0..255),
+        kept for the first images with gt boxes that get an overlay; None
+        otherwise.
     """
 
     image_id: str
@@ -140,6 +153,7 @@ class ImageResult:
     gt_boxes: dict
     pred_boxes: dict
     maps: np.ndarray | None = None
+    image: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -255,8 +269,20 @@ def mask_table(masks, wanted, threshold):
 # Sources.
 
 
-def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, keep_all):
-    """Runs the model over a split of records; one `ImageResult` per image."""
+def _run_on_split(
+    loaded,
+    computer,
+    data_dir,
+    split,
+    box_thresholds,
+    config,
+    keep_all,
+    keep_images=0,
+):
+    """Runs the model over a split of records; one `ImageResult` per image.
+
+    The first `keep_images` images with gt boxes keep their film pixels.
+    """
     from cxr_tf.data import input_pipeline
 
     cfg = input_pipeline.InputConfig(
@@ -271,7 +297,9 @@ def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, kee
     findings = list(loaded.findings)
     columns = [schema.FINDINGS.index(f) for f in findings]
     size = loaded.image_size
+    norm = loaded.normalization
     results = []
+    kept = 0
     for features, labels in ds:
         probs, maps = computer(features["image"].numpy())
         labels = labels.numpy()[:, columns]
@@ -304,6 +332,13 @@ def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, kee
                     )
                     for f in wanted
                 }
+            film = None
+            if gt and kept < keep_images:
+                kept += 1
+                network = features["image"][i, ..., 0].numpy() * norm.std + norm.mean
+                film = np.clip(
+                    predict_lib.crop_map_to_image(network, hw, size), 0, 255
+                ).astype(np.uint8)
             results.append(
                 ImageResult(
                     image_id=features["image_id"][i].numpy().decode(),
@@ -313,6 +348,7 @@ def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, kee
                     gt_boxes=gt,
                     pred_boxes=pred,
                     maps=maps[i] if gt else None,
+                    image=film,
                 )
             )
             if config.max_images and len(results) >= config.max_images:
@@ -462,6 +498,7 @@ def evaluate(config):
             box_thresholds,
             config,
             keep_all=True,
+            keep_images=config.num_overlays,
         )
         metrics["source"] = {
             "model": loaded.path,
@@ -515,10 +552,26 @@ def evaluate(config):
     metrics["localization"] = loc
     first = next(iter(loc.values()))
     if first["num_classes_with_boxes"]:
-        visualize.plot_localization_accuracy(
-            {f: v["iobb"] for f, v in first["per_class"].items() if v["num_gt_boxes"]},
-            os.path.join(config.output_dir, "localization_accuracy.png"),
-            metric="IoBB",
+        # IoBB and IoU side by side: the same finding keeps its (colour,
+        # style) on both and on the ROC plot.
+        for kind, name in (("iobb", "IoBB"), ("iou", "IoU")):
+            visualize.plot_localization_accuracy(
+                {
+                    f: v[kind]
+                    for f, v in first["per_class"].items()
+                    if v["num_gt_boxes"]
+                },
+                os.path.join(config.output_dir, LOCALIZATION_PLOTS[kind]),
+                metric=name,
+            )
+    if map_kind is not None and config.num_overlays:
+        metrics["overlays"] = write_overlays(
+            os.path.join(config.output_dir, OVERLAY_DIR),
+            results,
+            findings,
+            loaded.image_size,
+            map_kind,
+            box_thresholds[0],
         )
 
     if map_kind is not None:
@@ -527,6 +580,54 @@ def evaluate(config):
         json.dump(metrics, f, indent=2, sort_keys=True)
     logging.info("Wrote %s", os.path.join(config.output_dir, METRICS_FILE))
     return metrics
+
+
+LOCALIZATION_PLOTS = {
+    "iobb": "localization_accuracy.png",
+    "iou": "localization_accuracy_iou.png",
+}
+
+
+def write_overlays(
+    directory, results, findings, image_size, map_kind, box_threshold, min_prob=0.5
+):
+    """Overlays of the results that kept their film (`ImageResult.image`).
+
+    Each shows the film with its truth boxes from the record, then the map
+    of every finding with truth boxes or probability >= `min_prob`, with
+    the predicted boxes at `box_threshold` and the truth boxes dashed.
+
+    Returns:
+      {"dir": directory, "images": [overlay file names]}.
+    """
+    from cxr_tf import visualize
+
+    kept = [r for r in results if r.image is not None and r.maps is not None]
+    names = predict_lib.overlay_names([r.image_id for r in kept])
+    written = []
+    for r in kept:
+        probs = dict(zip(findings, (float(p) for p in r.probabilities)))
+        shown = [f for f in findings if f in r.gt_boxes or probs[f] >= min_prob]
+        maps = {
+            f: predict_lib.crop_map_to_image(
+                r.maps[..., findings.index(f)], r.original_hw, image_size
+            )
+            for f in shown
+        }
+        pred = r.pred_boxes.get(box_threshold, {})
+        visualize.overlay_figure(
+            r.image,
+            maps,
+            {f: pred.get(f, []) for f in shown},
+            probs,
+            gt_boxes={f: [tuple(b) for b in boxes] for f, boxes in r.gt_boxes.items()},
+            map_kind=map_kind,
+            path=os.path.join(directory, names[r.image_id]),
+            title=r.image_id,
+            frame_hw=r.original_hw,
+        )
+        written.append(names[r.image_id])
+    return {"dir": directory, "images": written}
 
 
 def _mask_section(config, loaded, computer, results, boxed):
