@@ -1,6 +1,9 @@
 """Tests for cxr_tf.visualize: each plot writes a readable PNG."""
 
 import io
+import json
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -183,3 +186,19 @@ def test_roc_curves_of_14_findings_have_14_distinct_styles():
 
 def test_curve_style_is_unique_beyond_20():
     assert len({visualize.curve_style(i) for i in range(80)}) == 80
+
+
+def test_overlay_memory_does_not_grow_with_the_film(tmp_path):
+    # A 4000 x 4000 film drawn at full size cost ~1 GB more; bounded, ~0.1 GB.
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    out = tmp_path / "cost.json"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.overlay_cost", "--side=4000",
+         f"--output={out}"],
+        cwd=repo, env=env, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    cost = json.loads(out.read_text())
+    assert cost["film_side"] == 4000 and cost["overlay_png_bytes"] > 10_000
+    increase = cost["peak_rss_mb_after_overlay"] - cost["peak_rss_mb_before_overlay"]
+    assert increase < 300, cost
