@@ -11,9 +11,9 @@ from cxr_tf import localization
 _TRUTH_COLOR = "#00d000"  # green, as in the PCAM paper's Figure 2
 _PRED_COLOR = "#1f5cff"  # blue
 # Overlays are drawn from a copy of the film whose longer side is at most
-# this: a panel is ~320 px wide, so 1024 px loses nothing visible, and a
-# 7000 x 7000 film costs what a 1024 px one does.
-OVERLAY_MAX_SIDE = 1024
+# this: a panel is ~320 px wide, so twice that loses nothing visible, and a
+# 7000 x 7000 film costs what a 640 px one does (a 1024 px film is halved).
+OVERLAY_MAX_SIDE = 640
 # Curves of several findings: 20 distinct colours (tab20's dark shades, then
 # its light ones) crossed with 4 line styles, so no two of the first 80
 # curves share (colour, style), and neighbours differ in both.
@@ -219,9 +219,12 @@ def overlay_axes_figure(
         probability = probabilities.get(finding)
         text = finding if probability is None else f"{finding}  p={probability:.2f}"
         axes.set_title(text, fontsize=9)
-        colorbar = fig.colorbar(shown, ax=axes, fraction=0.046, pad=0.02)
-        colorbar.ax.tick_params(labelsize=6)
-        colorbar.set_label(label, fontsize=6)
+        if index == len(order) - 1:
+            # One colour bar for all map panels: they share the scale, and
+            # each bar's ticks cost as much layout time as a panel.
+            colorbar = fig.colorbar(shown, ax=axes, fraction=0.046, pad=0.02)
+            colorbar.ax.tick_params(labelsize=6)
+            colorbar.set_label(label, fontsize=6)
     for axes in fig.axes:
         if axes.images:  # the image panels, not the colorbars
             axes.set_axis_off()
