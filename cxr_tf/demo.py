@@ -226,6 +226,8 @@ def run_demo(output_dir):
                 "cxr_tf.predict",
                 f"--model={pcam_model}",
                 f"--output_dir={os.path.join(output_dir, 'predictions')}",
+                # The films' truth, drawn next to the predicted boxes.
+                f"--bbox_list={os.path.join(synthetic, 'BBox_List_2017.csv')}",
                 *films,
             ],
             logs,

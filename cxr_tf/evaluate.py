@@ -2,7 +2,8 @@
 
 Or a predictions file: `--predictions=P.jsonl --bbox_list=BBox_List_2017.csv
 [--data_entry=Data_Entry_2017.csv] --output_dir=E`. Writes metrics.json,
-roc.png, localization_accuracy.png (and predictions.jsonl for a model).
+roc.png, localization_accuracy.png and localization_accuracy_iou.png (and,
+for a model, predictions.jsonl and overlays/ of boxed films with their truth).
 """
 
 import json
@@ -48,6 +49,9 @@ _MASK_THRESHOLDS = flags.DEFINE_list(
 )
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Evaluate at most N images.")
+_NUM_OVERLAYS = flags.DEFINE_integer(
+    "num_overlays", 8, "Overlays (maps, predicted and truth boxes) of N boxed images."
+)
 
 
 def main(argv):
@@ -70,6 +74,7 @@ def main(argv):
             mask_thresholds=tuple(float(t) for t in _MASK_THRESHOLDS.value),
             batch_size=_BATCH_SIZE.value,
             max_images=_MAX_IMAGES.value,
+            num_overlays=_NUM_OVERLAYS.value,
         )
     except ValueError as e:
         raise app.UsageError(str(e)) from None

@@ -37,6 +37,7 @@ from cxr_tf.data import schema
 
 IOBB_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
 METRICS_FILE = model_dir.METRICS_FILE
+OVERLAY_DIR = "overlays"
 # Mask metrics are computed with the longer side at most this many pixels:
 # the ratios barely change and the work stays small for 1024 px films.
 MASK_WORK_SIZE = 256
@@ -70,6 +71,9 @@ class EvalConfig:
       batch_size: images per forward pass.
       max_images: evaluate at most this many images (None: all).
       work_size: see `localization.extract_boxes`.
+      num_overlays: overlays (film, maps, predicted and truth boxes) of this
+        many images with truth boxes go to `output_dir/overlays/` (model
+        runs only: a predictions file carries no pixels).
     """
 
     output_dir: str
@@ -88,6 +92,7 @@ class EvalConfig:
     batch_size: int = 8
     max_images: int | None = None
     work_size: int | None = 2048
+    num_overlays: int = 8
 
     def __post_init__(self):
         for name in ("box_thresholds", "iobb_thresholds", "mask_thresholds"):
@@ -113,6 +118,11 @@ class EvalConfig:
             raise ValueError(
                 f"`split` must be one of {schema.SPLITS}. Received: split={self.split!r}"
             )
+        if not isinstance(self.num_overlays, int) or self.num_overlays < 0:
+            raise ValueError(
+                "`num_overlays` must be an int >= 0. "
+                f"Received: num_overlays={self.num_overlays!r}"
+            )
         for t in self.iobb_thresholds:
             if not 0.0 <= t < 1.0:
                 raise ValueError(
@@ -136,6 +146,9 @@ class ImageResult:
       ingest_size: the longer side the film's record was stored at (the
         geometry of `cxr_tf.data.preprocess.Letterbox`); None: the network
         size.
+      image: the film as stored in its record (padding removed, 0..255),
+        kept for the first images with gt boxes that get an overlay; None
+        otherwise.
     """
 
     image_id: str
@@ -146,6 +159,7 @@ class ImageResult:
     pred_boxes: dict
     maps: np.ndarray | None = None
     ingest_size: int | None = None
+    image: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -262,8 +276,20 @@ def mask_table(masks, wanted, threshold):
 # Sources.
 
 
-def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, keep_all):
-    """Runs the model over a split of records; one `ImageResult` per image."""
+def _run_on_split(
+    loaded,
+    computer,
+    data_dir,
+    split,
+    box_thresholds,
+    config,
+    keep_all,
+    keep_images=0,
+):
+    """Runs the model over a split of records; one `ImageResult` per image.
+
+    The first `keep_images` images with gt boxes keep their film pixels.
+    """
     from cxr_tf.data import input_pipeline
 
     cfg = input_pipeline.InputConfig(
@@ -281,7 +307,9 @@ def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, kee
     # The records' own stored size: the geometry that maps their boxes and
     # the maps back to original pixels.
     stored = model_dir.stored_image_size(data_dir, split)
+    norm = loaded.normalization
     results = []
+    kept = 0
     for features, labels in input_pipeline.iterate_naming_damaged_files(
         ds, data_dir, split
     ):
@@ -319,6 +347,13 @@ def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, kee
                     )
                     for f in wanted
                 }
+            film = None
+            if gt and kept < keep_images:
+                kept += 1
+                network = features["image"][i, ..., 0].numpy() * norm.std + norm.mean
+                film = np.clip(
+                    predict_lib.crop_map_to_image(network, hw, size, stored), 0, 255
+                ).astype(np.uint8)
             results.append(
                 ImageResult(
                     image_id=features["image_id"][i].numpy().decode(),
@@ -329,6 +364,7 @@ def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, kee
                     pred_boxes=pred,
                     maps=maps[i] if gt else None,
                     ingest_size=stored,
+                    image=film,
                 )
             )
             if config.max_images and len(results) >= config.max_images:
@@ -477,6 +513,7 @@ def evaluate(config):
             box_thresholds,
             config,
             keep_all=True,
+            keep_images=config.num_overlays,
         )
         metrics["source"] = {
             "model": os.path.abspath(loaded.path),
@@ -533,10 +570,26 @@ def evaluate(config):
     metrics["localization"] = loc
     first = next(iter(loc.values()))
     if first["num_classes_with_boxes"]:
-        visualize.plot_localization_accuracy(
-            {f: v["iobb"] for f, v in first["per_class"].items() if v["num_gt_boxes"]},
-            os.path.join(config.output_dir, "localization_accuracy.png"),
-            metric="IoBB",
+        # IoBB and IoU side by side: the same finding keeps its (colour,
+        # style) on both and on the ROC plot.
+        for kind, name in (("iobb", "IoBB"), ("iou", "IoU")):
+            visualize.plot_localization_accuracy(
+                {
+                    f: v[kind]
+                    for f, v in first["per_class"].items()
+                    if v["num_gt_boxes"]
+                },
+                os.path.join(config.output_dir, LOCALIZATION_PLOTS[kind]),
+                metric=name,
+            )
+    if map_kind is not None and config.num_overlays:
+        metrics["overlays"] = write_overlays(
+            os.path.join(config.output_dir, OVERLAY_DIR),
+            results,
+            findings,
+            loaded.image_size,
+            map_kind,
+            box_thresholds[0],
         )
 
     if map_kind is not None:
@@ -545,6 +598,54 @@ def evaluate(config):
         json.dump(metrics, f, indent=2, sort_keys=True)
     logging.info("Wrote %s", os.path.join(config.output_dir, METRICS_FILE))
     return metrics
+
+
+LOCALIZATION_PLOTS = {
+    "iobb": "localization_accuracy.png",
+    "iou": "localization_accuracy_iou.png",
+}
+
+
+def write_overlays(
+    directory, results, findings, image_size, map_kind, box_threshold, min_prob=0.5
+):
+    """Overlays of the results that kept their film (`ImageResult.image`).
+
+    Each shows the film with its truth boxes from the record, then the map
+    of every finding with truth boxes or probability >= `min_prob`, with
+    the predicted boxes at `box_threshold` and the truth boxes dashed.
+
+    Returns:
+      {"dir": directory, "images": [overlay file names]}.
+    """
+    from cxr_tf import visualize
+
+    kept = [r for r in results if r.image is not None and r.maps is not None]
+    names = predict_lib.overlay_names([r.image_id for r in kept])
+    written = []
+    for r in kept:
+        probs = dict(zip(findings, (float(p) for p in r.probabilities)))
+        shown = [f for f in findings if f in r.gt_boxes or probs[f] >= min_prob]
+        maps = {
+            f: predict_lib.crop_map_to_image(
+                r.maps[..., findings.index(f)], r.original_hw, image_size
+            )
+            for f in shown
+        }
+        pred = r.pred_boxes.get(box_threshold, {})
+        visualize.overlay_figure(
+            r.image,
+            maps,
+            {f: pred.get(f, []) for f in shown},
+            probs,
+            gt_boxes={f: [tuple(b) for b in boxes] for f, boxes in r.gt_boxes.items()},
+            map_kind=map_kind,
+            path=os.path.join(directory, names[r.image_id]),
+            title=r.image_id,
+            frame_hw=r.original_hw,
+        )
+        written.append(names[r.image_id])
+    return {"dir": directory, "images": written}
 
 
 def _mask_section(config, loaded, computer, results, boxed):

@@ -51,6 +51,12 @@ _DICOM_ORIENTATION = flags.DEFINE_enum(
     "content is plainly a negative (wrong header; flagged in its record). "
     "header: follow PhotometricInterpretation only.",
 )
+_BBOX_LIST = flags.DEFINE_string(
+    "bbox_list",
+    None,
+    "BBox_List_2017.csv-style table: its boxes are drawn (green) on the "
+    "overlays of the films whose file name is its Image Index.",
+)
 
 
 def main(argv):
@@ -68,6 +74,7 @@ def main(argv):
         batch_size=_BATCH_SIZE.value,
         overlays=_OVERLAYS.value,
         dicom_orientation=_DICOM_ORIENTATION.value,
+        bbox_list=_BBOX_LIST.value,
     )
     try:
         summary = predict_lib.predict(config, inputs)

@@ -6,6 +6,7 @@ function, then normalised; boxes found on the S x S map are mapped back
 through the inverse letterbox to the original image's pixels.
 """
 
+import collections
 import dataclasses
 import json
 import os
@@ -68,28 +69,180 @@ def boxes_in_original(
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class InputImage:
+    """One film to predict.
+
+    Attributes:
+      path: the file, as found under the input argument.
+      key: its name in predictions.jsonl and under overlays/: the path
+        relative to the directory argument it was found in (forward
+        slashes), the file name for a file argument; where two files would
+        share a key, each takes its path relative to their common folder.
+    """
+
+    path: str
+    key: str
+
+
 def list_images(inputs):
-    """Expands files and directories into a sorted list of image paths.
+    """Expands files and directories into the films to predict, each with a key.
 
     Args:
       inputs: paths of files (taken whatever their extension) and directories
         (searched recursively for `IMAGE_EXTENSIONS`).
 
     Returns:
-      (paths, missing): image paths, and inputs that do not exist.
+      (images, missing): `InputImage`s sorted by key (a file reached twice
+      is listed once), and inputs that do not exist.
     """
-    paths, missing = [], []
+    found, missing, seen = [], [], set()
     for item in inputs:
         if os.path.isdir(item):
-            for root, _, files in os.walk(item):
+            candidates = []
+            for root, dirs, files in os.walk(item):
+                dirs.sort()
                 for name in sorted(files):
                     if name.lower().endswith(IMAGE_EXTENSIONS):
-                        paths.append(os.path.join(root, name))
+                        path = os.path.join(root, name)
+                        key = os.path.relpath(path, item).replace(os.sep, "/")
+                        candidates.append((path, key))
         elif os.path.isfile(item):
-            paths.append(item)
+            candidates = [(item, os.path.basename(item))]
         else:
             missing.append(item)
-    return sorted(dict.fromkeys(paths)), missing
+            continue
+        for path, key in candidates:
+            real = os.path.realpath(path)
+            if real not in seen:
+                seen.add(real)
+                found.append((path, key))
+    by_key = collections.defaultdict(list)
+    for path, key in found:
+        by_key[key].append(path)
+    images = []
+    for key, paths in by_key.items():
+        if len(paths) == 1:
+            images.append(InputImage(paths[0], key))
+            continue
+        # Same key from two arguments (a/x.png b/x.png, or two folders with
+        # the same layout): distinct real files, so their paths below the
+        # common folder differ.
+        absolute = [os.path.abspath(p) for p in paths]
+        common = os.path.commonpath(absolute)
+        for path, full in zip(paths, absolute):
+            images.append(
+                InputImage(path, os.path.relpath(full, common).replace(os.sep, "/"))
+            )
+    keys = [i.key for i in images]
+    if len(set(keys)) != len(keys):
+        clash = sorted(k for k in set(keys) if keys.count(k) > 1)
+        raise ValueError(
+            f"Two inputs would be written under the same name {clash[0]!r}; "
+            "give the films' folders as separate, differently named arguments."
+        )
+    return sorted(images, key=lambda i: i.key), missing
+
+
+def overlay_names(keys):
+    """{key: overlay file name under overlays/}, one `.png` extension each.
+
+    `a/x.png` -> `a/x.png`, `a/y.dcm` -> `a/y.png`; when two keys would share
+    a name (x.png and x.dcm in one folder) the non-PNG ones keep their
+    extension (`x.dcm.png`).
+    """
+    plain = {k: os.path.splitext(k)[0] + ".png" for k in keys}
+    counts = collections.Counter(plain.values())
+    return {
+        k: (name if counts[name] == 1 or k.lower().endswith(".png") else k + ".png")
+        for k, name in plain.items()
+    }
+
+
+def read_truth_boxes(bbox_list):
+    """{image file name: {finding: [(x, y, w, h), ...]}} of a box list CSV.
+
+    Args:
+      bbox_list: a BBox_List_2017.csv-style table (see
+        `cxr_tf.data.metadata.read_bbox_list`), boxes in the listed image's
+        own pixels.
+
+    Returns:
+      The boxes by `Image Index` (a file name).
+
+    Raises:
+      FileNotFoundError, ValueError: as `read_bbox_list` (file and row named).
+    """
+    from cxr_tf.data import metadata
+
+    table = metadata.read_bbox_list(bbox_list)
+    truth = collections.defaultdict(lambda: collections.defaultdict(list))
+    for row in table.itertuples(index=False):
+        truth[row.image_id][row.finding].append(
+            (float(row.x), float(row.y), float(row.w), float(row.h))
+        )
+    return {image: dict(per) for image, per in truth.items()}
+
+
+SYNTHETIC_MODEL_WARNING = (
+    "warning: this model was trained on synthetic films only; its outputs on "
+    "real X-rays are not meaningful"
+)
+
+
+def is_synthetic_film(path, _cache=None):
+    """Whether a film lies in a data set written by `cxr_tf.data.synthetic`.
+
+    The generator writes `synthetic_config.json` at the data set's root; a
+    film counts as synthetic when that file is in its folder or any folder
+    above it.
+    """
+    from cxr_tf.data import synthetic  # pylint: disable=import-outside-toplevel
+
+    cache = {} if _cache is None else _cache
+    folder = os.path.dirname(os.path.abspath(path))
+    walked = []
+    answer = False
+    while True:
+        if folder in cache:
+            answer = cache[folder]
+            break
+        walked.append(folder)
+        if os.path.isfile(os.path.join(folder, synthetic.CONFIG_FILE)):
+            answer = True
+            break
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    for folder in walked:
+        cache[folder] = answer
+    return answer
+
+
+def synthetic_model_warning(data, paths):
+    """The one warning line for a synthetic-trained model on other films, or None.
+
+    Args:
+      data: the model's `training_data` entry (None: an older model that does
+        not say; no warning).
+      paths: the films predicted.
+
+    Returns:
+      `SYNTHETIC_MODEL_WARNING` with how many films are not synthetic, when
+      `data["synthetic"]` is true and some film is not from the generator
+      (`is_synthetic_film`); else None.
+    """
+    if not data or not data.get("synthetic"):
+        return None
+    cache = {}
+    foreign = [p for p in paths if not is_synthetic_film(p, cache)]
+    if not foreign:
+        return None
+    return (
+        f"{SYNTHETIC_MODEL_WARNING} ({len(foreign)} of {len(paths)} films are "
+        f"not from the synthetic generator, e.g. {foreign[0]})"
+    )
 
 
 class MapComputer:
@@ -160,6 +313,8 @@ class PredictConfig:
       dicom_orientation: "auto" or "header"; see
         `cxr_tf.data.images.decode_image`. A DICOM inverted by "auto" gets
         `"orientation_corrected": true` in its record.
+      bbox_list: optional BBox_List_2017.csv-style table; its boxes are drawn
+        on the overlays of the films whose file name is its `Image Index`.
     """
 
     model: str
@@ -173,6 +328,7 @@ class PredictConfig:
     overlays: bool = True
     work_size: int | None = localization.DEFAULT_WORK_SIZE
     dicom_orientation: str = "auto"
+    bbox_list: str | None = None
 
     def __post_init__(self):
         # pylint: disable-next=import-outside-toplevel
@@ -287,13 +443,31 @@ def write_overlay(
     image_size,
     map_kind,
     positive_threshold,
+    gt_boxes=None,
     ingest_size=None,
 ):
-    """Writes the overlay PNG of one image (maps of present findings, boxes)."""
+    """Writes the overlay PNG of one image (maps of present findings, boxes).
+
+    Args:
+      path: the PNG to write.
+      pixels: (H, W) the film as read.
+      record: its `prediction_record`.
+      maps: (h, w, K) its maps over the S x S input.
+      findings: the K finding names.
+      image_size: S.
+      map_kind: "probability" or "cam".
+      positive_threshold: findings from this probability get a panel.
+      gt_boxes: {finding: [(x, y, w, h)]} known truth in the film's pixels
+        (those findings get a panel too), {} when known to be none, None when
+        not known.
+    """
     from cxr_tf import visualize
 
     probs = record["probabilities"]
-    shown = [f for f in findings if probs[f] >= positive_threshold]
+    truth_findings = [f for f in findings if (gt_boxes or {}).get(f)]
+    shown = [
+        f for f in findings if probs[f] >= positive_threshold or f in truth_findings
+    ]
     if not shown:
         # Always show something: the most probable finding.
         shown = [max(findings, key=lambda f: probs[f])]
@@ -316,6 +490,7 @@ def write_overlay(
         panel_maps,
         boxes,
         {f: probs[f] for f in findings},
+        gt_boxes=gt_boxes,
         map_kind=map_kind,
         path=path,
         title=record["image"],
@@ -329,9 +504,18 @@ def predict(config, inputs):
       config: a `PredictConfig`.
       inputs: image files and/or directories.
 
+    Each record's "image" is the film's key (`list_images`: its path below
+    the directory argument), "path" the file read, "overlay" its overlay
+    below `output_dir` (one `.png` extension). When the model's config.json
+    says it was trained on synthetic films only and some input film is not
+    from the synthetic generator (`synthetic_model_warning`), one warning
+    line is logged for the whole run.
+
     Returns:
       dict summary: {"predicted": n, "failed": [{"image", "reason"}],
-      "predictions": path of predictions.jsonl}.
+      "predictions": path of predictions.jsonl, "films_with_truth_boxes":
+      films with boxes in `config.bbox_list` (None without one), "warnings":
+      the warning lines logged}.
 
     Raises:
       FileNotFoundError: no image found at all in `inputs`.
@@ -339,11 +523,21 @@ def predict(config, inputs):
     from cxr_tf import model_dir
     from cxr_tf.data import images as images_lib
 
-    paths, missing = list_images(inputs)
+    listed, missing = list_images(inputs)
     failed = [{"image": m, "reason": "no such file or directory"} for m in missing]
-    if not paths:
+    if not listed:
         raise FileNotFoundError(f"No image files found in {list(inputs)}")
+    truth = read_truth_boxes(config.bbox_list) if config.bbox_list else None
     loaded = model_dir.load(config.model, config.checkpoint)
+    warnings = []
+    warning = synthetic_model_warning(
+        loaded.training_data or None, [i.path for i in listed]
+    )
+    if warning:
+        # Once per run, before the films: not one line per film.
+        logging.warning("%s", warning)
+        warnings.append(warning)
+    overlay_files = overlay_names([i.key for i in listed])
     computer = MapComputer(loaded, config.map_source)
     findings = list(loaded.findings)
     size = loaded.image_size
@@ -351,11 +545,12 @@ def predict(config, inputs):
     if config.overlays:
         os.makedirs(os.path.join(config.output_dir, OVERLAY_DIR), exist_ok=True)
     out_path = os.path.join(config.output_dir, PREDICTIONS_FILE)
-    count = 0
+    count, with_truth = 0, 0
     with open(out_path, "w") as out:
-        for start in range(0, len(paths), config.batch_size):
+        for start in range(0, len(listed), config.batch_size):
             batch = []
-            for path in paths[start : start + config.batch_size]:
+            for item in listed[start : start + config.batch_size]:
+                path = item.path
                 try:
                     pixels, info = images_lib.read_image_with_info(
                         path, orientation=config.dicom_orientation
@@ -364,7 +559,7 @@ def predict(config, inputs):
                     logging.warning("Skipping %s: %s", path, e)
                     failed.append({"image": path, "reason": str(e)})
                     continue
-                batch.append((path, pixels, info))
+                batch.append((item, pixels, info))
             if not batch:
                 continue
             inputs_np = np.stack(
@@ -376,10 +571,9 @@ def predict(config, inputs):
                 ]
             )
             probs, maps = computer(inputs_np)
-            for (path, pixels, info), p, m in zip(batch, probs, maps):
-                name = os.path.basename(path)
+            for (item, pixels, info), p, m in zip(batch, probs, maps):
                 record = prediction_record(
-                    name,
+                    item.key,
                     pixels.shape,
                     p,
                     m,
@@ -392,12 +586,17 @@ def predict(config, inputs):
                     config.work_size,
                     loaded.ingest_size,
                 )
+                record["path"] = item.path
                 if info.orientation_corrected:
                     record["orientation_corrected"] = True
-                out.write(json.dumps(record) + "\n")
+                gt = None
+                if truth is not None:
+                    gt = truth.get(os.path.basename(item.key), {})
+                    with_truth += bool(gt)
                 if config.overlays:
+                    record["overlay"] = f"{OVERLAY_DIR}/{overlay_files[item.key]}"
                     write_overlay(
-                        os.path.join(config.output_dir, OVERLAY_DIR, name + ".png"),
+                        os.path.join(config.output_dir, record["overlay"]),
                         pixels,
                         record,
                         m,
@@ -405,11 +604,25 @@ def predict(config, inputs):
                         size,
                         computer.map_kind,
                         config.positive_threshold,
-                        loaded.ingest_size,
+                        gt_boxes=gt,
+                        ingest_size=loaded.ingest_size,
                     )
+                out.write(json.dumps(record) + "\n")
                 count += 1
-            logging.info("Predicted %d / %d images", count, len(paths))
-    summary = {"predicted": count, "failed": failed, "predictions": out_path}
+            logging.info("Predicted %d / %d images", count, len(listed))
+    if truth is not None and not with_truth:
+        warnings.append(
+            f"no film predicted is listed in --bbox_list={config.bbox_list} "
+            "(matched by file name = Image Index): no truth boxes drawn"
+        )
+        logging.warning("%s", warnings[-1])
+    summary = {
+        "predicted": count,
+        "failed": failed,
+        "predictions": out_path,
+        "films_with_truth_boxes": with_truth if truth is not None else None,
+        "warnings": warnings,
+    }
     with open(os.path.join(config.output_dir, "predict_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

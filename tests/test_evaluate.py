@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cxr_tf import evaluate_lib
+from cxr_tf import localization
 from cxr_tf import predict_lib
 from cxr_tf.data import schema
 
@@ -139,6 +140,47 @@ def test_config_errors():
         )
 
 
+def test_write_overlays_draws_the_records_truth(tmp_path):
+    from PIL import Image
+
+    findings = list(schema.FINDINGS)
+    k = findings.index("Mass")
+    maps = np.zeros((4, 4, len(findings)), np.float32)
+    maps[1:3, 1:3, k] = 1.0
+    # A 64 px record of a 1024 x 1024 film; truth in the film's pixels.
+    film = np.tile(np.linspace(20, 200, 64, dtype=np.float32), (64, 1))
+    result = evaluate_lib.ImageResult(
+        image_id="00000001_000.png",
+        original_hw=(1024, 1024),
+        labels=None,
+        probabilities=np.full(len(findings), 0.1),
+        gt_boxes={"Mass": np.array([[256.0, 384.0, 512.0, 256.0]])},
+        pred_boxes={0.9: {"Mass": [localization.Box(300, 400, 400, 200, 0.95)]}},
+        maps=maps,
+        image=film.astype(np.uint8),
+    )
+    unboxed = evaluate_lib.ImageResult(
+        "00000002_000.png", (1024, 1024), None, None, {}, {}, None, None
+    )
+    out = evaluate_lib.write_overlays(
+        str(tmp_path), [unboxed, result], findings, 64, "probability", 0.9
+    )
+    assert out["images"] == ["00000001_000.png"]
+    pixels = np.asarray(
+        Image.open(tmp_path / "00000001_000.png").convert("RGB"), np.float64
+    )
+    green = np.linalg.norm(pixels - [0, 0xD0, 0], axis=-1) < 20
+    blue = np.linalg.norm(pixels - [0x1F, 0x5C, 0xFF], axis=-1) < 20
+    # Two panels (film, Mass): the truth in both, the prediction on the map.
+    half, panels = pixels.shape[1] // 2, int(pixels.shape[0] * 0.88)  # no legend
+    green, blue = green[:panels], blue[:panels]
+    rows, cols = np.nonzero(green[:, :half])
+    assert (cols.max() - cols.min()) / (rows.max() - rows.min()) == pytest.approx(
+        2.0, rel=0.12
+    )
+    assert blue[:, half:].sum() > 50 and blue[:, :half].sum() == 0
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     from cxr_tf import model_dir as model_dir_lib
@@ -178,8 +220,19 @@ def test_model_on_records_writes_metrics_and_plots(
         )
     )
     assert metrics["num_images"] == 8
-    for name in ("metrics.json", "roc.png", "localization_accuracy.png"):
+    for name in (
+        "metrics.json",
+        "roc.png",
+        "localization_accuracy.png",
+        "localization_accuracy_iou.png",
+    ):
         assert os.path.isfile(out / name), name
+    # Overlays of the boxed test films, named with one extension.
+    boxed = [row[0] for row in written["test"] if len(row[2])]
+    overlays = metrics["overlays"]["images"]
+    assert overlays == boxed[: len(overlays)] and 1 <= len(overlays) <= 8
+    for name in overlays:
+        assert name.count(".png") == 1 and os.path.isfile(out / "overlays" / name)
     labels = np.array([row[1] for row in written["test"]])
     table = metrics["classification"]["per_class"]
     for k, finding in enumerate(schema.FINDINGS):

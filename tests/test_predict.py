@@ -88,7 +88,10 @@ def test_predict_png_rgba_dicom_and_a_broken_file(
     assert len(records) == len(inputs) - 1
     for record in records:
         assert set(record["probabilities"]) == set(schema.FINDINGS)
-        assert os.path.isfile(out / "overlays" / (record["image"] + ".png"))
+        # One extension: 00000003_000.png, x.dcm -> x.png.
+        stem = os.path.splitext(record["image"])[0]
+        assert record["overlay"] == f"overlays/{stem}.png"
+        assert os.path.isfile(out / record["overlay"])
         # Threshold 0 on a probability map: one box per finding, the film.
         assert len(record["boxes"]) == schema.NUM_FINDINGS
         for b in record["boxes"]:
@@ -177,7 +180,10 @@ def test_cli_on_the_whole_sample(pcam_model_dir, cxr14_sample, tmp_path):
             "cxr_tf.predict",
             f"--model={pcam_model_dir}",
             f"--output_dir={out}",
-            "--positive_threshold=0.0",
+            # Boxes of every finding; one overlay panel per film (the most
+            # probable finding) keeps 138 overlays affordable on 2 cores.
+            "--box_findings=all",
+            "--positive_threshold=1.0",
             "--box_threshold=0.3",
             str(cxr14_sample / "images"),
             str(cxr14_sample / "dicom"),
@@ -195,9 +201,219 @@ def test_cli_on_the_whole_sample(pcam_model_dir, cxr14_sample, tmp_path):
         records = [json.loads(line) for line in f]
     assert sorted(r["image"] for r in records) == sorted(expected)
     for r in records:
-        assert os.path.isfile(out / "overlays" / (r["image"] + ".png"))
+        assert os.path.isfile(out / r["overlay"]) and ".png.png" not in r["overlay"]
         if r["image"].endswith(".png"):
             assert (r["height"], r["width"]) == (1024, 1024)
         for b in r["boxes"]:
             assert 0 <= b["x"] and b["x"] + b["w"] <= r["width"] + 1e-6
     assert sum(len(r["boxes"]) for r in records) > 0
+
+
+def test_list_images_keys_films_by_path_below_the_argument(tmp_path):
+    for folder in ("a", "b", "b/deep"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+    for name in ("a/good.png", "b/good.png", "b/deep/good.png", "a/x.dcm", "a/x.png"):
+        (tmp_path / "in" / name).write_bytes(b"")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    images, missing = predict_lib.list_images(
+        [str(tmp_path / "in"), str(tmp_path / "in" / "a" / "good.png"), "nope"]
+    )
+    assert missing == ["nope"]
+    # The file reached twice (folder and file argument) is listed once.
+    assert [i.key for i in images] == [
+        "a/good.png",
+        "a/x.dcm",
+        "a/x.png",
+        "b/deep/good.png",
+        "b/good.png",
+    ]
+    names = predict_lib.overlay_names([i.key for i in images])
+    assert names["a/good.png"] == "a/good.png" and names["a/x.png"] == "a/x.png"
+    assert names["a/x.dcm"] == "a/x.dcm.png"  # x.png takes a/x.png
+    assert len(set(names.values())) == len(names)
+    # Same file name given as two file arguments: keyed below their common folder.
+    images, _ = predict_lib.list_images(
+        [str(tmp_path / "in" / "a" / "good.png"), str(tmp_path / "in" / "b" / "good.png")]
+    )
+    assert [i.key for i in images] == ["a/good.png", "b/good.png"]
+    # Two folders holding the same name: the clashing films are keyed below
+    # the folders' common parent; the others keep their short key.
+    images, _ = predict_lib.list_images(
+        [str(tmp_path / "in" / "a"), str(tmp_path / "in" / "b")]
+    )
+    assert sorted(i.key for i in images if i.key.endswith("good.png")) == [
+        "a/good.png",
+        "b/good.png",
+        "deep/good.png",
+    ]
+
+
+def _film_with_a_bright_patch(path, side=96):
+    from PIL import Image
+
+    pixels = np.full((side, side), 60, np.uint8)
+    pixels[30:60, 20:50] = 200
+    Image.fromarray(pixels).save(path)
+
+
+def test_same_name_films_in_two_folders_give_two_records_and_overlays(
+    tiny_model_dir, tmp_path
+):
+    (tmp_path / "in" / "day1").mkdir(parents=True)
+    (tmp_path / "in" / "day2").mkdir()
+    _film_with_a_bright_patch(tmp_path / "in" / "day1" / "good.png")
+    (tmp_path / "in" / "day2" / "good.png").write_bytes(
+        (tmp_path / "in" / "day1" / "good.png").read_bytes()
+    )
+    # The truth table lists the film by file name, as BBox_List_2017.csv does.
+    bbox_list = tmp_path / "boxes.csv"
+    bbox_list.write_text(
+        "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+        "good.png,Mass,20,30,30,30\n"
+        "other.png,Nodule,1,1,5,5\n"
+    )
+    out = tmp_path / "out"
+    summary = predict_lib.predict(
+        predict_lib.PredictConfig(
+            model=tiny_model_dir,
+            output_dir=str(out),
+            positive_threshold=1.0,
+            bbox_list=str(bbox_list),
+        ),
+        [str(tmp_path / "in")],
+    )
+    assert summary["predicted"] == 2 and summary["films_with_truth_boxes"] == 2
+    with open(out / "predictions.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["image"] for r in records] == ["day1/good.png", "day2/good.png"]
+    assert [r["overlay"] for r in records] == [
+        "overlays/day1/good.png",
+        "overlays/day2/good.png",
+    ]
+    assert records[0]["path"] == str(tmp_path / "in" / "day1" / "good.png")
+    for r in records:
+        assert os.path.getsize(out / r["overlay"]) > 1000
+    assert sorted(os.listdir(out / "overlays")) == ["day1", "day2"]
+
+
+def test_write_overlay_draws_the_listed_truth_in_green(tmp_path):
+    from PIL import Image
+
+    from cxr_tf import visualize
+
+    side = 2000  # drawn from a <= 640 px copy; boxes stay in film pixels
+    pixels = np.full((side, side), 128, np.uint8)
+    findings = list(schema.FINDINGS)
+    record = {
+        "image": "f.png",
+        "probabilities": {f: 0.1 for f in findings},
+        "boxes": [],
+    }
+    maps = np.zeros((4, 4, len(findings)), np.float32)
+    truth = {"Mass": [(400.0, 600.0, 800.0, 500.0)]}
+    path = tmp_path / "f.png"
+    predict_lib.write_overlay(
+        str(path), pixels, record, maps, findings, 64, "probability", 0.5, truth
+    )
+    image = np.asarray(Image.open(path).convert("RGB"), np.float64)
+    green = np.array([0, 0xD0, 0], np.float64)
+    # Line centres are the exact colour; the label's box (alpha 0.8) is not.
+    is_green = np.linalg.norm(image - green, axis=-1) < 20
+    # Panels: the film and Mass (the finding with truth, though not positive).
+    assert image.shape[1] == 2 * 320
+    # The film panel, above the legend.
+    left_panel = is_green[: int(image.shape[0] * 0.88), : image.shape[1] // 2]
+    rows, cols = np.nonzero(left_panel)
+    # The outline's extent in the film panel has the truth box's 8:5 aspect.
+    width, height = cols.max() - cols.min(), rows.max() - rows.min()
+    assert width / height == pytest.approx(800 / 500, rel=0.12)
+    assert visualize.OVERLAY_MAX_SIDE <= 640
+
+
+def _synthetic_model_dir(directory, synthetic):
+    from cxr_tf.models import ModelConfig
+
+    _save_model(str(directory), ModelConfig(backbone="infomask", image_size=64))
+    config_path = os.path.join(str(directory), model_dir_lib.CONFIG_FILE)
+    with open(config_path) as f:
+        payload = json.load(f)
+    payload["training_data"] = {
+        "source": "synthetic" if synthetic else "ChestX-ray14",
+        "synthetic": synthetic,
+        "films": {"train": 10, "val": 2, "test": 2},
+        "ingest_image_size": 64,
+    }
+    with open(config_path, "w") as f:
+        json.dump(payload, f)
+    return str(directory)
+
+
+def test_synthetic_model_warning_rule(tmp_path):
+    synthetic_root = tmp_path / "synth"
+    (synthetic_root / "images").mkdir(parents=True)
+    (synthetic_root / "synthetic_config.json").write_text("{}")
+    fake = str(synthetic_root / "images" / "00000001_000.png")
+    real = str(tmp_path / "real" / "00000001_000.png")
+    data = {"source": "synthetic", "synthetic": True}
+    assert predict_lib.synthetic_model_warning(data, [fake]) is None
+    line = predict_lib.synthetic_model_warning(data, [fake, real])
+    assert line.startswith(predict_lib.SYNTHETIC_MODEL_WARNING)
+    assert "1 of 2 films" in line and "\n" not in line
+    # A model trained on real films, or an older one that does not say: silent.
+    assert predict_lib.synthetic_model_warning({"synthetic": False}, [real]) is None
+    assert predict_lib.synthetic_model_warning(None, [real]) is None
+
+
+def test_synthetic_model_on_real_films_warns_once(cxr14_sample, tmp_path):
+    model = _synthetic_model_dir(tmp_path / "model", synthetic=True)
+    assert model_dir_lib.load(model).training_data["synthetic"] is True
+    inputs = _sample_files(cxr14_sample, 3)
+    summary = predict_lib.predict(
+        predict_lib.PredictConfig(
+            model=model, output_dir=str(tmp_path / "out"), overlays=False
+        ),
+        inputs,
+    )
+    assert summary["predicted"] == len(inputs)
+    assert len(summary["warnings"]) == 1
+    assert summary["warnings"][0].startswith(predict_lib.SYNTHETIC_MODEL_WARNING)
+    real_model = _synthetic_model_dir(tmp_path / "real_model", synthetic=False)
+    summary = predict_lib.predict(
+        predict_lib.PredictConfig(
+            model=real_model, output_dir=str(tmp_path / "out2"), overlays=False
+        ),
+        inputs[:1],
+    )
+    assert summary["warnings"] == []
+
+
+@pytest.mark.slow
+def test_cli_warns_once_for_a_synthetic_model_on_the_real_sample(
+    cxr14_sample, tmp_path
+):
+    model = _synthetic_model_dir(tmp_path / "model", synthetic=True)
+    env = dict(
+        os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cxr_tf.predict",
+            f"--model={model}",
+            f"--output_dir={tmp_path / 'out'}",
+            "--overlays=false",
+            "--batch_size=32",
+            str(cxr14_sample / "images"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    output = run.stdout + run.stderr
+    lines = [l for l in output.splitlines() if predict_lib.SYNTHETIC_MODEL_WARNING in l]
+    assert len(lines) == 1, output[-3000:]
+    films = len(os.listdir(cxr14_sample / "images"))
+    assert f"{films} of {films} films" in lines[0]

@@ -1,5 +1,9 @@
 """Tests for cxr_tf.visualize: each plot writes a readable PNG."""
 
+import io
+import json
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -58,3 +62,143 @@ def test_import_does_not_load_pyplot():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def _rgb(hex_colour):
+    return np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)], np.float64)
+
+
+def _decode(data):
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float64)
+
+
+def _near(pixels, y, x, colour, radius=2, tolerance=60.0):
+    """Whether some pixel within `radius` of (y, x) has `colour`."""
+    patch = pixels[y - radius : y + radius + 1, x - radius : x + radius + 1]
+    return bool((np.linalg.norm(patch - colour, axis=-1) < tolerance).any())
+
+
+@pytest.mark.parametrize(
+    "side, frame",
+    [(96, None), (3000, None), (64, 1024)],
+    ids=["small", "large-film-drawn-downscaled", "record-of-a-1024-film"],
+)
+def test_overlay_draws_the_truth_box_where_it_is(side, frame):
+    # A flat grey film: the only green and blue pixels are the boxes' outlines.
+    image = np.full((side, side), 128, np.uint8)
+    scale = (frame or side) / 96
+    truth = (20 * scale, 30 * scale, 40 * scale, 30 * scale)
+    predicted = Box(50 * scale, 10 * scale, 30 * scale, 20 * scale, 0.9)
+    fig = visualize.overlay_axes_figure(
+        image,
+        {"Mass": np.zeros((4, 4), np.float32)},
+        {"Mass": [predicted]},
+        {"Mass": 0.8},
+        gt_boxes={"Mass": [truth]},
+        frame_hw=None if frame is None else (frame, frame),
+    )
+    pixels = _decode(visualize._finish(fig, None))  # pylint: disable=protected-access
+    height = pixels.shape[0]
+    green, blue = _rgb(visualize._TRUTH_COLOR), _rgb(visualize._PRED_COLOR)
+    assert np.linalg.norm(green - blue) > 200  # two colours told apart at a glance
+    film_panel = fig.axes[0]
+    assert film_panel.get_title() == "Image, 1 truth box"
+
+    def to_pixel(x, y):
+        px, py = film_panel.transData.transform((x, y))
+        return int(round(height - py)), int(round(px))
+
+    x, y, w, h = truth
+    # The four edges, sampled away from the corners and from the label above.
+    for fx, fy in ((0.5, 0.0), (0.5, 1.0), (0.0, 0.5), (1.0, 0.5), (0.2, 1.0)):
+        row, col = to_pixel(x + fx * w, y + fy * h)
+        assert _near(pixels, row, col, green), (fx, fy, pixels[row, col])
+        assert not _near(pixels, row, col, blue)
+    # Inside the box: the grey film, no outline.
+    row, col = to_pixel(x + w / 2, y + h / 2)
+    assert not _near(pixels, row, col, green, radius=4)
+    # The film fills its panel whatever size it is drawn at (not white there).
+    frame_side = frame or side
+    row, col = to_pixel(0.97 * frame_side, 0.97 * frame_side)
+    assert np.linalg.norm(pixels[row, col] - 255.0) > 100
+    # The finding's panel shows the predicted box in blue and the truth dashed.
+    map_panel = fig.axes[1]
+    px, py = map_panel.transData.transform(
+        (predicted.x + predicted.w, predicted.y + predicted.h / 2)
+    )
+    assert _near(pixels, int(round(height - py)), int(round(px)), blue)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["truth box", "predicted box (score)"]
+
+
+def test_overlay_says_when_truth_is_not_given():
+    image = np.zeros((32, 32), np.uint8)
+    fig = visualize.overlay_axes_figure(image, {}, {}, {})
+    assert fig.axes[0].get_title() == "Image (truth boxes not given)"
+    assert fig.legends[0].get_texts()[0].get_text() == "truth box (not given)"
+    fig = visualize.overlay_axes_figure(image, {}, {}, {}, gt_boxes={})
+    assert fig.axes[0].get_title() == "Image, 0 truth boxes"
+
+
+def test_downscale_bounds_the_drawn_film():
+    image = np.arange(7 * 5, dtype=np.uint8).reshape(7, 5)
+    small, factor = visualize.downscale(image, max_side=3)
+    assert factor == 3 and small.shape == (3, 2)
+    assert small[0, 0] == pytest.approx(image[:3, :3].mean())
+    # The edge block repeats the last row / column.
+    padded = np.pad(image, ((0, 2), (0, 1)), mode="edge")
+    assert small[2, 1] == pytest.approx(padded[6:9, 3:6].mean())
+    same, one = visualize.downscale(image, max_side=7)
+    assert one == 1 and np.array_equal(same, image)
+
+
+def test_roc_curves_of_14_findings_have_14_distinct_styles():
+    from cxr_tf.data import schema
+
+    curves = {
+        f: ([0.0, 0.1 * (k % 9), 1.0], [0.0, 0.5, 1.0])
+        for k, f in enumerate(schema.FINDINGS)
+    }
+    fig = visualize.roc_figure(curves, aucs={f: 0.5 for f in curves})
+    drawn = [l for l in fig.axes[0].get_lines() if l.get_label() in set(
+        f"{f} (0.500)" for f in curves
+    )]
+    assert len(drawn) == 14
+    styles = {(l.get_color(), l.get_linestyle()) for l in drawn}
+    assert len(styles) == 14
+    # Stronger than the acceptance: 14 distinct colours as well, so the two
+    # findings the default cycle painted alike (Infiltration, Hernia) differ.
+    assert len({l.get_color() for l in drawn}) == 14
+    # The same finding keeps its look on the localization plot.
+    acc = {f: {0.1: 0.5, 0.5: 0.2} for f in schema.BOXED_FINDINGS}
+    loc = visualize.localization_accuracy_figure(acc, metric="IoU")
+    by_label = {l.get_label(): l for l in drawn}
+    for line in loc.axes[0].get_lines():
+        twin = by_label[f"{line.get_label()} (0.500)"]
+        assert (line.get_color(), line.get_linestyle()) == (
+            twin.get_color(),
+            twin.get_linestyle(),
+        )
+    assert loc.axes[0].get_xlabel() == "IoU threshold T"
+
+
+def test_curve_style_is_unique_beyond_20():
+    assert len({visualize.curve_style(i) for i in range(80)}) == 80
+
+
+def test_overlay_memory_does_not_grow_with_the_film(tmp_path):
+    # A 4000 x 4000 film drawn at full size cost ~1 GB more; bounded, ~0.1 GB.
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    out = tmp_path / "cost.json"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.overlay_cost", "--side=4000",
+         f"--output={out}"],
+        cwd=repo, env=env, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    cost = json.loads(out.read_text())
+    assert cost["film_side"] == 4000 and cost["overlay_png_bytes"] > 10_000
+    increase = cost["peak_rss_mb_after_overlay"] - cost["peak_rss_mb_before_overlay"]
+    assert increase < 300, cost

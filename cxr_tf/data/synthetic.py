@@ -20,6 +20,7 @@ import math
 import multiprocessing
 import os
 import pathlib
+import time
 
 import numpy as np
 from absl import logging
@@ -597,6 +598,69 @@ def encode_png(image):
     return buf.getvalue()
 
 
+# Seconds between progress lines while rendering: below the 15 s a user
+# waits before wondering whether anything happens, with room for a slow chunk.
+PROGRESS_INTERVAL_S = 10.0
+
+
+class Progress:
+    """Time-based progress lines with rate and ETA ("films 120 / 2040 ...").
+
+    `update(done)` logs when `interval` seconds have passed since the last
+    line (and always at the end); `tick()` logs the same line when nothing
+    finished in the interval, so a stalled step still shows it is alive.
+
+    Args:
+      total: number of items.
+      what: their name in the line ("films").
+      interval: seconds between lines.
+      clock: a monotonic clock (tests pass a fake one).
+      log: a printf-style function (default `logging.info`).
+    """
+
+    def __init__(
+        self, total, what, interval=None, clock=time.monotonic, log=None
+    ):
+        self.total = int(total)
+        self.what = what
+        self.interval = PROGRESS_INTERVAL_S if interval is None else interval
+        self._clock = clock
+        self._log = log or logging.info
+        self._start = self._last = clock()
+        self.done = 0
+
+    def line(self):
+        """The progress text at this moment."""
+        elapsed = max(self._clock() - self._start, 1e-9)
+        rate = self.done / elapsed
+        percent = 100.0 * self.done / self.total if self.total else 100.0
+        if self.done >= self.total:
+            eta = f"done in {elapsed:.0f} s"
+        elif self.done:
+            eta = f"ETA {(self.total - self.done) / rate:.0f} s"
+        else:
+            eta = "ETA unknown"
+        return (
+            f"{self.what} {self.done} / {self.total} ({percent:.0f}%), "
+            f"{rate:.1f} {self.what}/s, {eta}"
+        )
+
+    def update(self, done):
+        """Records `done` items finished; logs if the interval passed or at the end."""
+        self.done = int(done)
+        if self.done >= self.total or self._clock() - self._last >= self.interval:
+            self._emit()
+
+    def tick(self):
+        """Logs the current line if the interval passed (nothing finished)."""
+        if self._clock() - self._last >= self.interval:
+            self._emit()
+
+    def _emit(self):
+        self._last = self._clock()
+        self._log("%s", self.line())
+
+
 def _render_job(args):
     spec, image_size, images_dir = args
     image, masks = render_film(spec, image_size)
@@ -607,6 +671,10 @@ def _render_job(args):
 
 # ---------------------------------------------------------------------------
 # Data set files.
+
+
+def _render_chunk(jobs):
+    return [_render_job(job) for job in jobs]
 
 
 def _split_patients(num_patients, test_fraction, seed):
@@ -651,15 +719,29 @@ def generate_dataset(config):
         out,
     )
     jobs = [(s, config.image_size, str(images_dir)) for s in specs]
+    progress = Progress(len(jobs), "films")
+    all_boxes = []
     if config.num_workers > 1:
         with multiprocessing.get_context("spawn").Pool(config.num_workers) as pool:
-            all_boxes = pool.map(_render_job, jobs, chunksize=8)
+            # Chunks of 8 films, one task each (imap with chunksize > 1 gives
+            # a plain generator, which has no timeout).
+            chunks = [jobs[i : i + 8] for i in range(0, len(jobs), 8)]
+            results = pool.imap(_render_chunk, chunks)
+            while len(all_boxes) < len(jobs):
+                try:
+                    # A bounded wait: the line comes on time even while a
+                    # chunk is slow (a busy machine, workers starting).
+                    all_boxes.extend(
+                        results.next(timeout=max(progress.interval, 0.05))
+                    )
+                except multiprocessing.TimeoutError:
+                    progress.tick()
+                    continue
+                progress.update(len(all_boxes))
     else:
-        all_boxes = []
-        for i, job in enumerate(jobs):
+        for job in jobs:
             all_boxes.append(_render_job(job))
-            if (i + 1) % 200 == 0:
-                logging.info("%d / %d films", i + 1, len(jobs))
+            progress.update(len(all_boxes))
 
     spacing = _format_float(round(FIELD_OF_VIEW_MM / config.image_size, 4))
     with open(out / DATA_ENTRY_FILE, "w", newline="") as f:

@@ -332,3 +332,66 @@ def test_cli_run_flagfile_and_helpfull(tmp_path):
     result = _cli(["--num_patients=2"], tmp_path)
     assert result.returncode != 0
     assert "--output_dir is required" in result.stderr
+
+
+class _FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_lines_are_time_based_with_rate_and_eta():
+    clock, lines = _FakeClock(), []
+    progress = synthetic.Progress(
+        100, "films", interval=15.0, clock=clock, log=lambda f, a: lines.append(a)
+    )
+    for done in range(1, 40):
+        clock.now += 0.5  # 2 films/s
+        progress.update(done)
+    # 19.5 s for 39 films: one line, once 15 s had passed (film 30).
+    assert lines == ["films 30 / 100 (30%), 2.0 films/s, ETA 35 s"]
+    clock.now += 16.0  # a stall: nothing finishes, the tick still reports
+    progress.tick()
+    assert len(lines) == 2 and lines[1].startswith("films 39 / 100 (39%)")
+    progress.tick()  # not yet another interval
+    assert len(lines) == 2
+    clock.now += 1.0
+    progress.update(100)  # the end is always reported
+    assert lines[-1] == "films 100 / 100 (100%), 2.7 films/s, done in 36 s"
+    assert synthetic.PROGRESS_INTERVAL_S < 15.0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_generate_dataset_logs_progress(tmp_path, monkeypatch, workers):
+    lines = []
+    monkeypatch.setattr(synthetic, "PROGRESS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(
+        synthetic.logging, "info", lambda fmt, *args: lines.append(fmt % args)
+    )
+    config = synthetic.SyntheticConfig(
+        output_dir=str(tmp_path), num_patients=4, image_size=32, seed=3,
+        num_workers=workers,
+    )  # fmt: skip
+    summary = synthetic.generate_dataset(config)
+    progress = [l for l in lines if l.startswith("films ")]
+    total = summary["num_images"]
+    # Interval 0: a line for each film done (each chunk of 8 from the pool),
+    # plus waiting ticks in the pool.
+    done = sorted({int(l.split()[1]) for l in progress} - {0})
+    assert done == (list(range(1, total + 1)) if workers == 1 else [total])
+    assert all("films/s" in l and ("ETA" in l or "done in" in l) for l in progress)
+    assert progress[-1].startswith(f"films {total} / {total} (100%)")
+    assert "done in" in progress[-1]
+    # The pool returns the films' boxes in order: the same box list.
+    if workers == 2:
+        serial = tmp_path / "serial"
+        synthetic.generate_dataset(
+            synthetic.SyntheticConfig(
+                output_dir=str(serial), num_patients=4, image_size=32, seed=3
+            )
+        )
+        assert (tmp_path / synthetic.BBOX_FILE).read_text() == (
+            serial / synthetic.BBOX_FILE
+        ).read_text()
