@@ -162,6 +162,7 @@ def load_trained_model(model_path, model_config_path=None):
 
     import cxr_tf.layers  # noqa: F401  pylint: disable=unused-import
     from cxr_tf import models  # pylint: disable=g-import-not-at-top
+    import cxr_tf.models.localizer  # noqa: F401  (registers the custom layers)
 
     if os.path.isdir(model_path):
         keras_path = os.path.join(model_path, MODEL_FILE)

@@ -389,7 +389,7 @@ def load_model(path, checkpoint="final"):
 def _import_custom_objects():
     # Importing registers the layers' serializable classes with Keras.
     import cxr_tf.layers  # noqa: F401
-    import cxr_tf.models  # noqa: F401
+    import cxr_tf.models.localizer  # noqa: F401
 
 
 # ---------------------------------------------------------------------------
