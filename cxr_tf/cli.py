@@ -96,6 +96,23 @@ def run(main, flags_parser=None):
     app.run(_wrap(main), flags_parser=lambda argv: _parse(parser, argv))
 
 
+def precheck(check, argv=None, flags_parser=None):
+    """Parses the flags and runs `check()` before a module's heavy imports.
+
+    For a module whose top level imports TensorFlow (serving.local_server):
+    its `if __name__ == "__main__"` block, placed above those imports, calls
+    this so a mistake costs a second. `run` parses the flags again later.
+
+    Args:
+      check: a callable raising `errors.UserError` on a mistake.
+      argv: the command line (default `sys.argv`).
+      flags_parser: as in `run`.
+    """
+    argv = sys.argv if argv is None else argv
+    _parse(flags_parser or (lambda a: flags.FLAGS(a)), argv)
+    _wrap(lambda _: check())(argv)
+
+
 def _parse(parser, argv):
     try:
         return parser(argv)

@@ -8,7 +8,6 @@ JPEG and DICOM are read; a file that cannot be read is reported and skipped.
 import json
 import sys
 
-from absl import app
 from absl import flags
 
 from cxr_tf import choices

@@ -14,10 +14,13 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from cxr_tf import cli
+from cxr_tf import errors
 from pipeline import _subprocess, base, evaluate, push, statistics, train
 
 # The code each step runs: editing it reruns that step (and those after it).
@@ -333,11 +336,62 @@ _FORCE_STEPS = flags.DEFINE_list(
 )
 
 
+def check_flags():
+    """Checks flags and paths before any step runs."""
+    flagfile = _TRAIN_FLAGFILE.value
+    if not pathlib.Path(flagfile).is_file():
+        raise errors.UserFileError(
+            "no such flagfile", f"--train_flagfile={flagfile}", "check the path"
+        )
+    if _SYNTHETIC_PATIENTS.value <= 0:
+        if not _DATA_DIR.value:
+            raise errors.UserValueError(
+                "no data to ingest",
+                "--data_dir",
+                "give --data_dir (ChestX-ray14 layout) or --synthetic_patients > 0",
+            )
+        cli.check_dir(_DATA_DIR, contains=bool, hint="give the ChestX-ray14 folder")
+    cli.check_file(_SCHEMA)
+    unknown = sorted(set(_FORCE_STEPS.value) - set(SOURCES))
+    if unknown:
+        raise errors.UserValueError(
+            f"unknown step(s) {unknown}",
+            "--force_steps",
+            f"use some of {', '.join(SOURCES)}",
+        )
+    cli.check_writable_dir(_PIPELINE_ROOT)
+    cli.check_writable_dir(_SERVING_MODEL_DIR)
+
+
+def step_error(e):
+    """The `UserError` of a failed step, or None when the step hit a bug.
+
+    A step whose command ended with our one-line `error: ...` (a user's
+    mistake, reported by the step's own CLI) is answered with that line; a
+    step that crashed with a traceback keeps it.
+    """
+    text = str(e)
+    if "Traceback (most recent call last)" in text:
+        return None
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    reported = [l for l in lines if l.startswith("error: ")]
+    what = reported[-1][len("error: ") :] if reported else lines[0]
+    record = re.search(r"\(record: (.*?)\)", text)
+    return errors.UserError(
+        what,
+        record.group(1) if record else "pipeline",
+        "fix it and rerun; finished steps are reused",
+    )
+
+
 def main(argv):
     beam_args = tuple(argv[1:])
     for arg in beam_args:
         if not arg.startswith("--"):
-            raise app.UsageError(f"Unexpected argument {arg!r}")
+            raise errors.UserValueError(
+                f"unexpected argument {arg!r}", "arguments", "flags start with --"
+            )
+    check_flags()
     config = PipelineConfig(
         pipeline_root=_PIPELINE_ROOT.value,
         serving_model_dir=_SERVING_MODEL_DIR.value,
@@ -361,10 +415,18 @@ def main(argv):
         beam_args=beam_args,
     )
     logging.info("pipeline config: %s", json.dumps(dataclasses.asdict(config)))
-    if not pathlib.Path(config.train_flagfile).is_file():
-        raise app.UsageError(f"--train_flagfile not found: {config.train_flagfile}")
-    run_pipeline(config)
+    try:
+        run_pipeline(config)
+    except base.AnomaliesFoundError as e:
+        raise errors.UserValueError(
+            str(e), _PIPELINE_ROOT.value, "fix the data or pass a curated --schema"
+        ) from None
+    except base.StepFailedError as e:
+        error = step_error(e)
+        if error is None:
+            raise
+        raise error from None
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
+    cli.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
