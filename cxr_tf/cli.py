@@ -64,7 +64,8 @@ PYTHON_NOISE = (
     ("apache_beam", ""),
     ("apache_beam.runners.portability.local_job_service", r"semi_persistent"),
     # SavedModel export (absl.logging.info in signature_serialization.py).
-    ("absl", r"contains input name\(s\) .* with unsupported characters"),
+    ("absl", r"contains input name\(s\) .* with unsupported characters"
+     r"|^Sharding callback duration|^Writing fingerprint to|^Assets written to"),
 )
 # Lines a Beam worker process prints itself (Python's default log format;
 # our own processes log in absl's format).
