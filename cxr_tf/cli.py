@@ -180,12 +180,14 @@ def flag_error(e):
             f"--{name}",
             f"use one of {', '.join(names.split('|'))}",
         )
-    name = re.match(r"flag --(\w+)", message)
+    name = re.match(r"flag --(\w+)(?:=(.*?))?: (.*)$", message)
     where = f"--{name.group(1)}" if name else "flags"
     if "must have a value other than None" in message:
         return errors.UserValueError(
             "a required flag is missing", where, f"give {where}=..."
         )
+    if name and name.group(2) is not None:
+        message = f"bad value {name.group(2)!r}: {name.group(3)}"
     return errors.UserValueError(message, where, "see --helpfull for valid values")
 
 
