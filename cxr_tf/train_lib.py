@@ -10,7 +10,6 @@ import time
 
 from absl import logging
 import numpy as np
-from scipy import special
 
 from cxr_tf.data import schema
 
@@ -827,6 +826,8 @@ def _callback_classes():
         def on_epoch_end(self, epoch, logs=None):
             if self.guard.triggered:
                 return
+            from scipy import special  # Lazy: the CLIs' checks import this module.
+
             from cxr_tf.metrics import classification
 
             logs = logs if logs is not None else {}
@@ -870,6 +871,8 @@ def _callback_classes():
 
         def _overlay_inputs(self):
             images = self.overlay_images
+            from scipy import special
+
             logits, maps = self._predict_fn()(images)
             return images.numpy(), special.expit(logits.numpy()), maps.numpy()
 

@@ -20,9 +20,12 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # Issue 16: a mistake found from flags and files is answered in under 3 s.
-# Importing TensorFlow alone takes 10-20 s here, so the bound still tells a
+# The machine is shared: the bound is scaled by how much slower than idle a
+# `python -c "import numpy"` runs just before the case (idle: NUMPY_IDLE_S).
+# Importing TensorFlow takes 10-20 s idle, so the scaled bound still tells a
 # check done before TF from one done after it.
 FLAG_LEVEL_S = 3.0
+NUMPY_IDLE_S = 0.5
 NOISE = ("Traceback", "cuInit", "cudart", "CUDA", "apitools", "bigquery")
 
 
@@ -45,6 +48,12 @@ def _run(argv, cwd, timeout=300):
         timeout=timeout,
     )
     return proc, time.monotonic() - start
+
+
+def _slowdown():
+    """How many times slower than idle this machine runs Python right now."""
+    _, seconds = _run(["-c", "import numpy"], cwd=REPO)
+    return max(1.0, seconds / NUMPY_IDLE_S)
 
 
 def _free_port():
@@ -198,8 +207,12 @@ def test_mistake_is_one_line_without_traceback(work, argv, words, flag_level, re
         "port": _free_port(),
     }
     argv = [a.format(**fill) for a in argv]
+    slowdown = _slowdown()
     proc, seconds = _run(argv, cwd=REPO)
-    MEASURED[request.node.callspec.id] = round(seconds, 2)
+    MEASURED[request.node.callspec.id] = {
+        "seconds": round(seconds, 2),
+        "slowdown": round(slowdown, 1),
+    }
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     assert "Traceback" not in output, output
@@ -210,10 +223,10 @@ def test_mistake_is_one_line_without_traceback(work, argv, words, flag_level, re
         assert word in errors[0], errors[0]
     for noise in NOISE:
         assert noise not in output, output
-    if flag_level:
-        assert seconds < FLAG_LEVEL_S, f"{seconds:.1f} s: {errors[0]}"
-    else:  # The client: its 3 s deadline plus start-up, not a TF import.
-        assert seconds < 3 + FLAG_LEVEL_S, f"{seconds:.1f} s: {errors[0]}"
+    bound = FLAG_LEVEL_S * slowdown
+    if not flag_level:  # The client: its 3 s deadline plus start-up.
+        bound += 3
+    assert seconds < bound, f"{seconds:.1f} s (bound {bound:.1f} s): {errors[0]}"
     # Nothing was written where a mistake was refused.
     for name in ("m", "eval", "pred", "ing", "exp", "root"):
         assert not (work / name).exists()
@@ -265,6 +278,7 @@ def test_unexpected_failure_keeps_its_traceback(tmp_path):
     ids=["predict_help", "train_dry_run"],
 )
 def test_help_and_dry_run_print_no_cuda_lines(argv, tmp_path):
+    slowdown = _slowdown()
     proc, seconds = _run(argv, cwd=REPO)
     output = proc.stdout + proc.stderr
     assert "cuInit" not in output and "cuda" not in output.lower(), output
@@ -272,7 +286,7 @@ def test_help_and_dry_run_print_no_cuda_lines(argv, tmp_path):
     if "--dry_run" in argv:
         assert proc.returncode == 0, output
         assert json.loads(proc.stdout)["backbone"] == "compact"
-    assert seconds < 2 * FLAG_LEVEL_S  # No TensorFlow import behind them.
+    assert seconds < FLAG_LEVEL_S * slowdown  # No TensorFlow import behind them.
 
 
 _NOISY_MAIN = """
