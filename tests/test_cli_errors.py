@@ -347,3 +347,31 @@ def test_tensorflow_start_up_is_quiet_on_a_cpu_machine(tmp_path):
     assert int(proc.stdout.split()[-1]) >= 1
     for line in proc.stderr.splitlines():
         assert "cuInit" not in line and "cuda" not in line.lower(), proc.stderr
+
+
+_CLIENT_IMPORTS = """
+import sys
+from serving import client
+client._load_apis()
+assert "tensorflow.python" not in sys.modules, "TensorFlow itself was imported"
+request = client.predict_pb2.PredictRequest()
+request.inputs["image_bytes"].CopyFrom(client._make_tensor_proto([b"x"]))
+print(request.ByteSize())
+if sys.argv[1:] == ["real"]:  # predict_pixels: the real TensorFlow, after the protos.
+    import tensorflow as tf
+    assert tf.make_ndarray(request.inputs["image_bytes"]).tolist() == [b"x"]
+    print(float(tf.constant(2.0) * 2))
+"""
+
+
+def test_client_loads_its_protos_without_tensorflow(tmp_path):
+    proc, _ = _run(["-c", _CLIENT_IMPORTS], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.split()[0]) > 0
+
+
+@pytest.mark.slow
+def test_real_tensorflow_imports_after_the_client_protos(tmp_path):
+    proc, _ = _run(["-c", _CLIENT_IMPORTS, "real"], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == "4.0"
