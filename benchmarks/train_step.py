@@ -135,7 +135,7 @@ def _check_flags():
     ):
         if value < low:
             raise errors.UserValueError(
-                f"must be >= {low}", f"--{name}={value}", f"give a value >= {low}"
+                f"--{name} must be >= {low}", f"--{name}={value}", "give a larger value"
             )
     cli.check_image_size(_IMAGE_SIZE, _BACKBONE.value)
 
