@@ -676,7 +676,8 @@ def make_figures(settings, synthetic_dir, work_dir, output_dir, evaluations):
     from matplotlib.backends import backend_agg
 
     from cxr_tf import predict_lib
-    from cxr_tf import train_lib
+    from cxr_tf import model_dir
+    from cxr_tf.data import preprocess
     from cxr_tf.data import images as cxr_images
 
     chosen = choose_figure_images(synthetic_dir, settings["num_figure_images"])
@@ -694,15 +695,16 @@ def make_figures(settings, synthetic_dir, work_dir, output_dir, evaluations):
         key = (run, map_source)
         if key not in cache:
             if run not in models:
-                models[run] = train_lib.load_model(
-                    str(work_dir / "runs" / run), "final"
-                )
+                models[run] = model_dir.load(str(work_dir / "runs" / run), "final")
             loaded = models[run]
             computer = predict_lib.MapComputer(loaded, map_source)
             inputs = np.stack(
                 [
-                    predict_lib.preprocess(
-                        films[i], loaded.image_size, loaded.normalization
+                    preprocess.preprocess_pixels(
+                        films[i],
+                        loaded.image_size,
+                        loaded.normalization,
+                        loaded.ingest_size,
                     )
                     for i, _ in chosen
                 ]
@@ -721,7 +723,12 @@ def make_figures(settings, synthetic_dir, work_dir, output_dir, evaluations):
         pred = []
         if threshold is not None:
             pred = predict_lib.boxes_in_original(
-                maps[row, ..., k], hw, loaded.image_size, kind, threshold
+                maps[row, ..., k],
+                hw,
+                loaded.image_size,
+                kind,
+                threshold,
+                ingest_size=loaded.ingest_size,
             )
         mask = None if mask_threshold is None else heat >= mask_threshold
         _draw(

@@ -32,9 +32,6 @@ MIN_IMAGE_SIZE = 32
 # cxr_tf.layers.info_mask.VARIANTS.
 INFOMASK_VARIANTS = ("infomask", "featuremask", "regl1")
 
-# Which model of a model directory (train_lib's file names).
-CHECKPOINTS = ("final", "best", "latest")
-
 # Where localization maps come from (cxr_tf.predict_lib.MAP_SOURCES).
 MAP_SOURCES = ("model", "gradcam")
 

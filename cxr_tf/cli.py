@@ -430,13 +430,13 @@ def check_model(holder, checkpoint="final", checkpoint_flag=None):
 
     Args:
       holder: the model flag.
-      checkpoint: "final", "best" or "latest" (`choices.CHECKPOINTS`).
+      checkpoint: "final", "best" or "latest" (`model_dir.CHECKPOINTS`).
       checkpoint_flag: the name of the flag that chose `checkpoint`, if any.
 
     Returns:
-      (keras_path, config_path) as `train_lib.resolve_model_path` finds them.
+      (keras_path, config_path), as `cxr_tf.model_dir.resolve` finds them.
     """
-    from cxr_tf import train_lib  # pylint: disable=import-outside-toplevel
+    from cxr_tf import model_dir  # pylint: disable=import-outside-toplevel
 
     path = require(holder)
     where = f"--{holder.name}={path}"
@@ -445,22 +445,8 @@ def check_model(holder, checkpoint="final", checkpoint_flag=None):
             "no such model", where, "give a folder written by `cxr_tf.train`"
         )
     try:
-        return train_lib.resolve_model_path(path, checkpoint)
-    except (FileNotFoundError, ValueError) as e:
-        found = [
-            name
-            for name, rel in (
-                ("final", train_lib.FINAL_MODEL),
-                ("best", train_lib.BEST_CHECKPOINT),
-                ("latest", train_lib.LATEST_CHECKPOINT),
-            )
-            if os.path.isfile(os.path.join(path, rel))
-        ]
-        if checkpoint_flag and found:
+        return model_dir.resolve(path, checkpoint)
+    except errors.UserError as e:
+        if checkpoint_flag and checkpoint != "final":
             where += f" --{checkpoint_flag}={checkpoint}"
-            fix = f"this folder holds only {', '.join(found)}: use --{checkpoint_flag}={found[0]}"
-        elif found or not os.path.isdir(path):
-            fix = "give the folder written by `cxr_tf.train` (with config.json)"
-        else:
-            fix = "train a model there first (`python -m cxr_tf.train`), or check the path"
-        raise errors.UserFileError(str(e).rstrip("."), where, fix) from None
+        raise type(e)(e.what, where, e.fix) from None

@@ -171,7 +171,7 @@ def run_demo(output_dir):
     if _LSE_OPTIONS.value:
         runs["lse"].append(f"--pooling_options={_LSE_OPTIONS.value}")
     extra = [f"--{a}" for a in _TRAIN_ARGS.value]
-    results = {}
+    results, evaluated = {}, {}
     for name, args in runs.items():
         model_dir = os.path.join(output_dir, f"model_{name}")
         eval_dir = os.path.join(output_dir, f"eval_{name}")
@@ -200,15 +200,20 @@ def run_demo(output_dir):
             logs,
         )
         with open(os.path.join(eval_dir, "metrics.json")) as f:
-            results[name] = _figures(json.load(f))
+            metrics = json.load(f)
+        results[name] = _figures(metrics)
+        evaluated[name] = metrics["source"]["model"]
 
-    pcam_dir = os.path.join(output_dir, "model_pcam")
+    # Export and draw with the very checkpoint evaluate scored (its default,
+    # the best validation epoch), and carry its metrics on the model card.
+    pcam_model = evaluated["pcam"]
     if _EXPORT.value:
         timings["export"] = _run(
             "export",
             [
                 "cxr_tf.export",
-                f"--model={pcam_dir}",
+                f"--model={pcam_model}",
+                f"--metrics={os.path.join(output_dir, 'eval_pcam', 'metrics.json')}",
                 f"--export_dir={os.path.join(output_dir, 'export')}",
                 "--version=1",
                 "--overwrite",
@@ -221,7 +226,7 @@ def run_demo(output_dir):
             "overlays",
             [
                 "cxr_tf.predict",
-                f"--model={pcam_dir}",
+                f"--model={pcam_model}",
                 f"--output_dir={os.path.join(output_dir, 'predictions')}",
                 *films,
             ],
@@ -245,7 +250,7 @@ def run_demo(output_dir):
         "wall_seconds": round(time.time() - start, 1),
         "cpu_count": os.cpu_count(),
         "outputs": {
-            "model": os.path.join(pcam_dir, "model.keras"),
+            "model": pcam_model,
             "metrics": os.path.join(output_dir, "eval_pcam", "metrics.json"),
             "roc": os.path.join(output_dir, "eval_pcam", "roc.png"),
             "localization_plot": os.path.join(

@@ -14,6 +14,7 @@ from absl import flags
 from cxr_tf import choices
 from cxr_tf import cli
 from cxr_tf import errors
+from cxr_tf import model_dir
 from cxr_tf.data import schema
 
 # evaluate_lib.IOBB_THRESHOLDS, repeated so --help needs no SciPy import.
@@ -21,7 +22,7 @@ _DEFAULT_IOBB_THRESHOLDS = ("0.1", "0.25", "0.5", "0.75", "0.9")
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Trained model directory.")
 _CHECKPOINT = flags.DEFINE_enum(
-    "checkpoint", "best", list(choices.CHECKPOINTS), "Which model of model_dir."
+    "checkpoint", "best", list(model_dir.CHECKPOINTS), "Which model of model_dir."
 )
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Ingested TFRecords.")
 _SPLIT = flags.DEFINE_enum("split", "test", list(schema.SPLITS), "Split.")

@@ -22,7 +22,6 @@ Definitions (DOMAIN.md):
 import collections
 import dataclasses
 import json
-import math
 import os
 
 from absl import logging
@@ -30,11 +29,13 @@ import numpy as np
 
 from cxr_tf import localization
 from cxr_tf.metrics import localization as loc_metrics
+from cxr_tf import model_dir
 from cxr_tf import predict_lib
+from cxr_tf.data import preprocess
 from cxr_tf.data import schema
 
 IOBB_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
-METRICS_FILE = "metrics.json"
+METRICS_FILE = model_dir.METRICS_FILE
 # Mask metrics are computed with the longer side at most this many pixels:
 # the ratios barely change and the work stays small for 1024 px films.
 MASK_WORK_SIZE = 256
@@ -131,6 +132,9 @@ class ImageResult:
       gt_boxes: finding -> (N, 4) [x, y, w, h] in original pixels.
       pred_boxes: box threshold -> finding -> list of `localization.Box`.
       maps: (h, w, K) map (kept for images with gt boxes) or None.
+      ingest_size: the longer side the film's record was stored at (the
+        geometry of `cxr_tf.data.preprocess.Letterbox`); None: the network
+        size.
     """
 
     image_id: str
@@ -140,6 +144,7 @@ class ImageResult:
     gt_boxes: dict
     pred_boxes: dict
     maps: np.ndarray | None = None
+    ingest_size: int | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -206,12 +211,12 @@ def localization_tables(results, findings, thresholds, box_threshold):
     return out
 
 
-def _soft_mask(map_k, original_hw, image_size, map_kind):
+def _soft_mask(map_k, original_hw, image_size, map_kind, ingest_size=None):
     """The map over the film at reduced size (CAMs on 0..255), and the factor."""
     height, width = original_hw
     factor = min(1.0, MASK_WORK_SIZE / max(height, width))
     work_hw = (max(1, int(round(height * factor))), max(1, int(round(width * factor))))
-    cropped = predict_lib.crop_map_to_image(map_k, original_hw, image_size)
+    cropped = predict_lib.crop_map_to_image(map_k, original_hw, image_size, ingest_size)
     if map_kind == "cam":
         cropped = localization.normalize_cam(cropped)
         if cropped is None:
@@ -234,6 +239,7 @@ def soft_masks(results, findings, image_size, map_kind, wanted):
                 r.original_hw,
                 image_size,
                 map_kind,
+                r.ingest_size,
             )
             out.append((finding, mask, [tuple(b) for b in np.asarray(gt) * factor]))
     return out
@@ -271,6 +277,9 @@ def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, kee
     findings = list(loaded.findings)
     columns = [schema.FINDINGS.index(f) for f in findings]
     size = loaded.image_size
+    # The records' own stored size: the geometry that maps their boxes and
+    # the maps back to original pixels.
+    stored = model_dir.stored_image_size(data_dir, split)
     results = []
     for features, labels in ds:
         probs, maps = computer(features["image"].numpy())
@@ -283,7 +292,9 @@ def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, kee
             n = int(features["num_boxes"][i])
             gt_net = features["boxes"][i, :n].numpy()
             gt_labels = features["box_labels"][i, :n].numpy()
-            gt_xywh = predict_lib.network_boxes_to_original(gt_net, hw, size)
+            gt_xywh = preprocess.Letterbox(
+                hw[0], hw[1], size, stored
+            ).network_boxes_to_original(gt_net)
             gt = {}
             for label, box in zip(gt_labels, gt_xywh):
                 name = schema.FINDINGS[int(label)]
@@ -301,6 +312,7 @@ def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, kee
                         computer.map_kind,
                         t,
                         config.work_size,
+                        stored,
                     )
                     for f in wanted
                 }
@@ -313,6 +325,7 @@ def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, kee
                     gt_boxes=gt,
                     pred_boxes=pred,
                     maps=maps[i] if gt else None,
+                    ingest_size=stored,
                 )
             )
             if config.max_images and len(results) >= config.max_images:
@@ -432,7 +445,6 @@ def evaluate(config):
     Returns:
       The metrics dict written to `output_dir/metrics.json`.
     """
-    from cxr_tf import train_lib
     from cxr_tf import visualize
 
     os.makedirs(config.output_dir, exist_ok=True)
@@ -449,7 +461,7 @@ def evaluate(config):
             "boxed_images_without_prediction": len(unpredicted),
         }
     else:
-        loaded = train_lib.load_model(config.model_dir, config.checkpoint)
+        loaded = model_dir.load(config.model_dir, config.checkpoint)
         computer = predict_lib.MapComputer(loaded, config.map_source)
         findings = list(loaded.findings)
         map_kind = computer.map_kind
@@ -464,7 +476,10 @@ def evaluate(config):
             keep_all=True,
         )
         metrics["source"] = {
-            "model": loaded.path,
+            "model": os.path.abspath(loaded.path),
+            # What push checks before it exports this very file.
+            "model_sha256": model_dir.file_sha256(loaded.path),
+            "checkpoint": config.checkpoint,
             "data_dir": config.data_dir,
             "split": config.split,
             "map_source": config.map_source,

@@ -16,6 +16,7 @@ from absl import logging
 
 from cxr_tf import cli
 from cxr_tf import errors
+from cxr_tf import model_dir
 
 _MODEL = flags.DEFINE_string(
     "model",
@@ -47,6 +48,19 @@ _MODEL_CONFIG = flags.DEFINE_string(
     "model_config", None, "config.json to use when none sits next to the model."
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing version.")
+_CHECKPOINT = flags.DEFINE_enum(
+    "checkpoint",
+    "final",
+    list(model_dir.CHECKPOINTS),
+    "Which model of a model directory (the evaluated one: give the same "
+    "--checkpoint as to cxr_tf.evaluate, or --model=<its .keras file>).",
+)
+_METRICS = flags.DEFINE_string(
+    "metrics",
+    None,
+    "metrics.json of this model's evaluation, carried by the model card "
+    "(default: metrics.json in the model directory, if any).",
+)
 
 
 def _class_thresholds(values):
@@ -76,7 +90,8 @@ def check_paths():
     if _MODEL_CONFIG.value:
         cli.check_file(_MODEL_CONFIG)
     else:
-        cli.check_model(_MODEL)
+        cli.check_model(_MODEL, _CHECKPOINT.value, "checkpoint")
+    cli.check_file(_METRICS)
     cli.check_writable_dir(_EXPORT_DIR)
 
 
@@ -97,6 +112,8 @@ def main(argv):
             max_boxes=_MAX_BOXES.value,
             box_work_size=_BOX_WORK_SIZE.value,
             model_config_path=_MODEL_CONFIG.value,
+            checkpoint=_CHECKPOINT.value,
+            metrics_path=_METRICS.value,
             overwrite=_OVERWRITE.value,
         )
     except ValueError as e:

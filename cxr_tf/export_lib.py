@@ -12,19 +12,19 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from cxr_tf import errors
 from cxr_tf import localization
 from cxr_tf import localization_graph
-from cxr_tf.data import input_pipeline
+from cxr_tf import model_dir
+from cxr_tf import serving_contract
+from cxr_tf.data import preprocess
 from cxr_tf.data import schema
 
-CONFIG_FILE = "config.json"
-MODEL_FILE = "model.keras"
-METRICS_FILE = "metrics.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
-SERVING_SIGNATURE = "serving_default"
-PIXELS_SIGNATURE = "predict_pixels"
-MODEL_INFO_SIGNATURE = "model_info"
-OUTPUT_KEYS = ("probabilities", "localization_maps", "boxes", "box_scores", "num_boxes")
+SERVING_SIGNATURE = serving_contract.SERVING_SIGNATURE
+PIXELS_SIGNATURE = serving_contract.PIXELS_SIGNATURE
+MODEL_INFO_SIGNATURE = serving_contract.MODEL_INFO_SIGNATURE
+OUTPUT_KEYS = serving_contract.OUTPUT_KEYS
 _VERSION_DIR = re.compile(r"^\d+$")
 
 INTENDED_USE = (
@@ -66,6 +66,9 @@ class ExportConfig:
         regions are found (see `localization.working_hw`); bounds the
         latency of large images.
       model_config_path: config.json to use when none sits next to the model.
+      checkpoint: which model of a model directory (`model_dir.resolve`).
+      metrics_path: metrics.json of the evaluation of this very model, for
+        the model card; None: metrics.json in the model directory, if any.
       overwrite: replace an existing export_dir/version.
       warmup_batch_sizes: batch sizes of the warm-up requests written.
     """
@@ -78,6 +81,8 @@ class ExportConfig:
     max_boxes: int = 10
     box_work_size: int | None = None
     model_config_path: str | None = None
+    checkpoint: str = "final"
+    metrics_path: str | None = None
     overwrite: bool = False
     warmup_batch_sizes: tuple = (1,)
 
@@ -124,99 +129,6 @@ class ExportConfig:
         d["class_thresholds"] = dict(self.class_thresholds)
         d["warmup_batch_sizes"] = list(self.warmup_batch_sizes)
         return d
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainedModel:
-    """A loaded Keras model with the facts the export needs."""
-
-    model: object
-    model_config: object
-    findings: tuple
-    map_kind: str
-    keras_path: str
-    config_path: str
-    config_payload: dict
-
-
-def load_trained_model(model_path, model_config_path=None):
-    """Loads a `.keras` model and its config.json.
-
-    config.json may be the training bundle ({"model": ModelConfig dict,
-    "findings", "map_kind", ...}, `train_lib.write_model_config`) or a bare
-    `ModelConfig.to_dict()`.
-
-    Args:
-      model_path: a `.keras` file or a directory with model.keras.
-      model_config_path: config.json to use; None = next to the model (or
-        in its parent directory, for checkpoints/).
-
-    Returns:
-      A `TrainedModel`.
-
-    Raises:
-      FileNotFoundError: no model file or no config.json.
-      ValueError: a config.json that is not a model config.
-    """
-    import keras  # pylint: disable=g-import-not-at-top
-
-    import cxr_tf.layers  # noqa: F401  pylint: disable=unused-import
-    from cxr_tf import models  # pylint: disable=g-import-not-at-top
-    import cxr_tf.models.localizer  # noqa: F401  (registers the custom layers)
-
-    if os.path.isdir(model_path):
-        keras_path = os.path.join(model_path, MODEL_FILE)
-        config_dirs = [model_path]
-    elif os.path.isfile(model_path):
-        if not model_path.endswith(".keras"):
-            raise ValueError(
-                f"`model_path` must be a .keras file or a model directory. "
-                f"Received: {model_path}"
-            )
-        keras_path = model_path
-        here = os.path.dirname(os.path.abspath(model_path))
-        config_dirs = [here, os.path.dirname(here)]
-    else:
-        raise FileNotFoundError(f"Model path does not exist: {model_path}")
-    if not os.path.isfile(keras_path):
-        raise FileNotFoundError(f"No {MODEL_FILE} in model directory {model_path}")
-    if model_config_path is None:
-        candidates = [os.path.join(d, CONFIG_FILE) for d in config_dirs]
-        model_config_path = next((c for c in candidates if os.path.isfile(c)), None)
-        if model_config_path is None:
-            raise FileNotFoundError(
-                f"No {CONFIG_FILE} next to {keras_path} (looked at {candidates}); "
-                "pass --model_config=PATH"
-            )
-    elif not os.path.isfile(model_config_path):
-        raise FileNotFoundError(f"Model config not found: {model_config_path}")
-    with open(model_config_path, encoding="utf-8") as f:
-        try:
-            payload = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{model_config_path} is not JSON: {e}") from None
-    model_dict = payload.get("model", payload) if isinstance(payload, dict) else None
-    if not isinstance(model_dict, dict):
-        raise ValueError(f"{model_config_path} does not hold a model config")
-    model_config = models.ModelConfig.from_dict(model_dict)
-    findings = tuple(payload.get("findings") or schema.FINDINGS)
-    if len(findings) != model_config.num_classes:
-        raise ValueError(
-            f"{model_config_path}: {len(findings)} findings for "
-            f"num_classes={model_config.num_classes}"
-        )
-    map_kind = payload.get("map_kind") or models.map_kind_for(model_config)
-    localization.validate_map_kind(map_kind)
-    model = keras.saving.load_model(keras_path, compile=False)
-    return TrainedModel(
-        model=model,
-        model_config=model_config,
-        findings=findings,
-        map_kind=map_kind,
-        keras_path=keras_path,
-        config_path=model_config_path,
-        config_payload=payload,
-    )
 
 
 def resolve_thresholds(findings, map_kind, threshold=None, class_thresholds=()):
@@ -309,141 +221,29 @@ def _to_gray(rgb):
     return tf.cast(gray[..., tf.newaxis], tf.float64)
 
 
-def _stored_size(height, width, image_size):
-    """The size ingestion stores an image at (`ingest.resize_longer_side`)."""
-    longer = tf.maximum(height, width)
-    scale = tf.cast(image_size, tf.float64) / tf.cast(longer, tf.float64)
-    # Python's round() is half-to-even, like tf.math.rint.
-    new_h = tf.cast(tf.math.rint(tf.cast(height, tf.float64) * scale), tf.int32)
-    new_w = tf.cast(tf.math.rint(tf.cast(width, tf.float64) * scale), tf.int32)
-    new_h = tf.clip_by_value(new_h, 1, image_size)
-    new_w = tf.clip_by_value(new_w, 1, image_size)
-    shrink = longer > image_size
-    return tf.where(shrink, new_h, height), tf.where(shrink, new_w, width)
-
-
-# Pillow's fixed-point resampling (libImaging/Resample.c): 32 - 8 - 2 bits.
-_PILLOW_PRECISION_BITS = 22
-
-
-def _pillow_box_coefficients(in_size, out_size):
-    """Pillow's BOX resampling weights as an (out, in) float64 matrix.
-
-    Pillow averages the input pixels whose centres fall in the output
-    pixel's support (whole pixels, no partial coverage), with weights
-    converted to fixed point; float64 holds these integers exactly.
-    """
-    in_f = tf.cast(in_size, tf.float64)
-    scale = in_f / tf.cast(out_size, tf.float64)
-    filterscale = tf.maximum(scale, 1.0)
-    support = 0.5 * filterscale
-    center = (tf.range(out_size, dtype=tf.float64) + 0.5) * scale
-    # Pillow truncates (int)(v + 0.5); v >= 0 here, so floor is the same.
-    first = tf.maximum(tf.floor(center - support + 0.5), 0.0)[:, tf.newaxis]
-    last = tf.minimum(tf.floor(center + support + 0.5), in_f)[:, tf.newaxis]
-    index = tf.range(in_size, dtype=tf.float64)[tf.newaxis, :]
-    t = (index - center[:, tf.newaxis] + 0.5) * (1.0 / filterscale)
-    inside = (index >= first) & (index < last) & (t > -0.5) & (t <= 0.5)
-    weights = tf.cast(inside, tf.float64)
-    total = tf.reduce_sum(weights, axis=1, keepdims=True)
-    weights = weights / tf.where(total > 0, total, 1.0)
-    return tf.floor(0.5 + weights * float(1 << _PILLOW_PRECISION_BITS))
-
-
-def _pillow_pass(values):
-    """Fixed-point accumulator -> uint8 value, as Pillow's clip8."""
-    shifted = tf.floor(
-        (values + float(1 << (_PILLOW_PRECISION_BITS - 1)))
-        / float(1 << _PILLOW_PRECISION_BITS)
-    )
-    return tf.clip_by_value(shifted, 0.0, 255.0)
-
-
-def resize_like_ingestion(gray, image_size):
-    """Downscales to the stored size exactly as ingestion does (never upscales).
-
-    Bit-exact with `cxr_tf.data.ingest.resize_longer_side` (Pillow's BOX
-    filter: horizontal pass, rounding to 8 bits, then vertical pass).
-
-    Args:
-      gray: uint8 (H, W, 1).
-      image_size: longer side of the stored image.
-
-    Returns:
-      uint8 (h, w, 1).
-    """
-    shape = tf.shape(gray)
-    new_h, new_w = _stored_size(shape[0], shape[1], image_size)
-
-    def shrink():
-        image = tf.cast(gray[..., 0], tf.float64)
-        across = _pillow_box_coefficients(shape[1], new_w)
-        image = _pillow_pass(tf.matmul(image, across, transpose_b=True))
-        down = _pillow_box_coefficients(shape[0], new_h)
-        image = _pillow_pass(tf.matmul(down, image))
-        return tf.cast(image, tf.uint8)[..., tf.newaxis]
-
-    return tf.cond(
-        tf.logical_and(tf.equal(new_h, shape[0]), tf.equal(new_w, shape[1])),
-        lambda: gray,
-        shrink,
-    )
-
-
-def letterbox_geometry(height, width, image_size):
-    """Where an image of (height, width) lands in the SxS network input.
-
-    Args:
-      height: original height (int tensor).
-      width: original width (int tensor).
-      image_size: S.
-
-    Returns:
-      (side, offset_y, offset_x) float32: the SxS input covers a square of
-      `side` original pixels whose top-left corner is at (-offset_y,
-      -offset_x) in original pixel coordinates.
-    """
-    stored_h, stored_w = _stored_size(height, width, image_size)
-    stored_h = tf.cast(stored_h, tf.float32)
-    stored_w = tf.cast(stored_w, tf.float32)
-    size = float(image_size)
-    # As input_pipeline._letterbox: scale the stored image to S, pad centred.
-    scale = size / tf.maximum(stored_h, stored_w)
-    new_h = tf.clip_by_value(tf.round(stored_h * scale), 1.0, size)
-    new_w = tf.clip_by_value(tf.round(stored_w * scale), 1.0, size)
-    off_y = tf.floor((size - new_h) / 2.0)
-    off_x = tf.floor((size - new_w) / 2.0)
-    # Original pixels per input pixel.
-    per_pixel = tf.cast(tf.maximum(height, width), tf.float32) / tf.maximum(
-        new_h, new_w
-    )
-    return size * per_pixel, off_y * per_pixel, off_x * per_pixel
-
-
-def preprocess_image_bytes(data, image_size, normalization, channels=1):
+def preprocess_image_bytes(data, image_size, normalization, channels=1, ingest_size=None):
     """Encoded image -> normalised network input, as training saw it.
 
-    decode (`decode_grayscale`) -> ingestion's area downscale to the stored
-    size (`resize_like_ingestion`) -> the input pipeline's letterbox to SxS
-    -> (x - mean) / std.
+    decode (`decode_grayscale`) -> `cxr_tf.data.preprocess.preprocess_gray_tf`
+    (ingestion's area downscale to the stored size, the input pipeline's
+    letterbox to S x S, (x - mean) / std).
 
     Args:
       data: scalar string tensor (PNG/JPEG bytes).
       image_size: S.
       normalization: `schema.Normalization`.
       channels: network input channels (gray repeated for 3).
+      ingest_size: the longer side the training films were stored at (None:
+        S).
 
     Returns:
       (pixels float32 (S, S, channels), original (height, width) int32).
     """
     gray = decode_grayscale(data)
     hw = tf.shape(gray)[:2]
-    stored = resize_like_ingestion(gray, image_size)
-    # pylint: disable=protected-access
-    pixels, _ = input_pipeline._letterbox(stored, None, image_size)
-    pixels = (tf.cast(pixels, tf.float32) - normalization.mean) / normalization.std
-    if channels == 3:
-        pixels = tf.repeat(pixels, 3, axis=-1)
+    pixels = preprocess.preprocess_gray_tf(
+        gray, image_size, normalization, ingest_size, channels
+    )
     return pixels, hw
 
 
@@ -457,7 +257,8 @@ class ServingModule(tf.Module):
     serving_default(image_bytes) and predict_pixels(pixels) return
     probabilities (B, K), localization_maps (B, K, h, w) in [0, 1], boxes
     (B, K, N, 4) [x, y, w, h], box_scores (B, K, N), num_boxes (B, K).
-    model_info() returns findings, thresholds and the preprocessing JSON.
+    model_info() returns findings, thresholds, the preprocessing JSON and the
+    training-data JSON.
     """
 
     def __init__(
@@ -470,8 +271,12 @@ class ServingModule(tf.Module):
         max_boxes=10,
         box_work_size=None,
         preprocessing_json="{}",
+        ingest_size=None,
+        training_data_json="{}",
     ):
         super().__init__(name="cxr_serving")
+        self.ingest_size = ingest_size
+        self.training_data_json = training_data_json
         self.model = model
         self.image_size = model_config.image_size
         self.channels = model_config.channels
@@ -485,13 +290,17 @@ class ServingModule(tf.Module):
         size, channels = self.image_size, self.channels
         self.serve_bytes = tf.function(
             self._serve_bytes,
-            input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+            input_signature=[tf.TensorSpec([None], tf.string, name=serving_contract.BYTES_INPUT)],
             autograph=False,
         )
         self.serve_pixels = tf.function(
             self._serve_pixels,
             input_signature=[
-                tf.TensorSpec([None, size, size, channels], tf.float32, name="pixels")
+                tf.TensorSpec(
+                    [None, size, size, channels],
+                    tf.float32,
+                    name=serving_contract.PIXELS_INPUT,
+                )
             ],
             autograph=False,
         )
@@ -544,7 +353,11 @@ class ServingModule(tf.Module):
     def _serve_bytes(self, image_bytes):
         def one(data):
             return preprocess_image_bytes(
-                data, self.image_size, self.normalization, self.channels
+                data,
+                self.image_size,
+                self.normalization,
+                self.channels,
+                self.ingest_size,
             )
 
         size = self.image_size
@@ -557,7 +370,9 @@ class ServingModule(tf.Module):
             ),
         )
         probabilities, maps = self._run(pixels)
-        side, off_y, off_x = letterbox_geometry(hw[:, 0], hw[:, 1], size)
+        side, off_y, off_x = preprocess.letterbox_geometry(
+            hw[:, 0], hw[:, 1], size, self.ingest_size
+        )
         # Boxes on the maps upsampled to the square the input covers, in
         # original pixels; for a square image this is extract_boxes(map, (H, W)).
         side_px = tf.cast(tf.round(side), tf.int32)
@@ -601,6 +416,9 @@ class ServingModule(tf.Module):
             "findings": tf.constant(self.findings),
             "thresholds": tf.constant(self.thresholds, tf.float32),
             "preprocessing": tf.constant(self.preprocessing_json),
+            # Where the training films came from (model_dir.training_data):
+            # clients warn when a synthetic-trained model sees real films.
+            "training_data": tf.constant(self.training_data_json),
         }
 
 
@@ -608,10 +426,13 @@ class ServingModule(tf.Module):
 # Assets, model card, warm-up requests.
 
 
-def preprocessing_dict(model_config):
+def preprocessing_dict(model_config, ingest_size=None):
+    """What a client needs to feed `predict_pixels` (assets/preprocessing.json)."""
     norm = model_config.normalization
+    stored = ingest_size or model_config.image_size
     return {
         "image_size": model_config.image_size,
+        "ingest_image_size": stored,
         "channels": model_config.channels,
         "mean": float(norm.mean),
         "std": float(norm.std),
@@ -620,25 +441,67 @@ def preprocessing_dict(model_config):
             "decode PNG/JPEG (tf.io.decode_image, first frame); grayscale as "
             "cxr_tf.data.images (R=G=B -> R, else ITU-R 601 luma; 16-bit PNG "
             "min-max scaled to 8 bits)",
-            "if the longer side exceeds image_size: resize to longer side "
-            "image_size, aspect kept, with Pillow's BOX filter in 8 bits (as "
-            "ingestion, cxr_tf.data.ingest.resize_longer_side)",
+            "if the longer side exceeds ingest_image_size: resize to longer "
+            "side ingest_image_size, aspect kept, with Pillow's BOX filter in "
+            "8 bits (as ingestion; cxr_tf.data.preprocess.resize_longer_side)",
             "letterbox to image_size x image_size: bilinear (antialiased) "
             "resize of the longer side to image_size, zero padding centred "
-            "(as cxr_tf.data.input_pipeline)",
+            "(cxr_tf.data.preprocess.letterbox)",
             "(x - mean) / std",
         ],
     }
+
+
+def read_metrics(trained, metrics_path=None):
+    """The evaluation metrics the model card carries, or None.
+
+    Args:
+      trained: the `model_dir.LoadedModel` being exported.
+      metrics_path: metrics.json of its evaluation; None looks for one in
+        the model directory.
+
+    Returns:
+      The metrics dict, or None when there is none.
+
+    Raises:
+      UserValueError: `metrics_path` evaluated another model file than the
+        one exported (checked by path and sha256 where recorded).
+    """
+    if metrics_path is None:
+        candidate = os.path.join(
+            os.path.dirname(os.path.abspath(trained.config_path)),
+            model_dir.METRICS_FILE,
+        )
+        if not os.path.isfile(candidate):
+            return None
+        metrics_path = candidate
+    elif not os.path.isfile(metrics_path):
+        raise errors.UserFileError(
+            "metrics file not found", f"--metrics={metrics_path}", "check the path"
+        )
+    with open(metrics_path, encoding="utf-8") as f:
+        metrics = json.load(f)
+    source = metrics.get("source") or {}
+    digest = source.get("model_sha256")
+    if digest and digest != model_dir.file_sha256(trained.path):
+        raise errors.UserValueError(
+            f"these metrics evaluated {source.get('model')}, not the model "
+            f"exported ({trained.path})",
+            metrics_path,
+            "export the evaluated checkpoint (its path is source.model in the "
+            "metrics), or evaluate this one",
+        )
+    return metrics
 
 
 def build_model_card(trained, thresholds, config, metrics=None):
     """The model card written to assets/model_card.json.
 
     Args:
-      trained: `TrainedModel`.
+      trained: `model_dir.LoadedModel`.
       thresholds: per-finding thresholds.
       config: `ExportConfig`.
-      metrics: the contents of metrics.json next to the model, or None.
+      metrics: the evaluation's metrics.json (`read_metrics`), or None.
 
     Returns:
       A JSON-serialisable dict.
@@ -654,7 +517,8 @@ def build_model_card(trained, thresholds, config, metrics=None):
         "box_thresholds": dict(zip(trained.findings, thresholds)),
         "max_boxes_per_finding": config.max_boxes,
         "training_data": {
-            "dataset": "NIH ChestX-ray14 (Wang et al. 2017), image-level labels",
+            **(trained.training_data or {"source": "unknown (not recorded)"}),
+            "labels": "image-level labels only (weak supervision)",
             "train_config": train,
         },
         "metrics": metrics,
@@ -761,11 +625,13 @@ def export_saved_model(config):
 
     Raises:
       FileExistsError: the version exists and `overwrite` is False.
-      FileNotFoundError, ValueError: see `load_trained_model`.
+      UserFileError, UserValueError: see `model_dir.load` and `read_metrics`.
     """
     if not isinstance(config, ExportConfig):
         raise ValueError(f"`config` must be an ExportConfig. Received: {config!r}")
-    trained = load_trained_model(config.model_path, config.model_config_path)
+    trained = model_dir.load(
+        config.model_path, config.checkpoint, config.model_config_path
+    )
     thresholds = resolve_thresholds(
         trained.findings, trained.map_kind, config.threshold, config.class_thresholds
     )
@@ -776,14 +642,8 @@ def export_saved_model(config):
             f"{final} exists; choose another --version or pass --overwrite"
         )
     os.makedirs(config.export_dir, exist_ok=True)
-    preprocessing = preprocessing_dict(trained.model_config)
-    metrics = None
-    metrics_path = os.path.join(
-        os.path.dirname(os.path.abspath(trained.config_path)), METRICS_FILE
-    )
-    if os.path.isfile(metrics_path):
-        with open(metrics_path, encoding="utf-8") as f:
-            metrics = json.load(f)
+    preprocessing = preprocessing_dict(trained.model_config, trained.ingest_size)
+    metrics = read_metrics(trained, config.metrics_path)
     card = build_model_card(trained, thresholds, config, metrics)
 
     module = ServingModule(
@@ -795,6 +655,8 @@ def export_saved_model(config):
         max_boxes=config.max_boxes,
         box_work_size=config.box_work_size,
         preprocessing_json=json.dumps(preprocessing, sort_keys=True),
+        ingest_size=trained.ingest_size,
+        training_data_json=json.dumps(trained.training_data, sort_keys=True),
     )
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=config.export_dir)
     try:

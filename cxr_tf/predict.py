@@ -13,13 +13,14 @@ from absl import flags
 from cxr_tf import choices
 from cxr_tf import cli
 from cxr_tf import errors
+from cxr_tf import model_dir
 
 _MODEL = flags.DEFINE_string("model", None, "Model directory or .keras file.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory.")
 _CHECKPOINT = flags.DEFINE_enum(
     "checkpoint",
     "final",
-    list(choices.CHECKPOINTS),
+    list(model_dir.CHECKPOINTS),
     "Which model of a model directory.",
 )
 _MAP = flags.DEFINE_enum(

@@ -8,7 +8,6 @@ through the inverse letterbox to the original image's pixels.
 
 import dataclasses
 import json
-import math
 import os
 
 from absl import logging
@@ -16,78 +15,31 @@ import numpy as np
 from scipy import special
 
 from cxr_tf import localization
+from cxr_tf.data import preprocess
+from cxr_tf.data import schema
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+IMAGE_EXTENSIONS = schema.IMAGE_EXTENSIONS
 MAP_SOURCES = ("model", "gradcam")
 PREDICTIONS_FILE = "predictions.jsonl"
 OVERLAY_DIR = "overlays"
 
 
-@dataclasses.dataclass(frozen=True)
-class Letterbox:
-    """Where an (H, W) image sits in the S x S network input.
-
-    Mirrors `cxr_tf.data.input_pipeline`: scale = S / max(H, W), resized
-    size round(H * scale) x round(W * scale), offsets floor((S - size) / 2).
-    """
-
-    height: int
-    width: int
-    size: int
-
-    @property
-    def scale(self):
-        return self.size / max(self.height, self.width)
-
-    @property
-    def resized_hw(self):
-        s = self.scale
-        return (
-            int(min(max(round(self.height * s), 1), self.size)),
-            int(min(max(round(self.width * s), 1), self.size)),
-        )
-
-    @property
-    def offset_yx(self):
-        new_h, new_w = self.resized_hw
-        return math.floor((self.size - new_h) / 2), math.floor((self.size - new_w) / 2)
-
-    @property
-    def canvas(self):
-        """Side of the padded square in original pixels (= max(H, W))."""
-        return max(self.height, self.width)
-
-    def to_original(self, x, y, w, h, unit="canvas"):
-        """Maps a box from padded-canvas (or network) pixels to the original.
-
-        Args:
-          x, y, w, h: the box, top-left corner and size.
-          unit: "canvas" (pixels of the max(H, W) square) or "network" (pixels
-            of the S x S input).
-
-        Returns:
-          (x, y, w, h) clipped to the image, in original pixels.
-        """
-        factor = 1.0 if unit == "canvas" else 1.0 / self.scale
-        off_y, off_x = self.offset_yx
-        x0 = x * factor - off_x / self.scale
-        y0 = y * factor - off_y / self.scale
-        x1 = x0 + w * factor
-        y1 = y0 + h * factor
-        x0, x1 = np.clip([x0, x1], 0.0, float(self.width))
-        y0, y1 = np.clip([y0, y1], 0.0, float(self.height))
-        return float(x0), float(y0), float(x1 - x0), float(y1 - y0)
-
-
 def boxes_in_original(
-    score_map, original_hw, image_size, map_kind, threshold=None, work_size=None
+    score_map,
+    original_hw,
+    image_size,
+    map_kind,
+    threshold=None,
+    work_size=None,
+    ingest_size=None,
 ):
     """Boxes of one class map, in pixels of the original image.
 
     The map covers the letterboxed S x S input, i.e. a max(H, W) square of
     the original film with the padding; it is upsampled to that square, boxed
     by `cxr_tf.localization.extract_boxes`, then shifted by the padding and
-    clipped to the film. For square films this is extract_boxes at (H, W).
+    clipped to the film (`cxr_tf.data.preprocess.Letterbox`). For square
+    films this is extract_boxes at (H, W).
 
     Args:
       score_map: (h, w) map of one class.
@@ -96,12 +48,15 @@ def boxes_in_original(
       map_kind: "probability" or "cam".
       threshold: see `extract_boxes` (None: its default for the kind).
       work_size: see `extract_boxes` (bounds memory for large DICOMs).
+      ingest_size: the model's stored film size (see `Letterbox`).
 
     Returns:
       list of `localization.Box` in original pixels (empty boxes dropped).
     """
-    box = Letterbox(int(original_hw[0]), int(original_hw[1]), int(image_size))
-    side = box.canvas
+    box = preprocess.Letterbox(
+        int(original_hw[0]), int(original_hw[1]), int(image_size), ingest_size
+    )
+    side = int(round(box.canvas))
     found = localization.extract_boxes(
         score_map, (side, side), map_kind, threshold=threshold, work_size=work_size
     )
@@ -111,56 +66,6 @@ def boxes_in_original(
         if w > 0 and h > 0:
             out.append(localization.Box(x, y, w, h, float(b.score)))
     return out
-
-
-def network_boxes_to_original(boxes, original_hw, image_size):
-    """[ymin, xmin, ymax, xmax] normalised to the S x S input -> (x, y, w, h).
-
-    Args:
-      boxes: (N, 4) boxes as the input pipeline yields them.
-      original_hw: (H, W) of the original image.
-      image_size: S.
-
-    Returns:
-      (N, 4) float array of [x, y, w, h] in original pixels.
-    """
-    letterbox = Letterbox(int(original_hw[0]), int(original_hw[1]), int(image_size))
-    out = []
-    for ymin, xmin, ymax, xmax in np.asarray(boxes, np.float64).reshape(-1, 4):
-        s = image_size
-        out.append(
-            letterbox.to_original(
-                xmin * s, ymin * s, (xmax - xmin) * s, (ymax - ymin) * s, "network"
-            )
-        )
-    return np.asarray(out, np.float64).reshape(-1, 4)
-
-
-def preprocess(pixels, image_size, normalization):
-    """The input pipeline's eval preprocessing of one decoded film.
-
-    Args:
-      pixels: (H, W) uint8 grayscale, as `cxr_tf.data.images.read_image` gives.
-      image_size: S.
-      normalization: `schema.Normalization`.
-
-    Returns:
-      float32 (S, S, 1): resized as ingestion does, letterboxed, normalised.
-    """
-    import tensorflow as tf
-
-    from cxr_tf.data import ingest, input_pipeline
-
-    # Ingestion first shrinks the film (area resampling, 8 bits), then the
-    # pipeline letterboxes it: both steps, so predictions see exactly what the
-    # evaluation of ingested records (and the SavedModel's graph) sees.
-    pixels = ingest.resize_longer_side(np.asarray(pixels, np.uint8), int(image_size))
-    image = tf.constant(pixels[..., None])
-    letterboxed, _ = input_pipeline._letterbox(  # pylint: disable=protected-access
-        image, None, int(image_size)
-    )
-    letterboxed = tf.cast(letterboxed, tf.float32)
-    return ((letterboxed - normalization.mean) / normalization.std).numpy()
 
 
 def list_images(inputs):
@@ -191,7 +96,7 @@ class MapComputer:
     """Probabilities and maps of a batch from a loaded model or its Grad-CAM.
 
     Args:
-      loaded: a `train_lib.LoadedModel`.
+      loaded: a `cxr_tf.model_dir.LoadedModel`.
       map_source: "model" (the model's own localization maps) or "gradcam".
     """
 
@@ -312,6 +217,7 @@ def prediction_record(
     positive_threshold=0.5,
     box_findings="positive",
     work_size=None,
+    ingest_size=None,
 ):
     """One predictions.jsonl record for one image.
 
@@ -327,6 +233,7 @@ def prediction_record(
       positive_threshold: probability from which a finding is present.
       box_findings: "positive" or "all".
       work_size: see `extract_boxes`.
+      ingest_size: the model's stored film size (see `preprocess.Letterbox`).
 
     Returns:
       dict {"image", "height", "width", "map_kind", "probabilities", "boxes"}.
@@ -336,7 +243,13 @@ def prediction_record(
         if box_findings == "positive" and probs[k] < positive_threshold:
             continue
         for b in boxes_in_original(
-            maps[..., k], original_hw, image_size, map_kind, box_threshold, work_size
+            maps[..., k],
+            original_hw,
+            image_size,
+            map_kind,
+            box_threshold,
+            work_size,
+            ingest_size,
         ):
             boxes.append(
                 {
@@ -358,21 +271,23 @@ def prediction_record(
     }
 
 
-def crop_map_to_image(score_map, original_hw, image_size):
+def crop_map_to_image(score_map, original_hw, image_size, ingest_size=None):
     """The part of an (h, w) map over the film (padding removed), as (h', w')."""
-    box = Letterbox(int(original_hw[0]), int(original_hw[1]), int(image_size))
-    h, w = score_map.shape[:2]
-    off_y, off_x = box.offset_yx
-    new_h, new_w = box.resized_hw
-    y0 = int(math.floor(off_y * h / image_size))
-    x0 = int(math.floor(off_x * w / image_size))
-    y1 = max(int(math.ceil((off_y + new_h) * h / image_size)), y0 + 1)
-    x1 = max(int(math.ceil((off_x + new_w) * w / image_size)), x0 + 1)
-    return score_map[y0:y1, x0:x1]
+    return preprocess.Letterbox(
+        int(original_hw[0]), int(original_hw[1]), int(image_size), ingest_size
+    ).crop_map(score_map)
 
 
 def write_overlay(
-    path, pixels, record, maps, findings, image_size, map_kind, positive_threshold
+    path,
+    pixels,
+    record,
+    maps,
+    findings,
+    image_size,
+    map_kind,
+    positive_threshold,
+    ingest_size=None,
 ):
     """Writes the overlay PNG of one image (maps of present findings, boxes)."""
     from cxr_tf import visualize
@@ -383,7 +298,9 @@ def write_overlay(
         # Always show something: the most probable finding.
         shown = [max(findings, key=lambda f: probs[f])]
     panel_maps = {
-        f: crop_map_to_image(maps[..., findings.index(f)], pixels.shape, image_size)
+        f: crop_map_to_image(
+            maps[..., findings.index(f)], pixels.shape, image_size, ingest_size
+        )
         for f in shown
     }
     boxes = {
@@ -419,14 +336,14 @@ def predict(config, inputs):
     Raises:
       FileNotFoundError: no image found at all in `inputs`.
     """
-    from cxr_tf import train_lib
+    from cxr_tf import model_dir
     from cxr_tf.data import images as images_lib
 
     paths, missing = list_images(inputs)
     failed = [{"image": m, "reason": "no such file or directory"} for m in missing]
     if not paths:
         raise FileNotFoundError(f"No image files found in {list(inputs)}")
-    loaded = train_lib.load_model(config.model, config.checkpoint)
+    loaded = model_dir.load(config.model, config.checkpoint)
     computer = MapComputer(loaded, config.map_source)
     findings = list(loaded.findings)
     size = loaded.image_size
@@ -451,7 +368,12 @@ def predict(config, inputs):
             if not batch:
                 continue
             inputs_np = np.stack(
-                [preprocess(p, size, loaded.normalization) for _, p, _ in batch]
+                [
+                    preprocess.preprocess_pixels(
+                        p, size, loaded.normalization, loaded.ingest_size
+                    )
+                    for _, p, _ in batch
+                ]
             )
             probs, maps = computer(inputs_np)
             for (path, pixels, info), p, m in zip(batch, probs, maps):
@@ -468,6 +390,7 @@ def predict(config, inputs):
                     config.positive_threshold,
                     config.box_findings,
                     config.work_size,
+                    loaded.ingest_size,
                 )
                 if info.orientation_corrected:
                     record["orientation_corrected"] = True
@@ -482,6 +405,7 @@ def predict(config, inputs):
                         size,
                         computer.map_kind,
                         config.positive_threshold,
+                        loaded.ingest_size,
                     )
                 count += 1
             logging.info("Predicted %d / %d images", count, len(paths))

@@ -115,6 +115,12 @@ _INFOMASK_VARIANT = flags.DEFINE_enum(
 )
 _INFOMASK_ALPHA = flags.DEFINE_float("infomask_alpha", 0.5, "InfoMask KL weight.")
 _INFOMASK_TAU = flags.DEFINE_float("infomask_tau", 0.2, "InfoMask mask offset.")
+_ALLOW_UPSCALE = flags.DEFINE_bool(
+    "allow_upscale",
+    False,
+    "Train on records stored smaller than --image_size (upscaled, with a "
+    "warning) instead of refusing them.",
+)
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Print the resolved config as JSON and exit without training."
 )
@@ -162,6 +168,7 @@ def config_from_flags():
         infomask_variant=_INFOMASK_VARIANT.value,
         infomask_alpha=_INFOMASK_ALPHA.value,
         infomask_tau=_INFOMASK_TAU.value,
+        allow_upscale=_ALLOW_UPSCALE.value,
         verbose=_VERBOSE.value,
     )
 

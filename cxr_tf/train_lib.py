@@ -10,13 +10,15 @@ import time
 
 from absl import logging
 import numpy as np
+from scipy import special
 
+from cxr_tf import errors
+from cxr_tf import model_dir as model_dir_lib
 from cxr_tf.data import schema
 
-CONFIG_FILE = "config.json"
-FINAL_MODEL = "model.keras"
-BEST_CHECKPOINT = os.path.join("checkpoints", "best.keras")
-LATEST_CHECKPOINT = os.path.join("checkpoints", "latest.keras")
+FINAL_MODEL = model_dir_lib.FINAL_MODEL
+BEST_CHECKPOINT = model_dir_lib.BEST_CHECKPOINT
+LATEST_CHECKPOINT = model_dir_lib.LATEST_CHECKPOINT
 BACKUP_DIR = "backup"
 LOG_DIR = "logs"
 
@@ -74,6 +76,8 @@ class TrainConfig:
       infomask_variant: InfoMask backbone variant.
       infomask_alpha: weight of the InfoMask KL (or L1) term.
       infomask_tau: InfoMask mask offset.
+      allow_upscale: train on records stored smaller than `image_size`
+        (upscaled, with a warning) instead of refusing them.
       verbose: Keras progress output (1 = progress bar, 2 = one line/epoch).
     """
 
@@ -111,6 +115,7 @@ class TrainConfig:
     infomask_variant: str = "infomask"
     infomask_alpha: float = 0.5
     infomask_tau: float = 0.2
+    allow_upscale: bool = False
     verbose: int = 1
 
     def __post_init__(self):
@@ -236,159 +241,6 @@ def parse_options(items):
         else:
             options[name] = value
     return options
-
-
-def map_kind(model_config):
-    """Returns "probability" or "cam": how a model's maps are thresholded."""
-    if model_config.backbone == "infomask" or model_config.pooling == "pcam":
-        return "probability"
-    return "cam"
-
-
-# ---------------------------------------------------------------------------
-# Saved-model bundle: config.json + .keras files.
-
-
-def write_model_config(directory, model_config, findings, train_config=None):
-    """Writes `config.json`, which tells evaluate/predict/export how to use a model.
-
-    Args:
-      directory: the model directory.
-      model_config: the `ModelConfig` the model was built from.
-      findings: the finding names of the model's output columns.
-      train_config: the `TrainConfig` of the run, if any.
-
-    Returns:
-      The path written.
-    """
-    os.makedirs(directory, exist_ok=True)
-    norm = model_config.normalization
-    payload = {
-        "model": model_config.to_dict(),
-        "findings": list(findings),
-        "map_kind": map_kind(model_config),
-        "normalization": {"mean": norm.mean, "std": norm.std},
-        "train": train_config.to_dict() if train_config is not None else None,
-    }
-    path = os.path.join(directory, CONFIG_FILE)
-    _atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
-    return path
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
-    """A trained model and what is needed to feed it and read its maps."""
-
-    model: object
-    model_config: object
-    findings: tuple
-    map_kind: str
-    path: str
-
-    @property
-    def normalization(self):
-        return self.model_config.normalization
-
-    @property
-    def image_size(self):
-        return self.model_config.image_size
-
-
-def resolve_model_path(path, checkpoint="final"):
-    """Finds the `.keras` file and `config.json` of a model directory or file.
-
-    Args:
-      path: a model directory (as written by `train`) or a `.keras` file in it
-        (or in its `checkpoints/`).
-      checkpoint: for a directory: "final" (model.keras), "best" (best
-        validation mean AUC) or "latest" (end of the last finished epoch).
-        "final" falls back to best, then latest, when training did not finish.
-
-    Returns:
-      (keras_path, config_path).
-
-    Raises:
-      FileNotFoundError: no model or no config.json found.
-      ValueError: unknown `checkpoint`.
-    """
-    choices = {
-        "final": FINAL_MODEL,
-        "best": BEST_CHECKPOINT,
-        "latest": LATEST_CHECKPOINT,
-    }
-    if checkpoint not in choices:
-        raise ValueError(
-            f"`checkpoint` must be one of {sorted(choices)}. "
-            f"Received: checkpoint={checkpoint!r}"
-        )
-    if os.path.isdir(path):
-        order = [checkpoint] + (["best", "latest"] if checkpoint == "final" else [])
-        keras_path = None
-        for name in order:
-            candidate = os.path.join(path, choices[name])
-            if os.path.isfile(candidate):
-                keras_path = candidate
-                break
-        if keras_path is None:
-            raise FileNotFoundError(
-                f"No {checkpoint!r} model in {path}: expected "
-                f"{os.path.join(path, choices[checkpoint])}"
-            )
-        config_dirs = [path]
-    elif os.path.isfile(path):
-        if not path.endswith(".keras"):
-            raise ValueError(
-                f"Expected a .keras file or a model directory. Received: {path}"
-            )
-        keras_path = path
-        here = os.path.dirname(os.path.abspath(path))
-        config_dirs = [here, os.path.dirname(here)]
-    else:
-        raise FileNotFoundError(f"Model path does not exist: {path}")
-    for directory in config_dirs:
-        config_path = os.path.join(directory, CONFIG_FILE)
-        if os.path.isfile(config_path):
-            return keras_path, config_path
-    raise FileNotFoundError(
-        f"No {CONFIG_FILE} next to {keras_path} (looked in {config_dirs}); "
-        "it is written by training (or `write_model_config`)."
-    )
-
-
-def load_model(path, checkpoint="final"):
-    """Loads a trained model with its config.
-
-    Args:
-      path: model directory or `.keras` file (see `resolve_model_path`).
-      checkpoint: "final", "best" or "latest" for a directory.
-
-    Returns:
-      A `LoadedModel`.
-    """
-    import keras
-
-    from cxr_tf.models.config import ModelConfig
-
-    keras_path, config_path = resolve_model_path(path, checkpoint)
-    with open(config_path) as f:
-        payload = json.load(f)
-    model_config = ModelConfig.from_dict(payload["model"])
-    _import_custom_objects()
-    model = keras.saving.load_model(keras_path, compile=False)
-    logging.info("Loaded %s (config %s)", keras_path, config_path)
-    return LoadedModel(
-        model=model,
-        model_config=model_config,
-        findings=tuple(payload["findings"]),
-        map_kind=payload.get("map_kind", map_kind(model_config)),
-        path=keras_path,
-    )
-
-
-def _import_custom_objects():
-    # Importing registers the layers' serializable classes with Keras.
-    import cxr_tf.layers  # noqa: F401
-    import cxr_tf.models.localizer  # noqa: F401
 
 
 # ---------------------------------------------------------------------------
@@ -826,8 +678,6 @@ def _callback_classes():
         def on_epoch_end(self, epoch, logs=None):
             if self.guard.triggered:
                 return
-            from scipy import special  # Lazy: the CLIs' checks import this module.
-
             from cxr_tf.metrics import classification
 
             logs = logs if logs is not None else {}
@@ -871,8 +721,6 @@ def _callback_classes():
 
         def _overlay_inputs(self):
             images = self.overlay_images
-            from scipy import special
-
             logits, maps = self._predict_fn()(images)
             return images.numpy(), special.expit(logits.numpy()), maps.numpy()
 
@@ -1099,6 +947,49 @@ class TrainResult:
     best_val_mean_auc: float | None
 
 
+def check_stored_size(config):
+    """Checks the records' stored size against the network size.
+
+    Records stored larger than `image_size` are letterboxed down, as in the
+    papers' setup (films stored at 1024, fed at 512); the stored size goes
+    into config.json so predict and the served model shrink raw films the
+    same way. Records stored smaller would be upscaled: refused unless
+    `allow_upscale`, since it usually means a mistaken `--image_size`.
+
+    Args:
+      config: a `TrainConfig`.
+
+    Returns:
+      `model_dir.training_data(config.data_dir)`.
+
+    Raises:
+      UserValueError: records stored smaller than `image_size`.
+    """
+    data = model_dir_lib.training_data(config.data_dir)
+    stored = data["ingest_image_size"]
+    if stored is not None and stored < config.image_size:
+        message = (
+            f"records are stored at {stored} px, smaller than "
+            f"--image_size={config.image_size}"
+        )
+        if not config.allow_upscale:
+            raise errors.UserValueError(
+                f"{message}: training would upscale them",
+                f"--data_dir={config.data_dir}",
+                f"re-ingest with --image_size>={config.image_size}, train with "
+                f"--image_size<={stored}, or pass --allow_upscale",
+            )
+        logging.warning("%s; upscaling them (--allow_upscale).", message)
+    elif stored is not None and stored != config.image_size:
+        logging.info(
+            "Records stored at %d px, letterboxed to %d px; config.json records "
+            "the stored size for predict and export.",
+            stored,
+            config.image_size,
+        )
+    return data
+
+
 def train(config):
     """Trains a model as configured; resumes from `model_dir/backup` if present.
 
@@ -1119,16 +1010,17 @@ def train(config):
     from cxr_tf import losses
     from cxr_tf.models import build_model
 
-    strategy = make_strategy(config.strategy, config.num_cpu_devices)
-    chief = is_chief(strategy)
     if not tf.io.gfile.glob(
         os.path.join(config.data_dir, schema.TFRECORD_PATTERN.format(split="train"))
     ):
-        raise FileNotFoundError(
-            f"No training records "
-            f"{schema.TFRECORD_PATTERN.format(split='train')} in "
-            f"`data_dir`={config.data_dir}"
+        raise errors.UserFileError(
+            f"no training records {schema.TFRECORD_PATTERN.format(split='train')}",
+            f"--data_dir={config.data_dir}",
+            "point --data_dir at the output folder of `python -m pipeline.ingest`",
         )
+    data = check_stored_size(config)
+    strategy = make_strategy(config.strategy, config.num_cpu_devices)
+    chief = is_chief(strategy)
     keras.utils.set_random_seed(config.seed)
     if config.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(config.mixed_precision)
@@ -1141,7 +1033,9 @@ def train(config):
     model_dir = config.model_dir
     if chief:
         os.makedirs(model_dir, exist_ok=True)
-        write_model_config(model_dir, model_config, config.findings, config)
+        model_dir_lib.write_config(
+            model_dir, model_config, config.findings, config, data=data
+        )
         with open(os.path.join(model_dir, "train_config.json"), "w") as f:
             json.dump(
                 {**config.to_dict(), "resolved_steps_per_epoch": steps_per_epoch},

@@ -150,6 +150,8 @@ def run_evaluate(
         min_localization_accuracy,
         tolerance,
     )
+    # Push exports the model these metrics name (metrics["source"]["model"]).
+    blessing["metrics"] = str(metrics_path)
     blessing_path = pathlib.Path(output_dir) / BLESSING_FILE
     blessing_path.write_text(json.dumps(blessing, indent=2), encoding="utf-8")
     return {

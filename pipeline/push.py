@@ -41,6 +41,15 @@ def run_push(output_dir, model, evaluation, serving_model_dir, export_args=()):
     if not outputs["blessed"]:
         return {"pushed": False, "reasons": outputs["reasons"]}
     model_dir = getattr(model, "uri", model)
+    # Export the very model file the evaluation scored and blessed (its
+    # metrics name it and its sha256, which export checks), with those
+    # metrics on the model card; the model directory only when the
+    # evaluation did not record one.
+    metrics_path = outputs.get("metrics")
+    evaluated = None
+    if metrics_path:
+        with open(metrics_path, encoding="utf-8") as f:
+            evaluated = (json.load(f).get("source") or {}).get("model")
     version = next_version(serving_model_dir)
     final = pathlib.Path(serving_model_dir) / str(version)
     with base.atomic_directory(final) as tmp:
@@ -50,9 +59,10 @@ def run_push(output_dir, model, evaluation, serving_model_dir, export_args=()):
         _subprocess.run_module(
             "cxr_tf.export",
             [
-                f"--model={model_dir}",
+                f"--model={evaluated or model_dir}",
                 f"--export_dir={staging}",
                 "--version=1",
+                *([f"--metrics={metrics_path}"] if metrics_path else []),
                 *export_args,
             ],
             log_path=pathlib.Path(output_dir) / "export.log",
@@ -65,6 +75,7 @@ def run_push(output_dir, model, evaluation, serving_model_dir, export_args=()):
         "pushed": True,
         "version": version,
         "version_dir": str(final),
+        "model": evaluated or model_dir,
         "summary": outputs["summary"],
     }
 
@@ -79,6 +90,7 @@ def main(argv):
         "blessed": blessing["blessed"],
         "reasons": blessing["reasons"],
         "summary": blessing["candidate"],
+        "metrics": blessing.get("metrics"),
     }
     print(
         json.dumps(

@@ -45,33 +45,15 @@ import urllib.request
 import grpc
 import numpy as np
 
+from cxr_tf import serving_contract
+from cxr_tf.data import schema as _schema
+
 # The TF Serving protos, loaded by `_load_apis` (not at import: see there).
 get_model_metadata_pb2 = predict_pb2 = prediction_service_pb2_grpc = None
 
-try:  # Optional: the client runs without the cxr_tf package installed.
-    from cxr_tf.data import schema as _schema
-
-    DEFAULT_FINDINGS = tuple(_schema.FINDINGS)
-except ImportError:  # pragma: no cover - depends on the installation
-    DEFAULT_FINDINGS = (
-        "Atelectasis",
-        "Cardiomegaly",
-        "Effusion",
-        "Infiltration",
-        "Mass",
-        "Nodule",
-        "Pneumonia",
-        "Pneumothorax",
-        "Consolidation",
-        "Edema",
-        "Emphysema",
-        "Fibrosis",
-        "Pleural_Thickening",
-        "Hernia",
-    )
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-MODEL_INFO_SIGNATURE = "model_info"
+DEFAULT_FINDINGS = tuple(serving_contract.FINDINGS)
+IMAGE_EXTENSIONS = _schema.IMAGE_EXTENSIONS
+MODEL_INFO_SIGNATURE = serving_contract.MODEL_INFO_SIGNATURE
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -281,11 +263,17 @@ def _approximate_pixels(data, name, size, pre):
             grpc.StatusCode.INVALID_ARGUMENT, f"{name}: cannot decode ({e})"
         ) from None
     h, w = image.shape
+    stored = pre.get("ingest_image_size") or size
+    source = Image.fromarray(image)
+    if max(h, w) > stored:
+        # As ingestion: area shrink to the stored size first.
+        k = stored / max(h, w)
+        source = source.resize(
+            (max(1, round(w * k)), max(1, round(h * k))), Image.Resampling.BOX
+        )
     scale = max(h, w) / size
     nh, nw = max(1, round(h / scale)), max(1, round(w / scale))
-    resized = np.asarray(
-        Image.fromarray(image).resize((nw, nh), Image.BILINEAR), np.float32
-    )
+    resized = np.asarray(source.resize((nw, nh), Image.BILINEAR), np.float32)
     canvas = np.zeros((size, size), np.float32)
     dy, dx = (size - nh) // 2, (size - nw) // 2
     canvas[dy : dy + nh, dx : dx + nw] = resized
@@ -305,7 +293,7 @@ class CxrClient:
         self,
         server=None,
         model_name="cxr",
-        signature_name="serving_default",
+        signature_name=serving_contract.SERVING_SIGNATURE,
         version=None,
         version_label=None,
         tls=False,
@@ -569,7 +557,12 @@ class CxrClient:
         """
         if self._model_info is not None:
             return self._model_info
-        info = {"findings": None, "thresholds": None, "preprocessing": None}
+        info = {
+            "findings": None,
+            "thresholds": None,
+            "preprocessing": None,
+            "training_data": None,
+        }
         outputs = None
         if MODEL_INFO_SIGNATURE in self.metadata()["signatures"]:
             try:
@@ -595,11 +588,12 @@ class CxrClient:
                 info["thresholds"] = tuple(
                     float(v) for v in np.ravel(outputs["thresholds"])
                 )
-            if "preprocessing" in outputs:
-                raw = np.ravel(outputs["preprocessing"])[0]
-                info["preprocessing"] = json.loads(
-                    raw.decode("utf-8") if isinstance(raw, bytes) else raw
-                )
+            for key in ("preprocessing", "training_data"):
+                if key in outputs:
+                    raw = np.ravel(outputs[key])[0]
+                    info[key] = json.loads(
+                        raw.decode("utf-8") if isinstance(raw, bytes) else raw
+                    )
         if self._findings:
             info["findings"] = self._findings
         elif not info["findings"]:
@@ -732,7 +726,7 @@ class CxrClient:
     def _predict_batch(self, batch, return_maps):
         signature = self._signature(self.signature_name)
         try:
-            if self.signature_name == "predict_pixels" or (
+            if self.signature_name == serving_contract.PIXELS_SIGNATURE or (
                 len(signature["inputs"]) == 1
                 and next(iter(signature["inputs"].values()))["dtype"] == "DT_FLOAT"
             ):
@@ -764,9 +758,10 @@ class CxrClient:
     def _predict_pixels(self, batch, signature):
         """predict_pixels: preprocess here, map the boxes back to the image.
 
-        With cxr_tf importable the preprocessing is the export's own
-        (`export_lib.preprocess_image_bytes`, training's exact path);
-        without it, a Pillow approximation (bilinear letterbox).
+        With cxr_tf importable the preprocessing is training's exact path
+        (`cxr_tf.data.images.decode_image`, then `cxr_tf.data.preprocess`
+        at the model's ingest and network sizes); without it, a Pillow
+        approximation (bilinear letterbox).
         """
         key, info = next(iter(signature["inputs"].items()))
         size, channels = info["shape"][1], info["shape"][3]
@@ -777,37 +772,34 @@ class CxrClient:
                 "predict_pixels needs the model's normalisation (model_info "
                 "signature with 'preprocessing'); use serving_default instead",
             )
+        ingest_size = pre.get("ingest_image_size")
         try:
-            import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-            from cxr_tf import export_lib  # pylint: disable=g-import-not-at-top
-            from cxr_tf.data import schema  # pylint: disable=g-import-not-at-top
+            # pylint: disable=g-import-not-at-top
+            from cxr_tf.data import images
+            from cxr_tf.data import preprocess
+            from cxr_tf.data import schema
         except ImportError:
-            export_lib = None
+            preprocess = None
         pixels, geometry = [], []
         for _, name, data in batch:
-            if export_lib is not None:
+            if preprocess is not None:
                 try:
-                    image, hw = export_lib.preprocess_image_bytes(
-                        tf.constant(data),
-                        size,
-                        schema.Normalization(pre["mean"], pre["std"]),
-                        channels,
-                    )
-                except tf.errors.InvalidArgumentError as e:
+                    gray = images.decode_image(data, name=name)
+                except ValueError as e:
                     raise ServingError(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {e.message}"
+                        grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {e}"
                     ) from None
-                h, w = (int(v) for v in hw.numpy())
-                side, off_y, off_x = (
-                    float(v)
-                    for v in export_lib.letterbox_geometry(
-                        tf.constant(h), tf.constant(w), size
-                    )
+                image = preprocess.preprocess_pixels(
+                    gray,
+                    size,
+                    schema.Normalization(pre["mean"], pre["std"]),
+                    ingest_size,
                 )
-                scale = side / size
-                pixels.append(image.numpy())
-                geometry.append((scale, off_x / scale, off_y / scale, h, w))
+                h, w = gray.shape
+                box = preprocess.Letterbox(h, w, size, ingest_size)
+                off_y, off_x = box.offset_yx
+                pixels.append(np.repeat(image, channels, axis=-1))
+                geometry.append((box.per_pixel, off_x, off_y, h, w))
             else:
                 image, entry = _approximate_pixels(data, name, size, pre)
                 pixels.append(np.repeat(image[..., None], channels, axis=-1))

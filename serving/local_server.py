@@ -99,7 +99,9 @@ from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-DEFAULT_SIGNATURE = "serving_default"
+from cxr_tf import serving_contract
+
+DEFAULT_SIGNATURE = serving_contract.SERVING_SIGNATURE
 _VERSION_DIR = re.compile(r"^\d+$")
 
 

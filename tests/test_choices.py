@@ -70,6 +70,3 @@ def test_training_and_predict_choices_match_the_libraries():
     assert choices.MIXED_PRECISION == train_lib.MIXED_PRECISION
     assert choices.JIT_COMPILE == train_lib.JIT_COMPILE
     assert choices.MAP_SOURCES == predict_lib.MAP_SOURCES
-    for checkpoint in choices.CHECKPOINTS:
-        with pytest.raises(FileNotFoundError):
-            train_lib.resolve_model_path("/nonexistent-dir-for-test", checkpoint)

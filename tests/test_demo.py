@@ -53,3 +53,11 @@ def test_demo_runs_every_step_and_leaves_its_outputs(tmp_path):
         assert os.path.isfile(outputs[key]), key
     assert len(os.listdir(outputs["overlays"])) == 2
     assert os.path.isdir(outputs["export"])
+    # The export is the checkpoint evaluate scored, and carries its metrics.
+    with open(outputs["metrics"]) as f:
+        metrics = json.load(f)
+    with open(os.path.join(outputs["export"], "assets", "model_card.json")) as f:
+        card = json.load(f)
+    assert card["source_model"] == metrics["source"]["model"] == outputs["model"]
+    assert card["metrics"]["classification"] == metrics["classification"]
+    assert card["training_data"]["synthetic"] is True

@@ -108,17 +108,6 @@ def test_predictions_file_iobb_matches_numpy(cxr14_sample, tmp_path):
     assert 0.0 < min(accs) and max(accs) < 1.0
 
 
-def test_letterbox_inverse_maps_network_boxes_to_original():
-    # A 300 x 600 film in a 64 px input: scale 64/600, 32 x 64 resized, 16 px
-    # padding above.
-    box = predict_lib.Letterbox(300, 600, 64)
-    assert box.resized_hw == (32, 64) and box.offset_yx == (16, 0)
-    out = predict_lib.network_boxes_to_original(
-        [[16 / 64, 0.0, 48 / 64, 0.5]], (300, 600), 64
-    )
-    np.testing.assert_allclose(out, [[0.0, 0.0, 300.0, 300.0]], atol=1e-6)
-
-
 def test_boxes_in_original_for_padded_film():
     # Map over a 64 px input of a 300 x 600 film: only the film rows (16..47)
     # can hold the region; the box comes back in the film's pixels.
@@ -152,14 +141,14 @@ def test_config_errors():
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from cxr_tf import train_lib
+    from cxr_tf import model_dir as model_dir_lib
     from cxr_tf.models import ModelConfig
     from cxr_tf.models import build_model
 
     directory = str(tmp_path_factory.mktemp("model"))
     config = ModelConfig(image_size=64, pooling="lse")
     model = build_model(config)
-    train_lib.write_model_config(directory, config, schema.FINDINGS)
+    model_dir_lib.write_config(directory, config, schema.FINDINGS)
     model.save(os.path.join(directory, "model.keras"))
     return directory
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from cxr_tf.data import preprocess
+from cxr_tf import model_dir as model_dir_lib
 from cxr_tf import export_lib
 from cxr_tf import localization
 from cxr_tf.data import images
-from cxr_tf.data import ingest
-from cxr_tf.data import input_pipeline
 from cxr_tf.data import schema
 from cxr_tf.layers import get_pooling
 from cxr_tf.models import ModelConfig
@@ -114,8 +114,8 @@ def _test_images():
 def _reference_pixels(data, size=SIZE, normalization=schema.FIXED):
     """Training's path: images.decode_image -> ingestion resize -> letterbox."""
     gray = images.decode_image(data)
-    stored = ingest.resize_longer_side(gray, size)
-    pixels, _ = input_pipeline._letterbox(  # pylint: disable=protected-access
+    stored = preprocess.resize_longer_side(gray, size)
+    pixels, _ = preprocess.letterbox(
         tf.constant(stored[..., None]), None, size
     )
     pixels = pixels.numpy().astype(np.float32)
@@ -383,8 +383,8 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="Unknown finding"):
         export_lib.ExportConfig("m", "e", class_thresholds={"Flu": 0.5})
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        export_lib.load_trained_model(str(tmp_path / "missing"))
+        model_dir_lib.load(str(tmp_path / "missing"))
     (tmp_path / "lonely").mkdir()
     (tmp_path / "lonely" / "model.keras").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        export_lib.load_trained_model(str(tmp_path / "lonely"))
+        model_dir_lib.load(str(tmp_path / "lonely"))

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+from cxr_tf import model_dir as model_dir_lib
 from cxr_tf import localization
 from cxr_tf import predict_lib
-from cxr_tf import train_lib
+from cxr_tf.data import preprocess
 from cxr_tf.data import schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +21,7 @@ def _save_model(directory, config):
     from cxr_tf.models import build_model
 
     model = build_model(config)
-    train_lib.write_model_config(directory, config, schema.FINDINGS)
+    model_dir_lib.write_config(directory, config, schema.FINDINGS)
     model.save(os.path.join(directory, "model.keras"))
     return directory
 
@@ -135,9 +136,9 @@ def test_boxes_match_the_model_map_in_original_pixels(tiny_model_dir, cxr14_samp
     from cxr_tf.data import images
 
     path = _sample_files(cxr14_sample, 1)[-1]
-    loaded = train_lib.load_model(tiny_model_dir)
+    loaded = model_dir_lib.load(tiny_model_dir)
     pixels = images.read_image(path)
-    x = predict_lib.preprocess(pixels, 64, loaded.normalization)[None]
+    x = preprocess.preprocess_pixels(pixels, 64, loaded.normalization)[None]
     probs, maps = predict_lib.MapComputer(loaded)(x)
     k = 2
     threshold = float(np.median(maps[0, ..., k]))

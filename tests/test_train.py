@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from cxr_tf import model_dir as model_dir_lib
 from cxr_tf import train_lib
 from cxr_tf.data import schema
 
@@ -158,20 +159,20 @@ def test_learning_rate_schedules(tmp_path):
 
 def test_resolve_model_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        train_lib.resolve_model_path(str(tmp_path / "nope"))
+        model_dir_lib.resolve(str(tmp_path / "nope"))
     model_dir = tmp_path / "m"
     (model_dir / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="final"):
-        train_lib.resolve_model_path(str(model_dir))
+        model_dir_lib.resolve(str(model_dir))
     (model_dir / "checkpoints" / "best.keras").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        train_lib.resolve_model_path(str(model_dir))
+        model_dir_lib.resolve(str(model_dir))
     (model_dir / "config.json").write_text("{}")
     # "final" falls back to the best checkpoint of an unfinished run.
-    keras_path, config_path = train_lib.resolve_model_path(str(model_dir))
+    keras_path, config_path = model_dir_lib.resolve(str(model_dir))
     assert keras_path.endswith(os.path.join("checkpoints", "best.keras"))
     assert config_path == str(model_dir / "config.json")
-    assert train_lib.resolve_model_path(keras_path)[1] == config_path
+    assert model_dir_lib.resolve(keras_path)[1] == config_path
 
 
 _RESOLVE_FLAGFILES = """
@@ -262,7 +263,7 @@ def _steps(model_dir):
 
 
 def _load(model_dir):
-    loaded = train_lib.load_model(model_dir)
+    loaded = model_dir_lib.load(model_dir)
     out = loaded.model(np.zeros((1, 64, 64, 1), np.float32))
     assert set(out) >= {"logits", "probabilities", "localization_maps"}
     return loaded
@@ -398,7 +399,7 @@ def test_nan_loss_stops_with_message_and_keeps_good_state(tiny_data, tmp_path):
         import keras
 
         loaded = (
-            train_lib.load_model(model_dir, "latest")
+            model_dir_lib.load(model_dir, "latest")
             if os.path.isfile(os.path.join(model_dir, "checkpoints", "latest.keras"))
             else None
         )

@@ -19,11 +19,11 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 import numpy as np
-from PIL import Image
 import tensorflow as tf
 
 from cxr_tf.data import images
 from cxr_tf.data import metadata
+from cxr_tf.data import preprocess
 from cxr_tf.data import schema
 from cxr_tf.data import tfrecord
 
@@ -36,7 +36,7 @@ TABLE_PATTERNS = {
     "train_val_list": re.compile(r"^train_val_list(_v\d+)?\.txt$"),
     "test_list": re.compile(r"^test_list(_v\d+)?\.txt$"),
 }
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+IMAGE_EXTENSIONS = schema.IMAGE_EXTENSIONS
 SHARD_TEMPLATE = "{split}-{shard:05d}-of-{num_shards:05d}.tfrecord.gz"
 
 # Reasons a Data_Entry row is skipped (the report's `skipped[*].reason`).
@@ -275,28 +275,6 @@ def _shard_count(num_images, config):
     return max(1, math.ceil(num_images / per_shard))
 
 
-def resize_longer_side(pixels, image_size):
-    """Resizes a 2-D uint8 image so its longer side is `image_size` (area mean).
-
-    Args:
-      pixels: uint8 array (H, W).
-      image_size: target longer side; 0, or a side the image does not exceed,
-        leaves it unchanged (never upscales).
-
-    Returns:
-      uint8 array (h, w) with max(h, w) == image_size, aspect kept.
-    """
-    height, width = pixels.shape
-    if not image_size or max(height, width) <= image_size:
-        return pixels
-    scale = image_size / max(height, width)
-    new_h = max(1, min(image_size, round(height * scale)))
-    new_w = max(1, min(image_size, round(width * scale)))
-    # BOX is the area average: every source pixel counts once (antialiased).
-    resized = Image.fromarray(pixels).resize((new_w, new_h), Image.Resampling.BOX)
-    return np.asarray(resized, dtype=np.uint8)
-
-
 def _png_chunk(kind, data):
     crc = zlib.crc32(kind + data) & 0xFFFFFFFF
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
@@ -380,7 +358,7 @@ def encode_item(item, image_size, orientation="auto"):
         # row is reported with the error instead.
         return skip(CORRUPT_IMAGE, f"{item['path']}: {type(e).__name__}: {e}")
     original_h, original_w = pixels.shape
-    stored = resize_longer_side(pixels, image_size)
+    stored = preprocess.resize_longer_side(pixels, image_size)
     height, width = stored.shape
 
     notes = []

@@ -5,6 +5,7 @@ import math
 
 import tensorflow as tf
 
+from cxr_tf.data import preprocess
 from cxr_tf.data import schema
 from cxr_tf.data import tfrecord
 
@@ -102,51 +103,6 @@ class InputConfig:
                 )
 
 
-def _letterbox(image, boxes, size):
-    """Resizes (aspect kept) and pads a (h, w, 1) uint8 image to (S, S, 1) uint8."""
-    shape = tf.shape(image)
-    height = tf.cast(shape[0], tf.float32)
-    width = tf.cast(shape[1], tf.float32)
-    scale = size / tf.maximum(height, width)
-    new_h = tf.clip_by_value(tf.round(height * scale), 1.0, float(size))
-    new_w = tf.clip_by_value(tf.round(width * scale), 1.0, float(size))
-    off_y = tf.floor((size - new_h) / 2.0)
-    off_x = tf.floor((size - new_w) / 2.0)
-
-    def resize_and_pad():
-        resized = tf.image.resize(
-            image,
-            tf.cast(tf.stack([new_h, new_w]), tf.int32),
-            method="bilinear",
-            antialias=True,
-        )
-        resized = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
-        return tf.image.pad_to_bounding_box(
-            resized,
-            tf.cast(off_y, tf.int32),
-            tf.cast(off_x, tf.int32),
-            size,
-            size,
-        )
-
-    # Ingestion stores the film at the training size, so the common case
-    # does nothing; the resize is for records written at another size.
-    # Pixels stay uint8 until after batching and the geometric transform:
-    # a quarter of the bytes to copy.
-    pixels = tf.cond(
-        tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size)),
-        lambda: image,
-        resize_and_pad,
-    )
-    pixels = tf.ensure_shape(pixels, [size, size, 1])
-    if boxes is None:
-        return pixels, None
-    # [ymin, xmin, ymax, xmax] normalised to the stored image -> to the SxS input.
-    factor = tf.stack([new_h, new_w, new_h, new_w]) / size
-    offset = tf.stack([off_y, off_x, off_y, off_x]) / size
-    return pixels, boxes * factor + offset
-
-
 def _pad_boxes(boxes, box_labels, max_boxes):
     count = tf.minimum(tf.shape(boxes)[0], max_boxes)
     boxes = boxes[:count]
@@ -186,7 +142,7 @@ def decode_record(serialized, config, with_info=False):
         }
     image = tf.io.decode_png(parsed["image"], channels=1)
     boxes = parsed["boxes"] if with_info else None
-    image, boxes = _letterbox(image, boxes, config.image_size)
+    image, boxes = preprocess.letterbox(image, boxes, config.image_size)
     out = {"image": image, "labels": parsed["labels"]}
     if with_info:
         boxes, box_labels, count = _pad_boxes(

@@ -51,6 +51,8 @@ KEY_VIEW_POSITION = "image/view_position"
 KEY_PATIENT_AGE = "patient/age"
 KEY_PATIENT_SEX = "patient/sex"
 
+# File name endings read as films (PNG, JPEG, DICOM), case-insensitive.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 TFRECORD_PATTERN = "{split}-*.tfrecord.gz"
 INGEST_REPORT = "ingest_report.json"
 

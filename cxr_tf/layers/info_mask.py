@@ -50,6 +50,9 @@ class InfoMask(keras.layers.Layer):
         [0, 1) or a non-int `seed`.
     """
 
+    # The mask M is in [0, 1]: the model's localization map is a probability.
+    map_kind = "probability"
+
     def __init__(
         self,
         variant="infomask",

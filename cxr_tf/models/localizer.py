@@ -90,7 +90,7 @@ def map_kind_for(config):
       ValueError: unknown pooling name (from `get_pooling`).
     """
     if config.backbone == "infomask":
-        return "probability"
+        return cxr_layers.InfoMask.map_kind
     return _make_pooling(config).map_kind
 
 

@@ -1,4 +1,14 @@
-"""ResNet-34 (He et al. 2016) as a Keras 3 functional feature extractor."""
+"""One parametric ResNet trunk (He et al. 2016) and its presets: ResNet-34, compact.
+
+`resnet_trunk(inputs, preset)` builds a stem conv, a 3x3/2 max pool and
+stages of basic blocks (two 3x3 convs with BatchNorm + ReLU, identity or 1x1
+projection shortcut) from a `ResNetPreset`. `RESNET34` is torchvision's
+resnet34 without its head (the PCAM paper's backbone); `COMPACT` is the
+stride-8 trunk of the CPU demo (not from a paper).
+"""
+
+import dataclasses
+import math
 
 import keras
 
@@ -7,9 +17,72 @@ import keras
 _BN_EPSILON = 1e-5
 _BN_MOMENTUM = 0.9
 
-RESNET34_STAGES = (3, 4, 6, 3)
-RESNET34_FILTERS = (64, 128, 256, 512)
-FEATURE_STRIDE = 32
+
+@dataclasses.dataclass(frozen=True)
+class ResNetPreset:
+    """The layout of a ResNet trunk.
+
+    Attributes:
+      stem_filters: filters of the stem conv.
+      stem_kernel: its kernel side (stride 2).
+      stage_blocks: basic blocks per stage.
+      stage_filters: filters per stage.
+      stage_strides: stride of each stage's first block.
+      stem_name: layer-name prefix of the stem conv.
+      pool_name: layer-name prefix of the max pool.
+      block_name: layer-name format of a block, with {stage} and {block}.
+      first_stage: the number of the first stage in the block names.
+    """
+
+    stem_filters: int
+    stem_kernel: int
+    stage_blocks: tuple
+    stage_filters: tuple
+    stage_strides: tuple
+    stem_name: str
+    pool_name: str
+    block_name: str
+    first_stage: int
+
+    @property
+    def feature_stride(self):
+        """Input pixels per feature-map pixel: 4 (stem, pool) x the stages'."""
+        return 4 * math.prod(self.stage_strides)
+
+    @property
+    def channels(self):
+        return self.stage_filters[-1]
+
+
+RESNET34 = ResNetPreset(
+    stem_filters=64,
+    stem_kernel=7,
+    stage_blocks=(3, 4, 6, 3),
+    stage_filters=(64, 128, 256, 512),
+    stage_strides=(1, 2, 2, 2),
+    stem_name="stem",
+    pool_name="pool",
+    block_name="conv{stage}_block{block}",
+    first_stage=2,
+)
+# Widths and depth chosen for the 2-core demo budget: a few hundred thousand
+# parameters train in minutes on CPU. Stride 8 keeps a 16x16 map at 128 px
+# (ResNet-34's stride 32 gives 4x4, too coarse to box lesions with); the 3x3
+# stem and early pooling keep the costly full-width convs off the 1/2 grid.
+COMPACT = ResNetPreset(
+    stem_filters=32,
+    stem_kernel=3,
+    stage_blocks=(2, 2, 2),
+    stage_filters=(32, 64, 128),
+    stage_strides=(1, 2, 1),
+    stem_name="cstem",
+    pool_name="cpool",
+    block_name="cstage{stage}_block{block}",
+    first_stage=1,
+)
+RESNET34_STAGES = RESNET34.stage_blocks
+RESNET34_FILTERS = RESNET34.stage_filters
+FEATURE_STRIDE = RESNET34.feature_stride
 
 
 def _conv_bn(x, filters, kernel_size, strides, name, activation=True):
@@ -78,27 +151,39 @@ def ResNet34(input_shape=(None, None, 1), name="resnet34"):  # noqa: N802
     return keras.Model(inputs, resnet34_trunk(inputs), name=name)
 
 
-def resnet34_trunk(inputs):
-    """Applies the ResNet-34 layers of `ResNet34` to a symbolic tensor.
+def resnet_trunk(inputs, preset):
+    """Applies the layers of a ResNet `preset` to a symbolic tensor.
 
     Builds the layers into the caller's graph (no nested model), so that
-    `model.get_layer(...)` reaches every ResNet layer of the caller's model.
+    `model.get_layer(...)` reaches every layer of the caller's model.
 
     Args:
-      inputs: a symbolic `(B, H, W, C)` tensor.
+      inputs: a symbolic `(B, H, W, C)` tensor, channels-last.
+      preset: a `ResNetPreset`.
 
     Returns:
-      The `(B, H/32, W/32, 512)` feature map tensor.
+      The `(B, H/s, W/s, preset.channels)` feature map tensor, s =
+      `preset.feature_stride` (H, W multiples of s).
     """
-    x = _conv_bn(inputs, 64, 7, 2, name="stem")
+    x = _conv_bn(inputs, preset.stem_filters, preset.stem_kernel, 2, name=preset.stem_name)
     # Zero padding before the pool equals torchvision's -inf padding because
     # the input is post-ReLU (non-negative).
-    x = keras.layers.ZeroPadding2D(1, name="pool_pad")(x)
-    x = keras.layers.MaxPooling2D(3, strides=2, name="pool")(x)
-    for stage, (blocks, filters) in enumerate(
-        zip(RESNET34_STAGES, RESNET34_FILTERS), start=2
+    x = keras.layers.ZeroPadding2D(1, name=f"{preset.pool_name}_pad")(x)
+    x = keras.layers.MaxPooling2D(3, strides=2, name=preset.pool_name)(x)
+    for index, (blocks, filters, stride) in enumerate(
+        zip(preset.stage_blocks, preset.stage_filters, preset.stage_strides)
     ):
+        stage = preset.first_stage + index
         for block in range(blocks):
-            strides = 2 if (block == 0 and stage > 2) else 1
-            x = _basic_block(x, filters, strides, name=f"conv{stage}_block{block + 1}")
+            x = _basic_block(
+                x,
+                filters,
+                stride if block == 0 else 1,
+                name=preset.block_name.format(stage=stage, block=block + 1),
+            )
     return x
+
+
+def resnet34_trunk(inputs):
+    """`resnet_trunk(inputs, RESNET34)`: the `(B, H/32, W/32, 512)` features."""
+    return resnet_trunk(inputs, RESNET34)

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from cxr_tf.data import ingest
+from cxr_tf.data import preprocess
 from cxr_tf.data import schema
 from cxr_tf.data import tfrecord
 
@@ -312,11 +313,11 @@ def test_real_sample_lists_both_data_entry_tables(cxr14_sample):
 
 def test_resize_longer_side():
     pixels = np.arange(60 * 30, dtype=np.uint8).reshape(60, 30)
-    assert ingest.resize_longer_side(pixels, 20).shape == (20, 10)
-    assert ingest.resize_longer_side(pixels, 0) is pixels
-    assert ingest.resize_longer_side(pixels, 100) is pixels  # never upscales
+    assert preprocess.resize_longer_side(pixels, 20).shape == (20, 10)
+    assert preprocess.resize_longer_side(pixels, 0) is pixels
+    assert preprocess.resize_longer_side(pixels, 100) is pixels  # never upscales
     flat = np.full((64, 64), 200, np.uint8)
-    assert (ingest.resize_longer_side(flat, 16) == 200).all()
+    assert (preprocess.resize_longer_side(flat, 16) == 200).all()
 
 
 def test_config_validation(tmp_path):

@@ -31,7 +31,7 @@ def _run(args, **kwargs):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A random ResNet-34 + PCAM bundle as training writes it, exported by the CLI."""
-    from cxr_tf import train_lib
+    from cxr_tf import model_dir as model_dir_lib
     from cxr_tf.data import schema
     from cxr_tf.models import ModelConfig, build_model
 
@@ -40,7 +40,7 @@ def exported(tmp_path_factory):
     config = ModelConfig(image_size=IMAGE_SIZE)
     os.makedirs(model_dir)
     build_model(config).save(os.path.join(model_dir, "model.keras"))
-    train_lib.write_model_config(model_dir, config, schema.FINDINGS)
+    model_dir_lib.write_config(model_dir, config, schema.FINDINGS)
     export_dir = str(root / "serving")
     stdout = _run(
         [
@@ -129,10 +129,10 @@ def _training_pixels(path, image_size, normalization):
     """Training's path: decode -> ingestion resize -> pipeline letterbox."""
     import tensorflow as tf
 
-    from cxr_tf.data import images, ingest, input_pipeline
+    from cxr_tf.data import images, preprocess
 
-    stored = ingest.resize_longer_side(images.read_image(path), image_size)
-    pixels, _ = input_pipeline._letterbox(  # pylint: disable=protected-access
+    stored = preprocess.resize_longer_side(images.read_image(path), image_size)
+    pixels, _ = preprocess.letterbox(
         tf.constant(stored[..., None]), None, image_size
     )
     pixels = tf.cast(pixels, tf.float32).numpy()
@@ -212,6 +212,7 @@ def test_client_matches_model_and_eval_boxes(exported, served):
 def test_client_matches_cxr_tf_predict(exported, served, tmp_path):
     from cxr_tf import predict_lib
     from cxr_tf.data import images
+    from cxr_tf.data import preprocess
     from cxr_tf.data import schema
     from cxr_tf.models import ModelConfig
 
@@ -220,7 +221,7 @@ def test_client_matches_cxr_tf_predict(exported, served, tmp_path):
     first = served["image_dir"] / served["names"][0]
     gap = (
         np.abs(
-            predict_lib.preprocess(images.read_image(first), IMAGE_SIZE, norm)
+            preprocess.preprocess_pixels(images.read_image(first), IMAGE_SIZE, norm)
             - _training_pixels(first, IMAGE_SIZE, norm)
         ).max()
         * norm.std

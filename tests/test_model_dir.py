@@ -1,0 +1,141 @@
+"""Tests of cxr_tf.model_dir: config.json schema, checkpoint rule, stored size."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cxr_tf import errors
+from cxr_tf import model_dir
+from cxr_tf import train_lib
+from cxr_tf.data import schema
+from cxr_tf.data import tfrecord
+
+
+def _records(folder, shapes):
+    """Writes a train shard of films stored at `shapes` (no ingest report)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    options = tf.io.TFRecordOptions(compression_type="GZIP")
+    path = folder / "train-00000-of-00001.tfrecord.gz"
+    with tf.io.TFRecordWriter(str(path), options) as writer:
+        for i, (h, w) in enumerate(shapes):
+            example = tfrecord.make_example(
+                np.full((h, w), 100, np.uint8),
+                image_id=f"{i:08d}_000.png",
+                labels=np.zeros(schema.NUM_FINDINGS, np.int64),
+                height=h,
+                width=w,
+                original_height=h * 4,
+                original_width=w * 4,
+                boxes=[],
+                box_labels=[],
+            )
+            writer.write(example.SerializeToString())
+    return folder
+
+
+def _report(folder, image_size, source_dir=None, written=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / schema.INGEST_REPORT).write_text(
+        json.dumps(
+            {
+                "config": {"image_size": image_size, "data_dir": str(source_dir)},
+                "written": written or {"train": 5, "val": 1, "test": 2},
+            }
+        )
+    )
+    return folder
+
+
+def _config(data_dir, **overrides):
+    args = dict(data_dir=str(data_dir), model_dir="unused", image_size=128)
+    args.update(overrides)
+    return train_lib.TrainConfig(**args)
+
+
+def test_stored_size_comes_from_the_ingest_report(tmp_path):
+    assert model_dir.stored_image_size(str(_report(tmp_path, 1024))) == 1024
+
+
+def test_stored_size_without_a_report_is_read_from_the_records(tmp_path):
+    data = _records(tmp_path / "r", [(48, 64), (64, 40)])
+    assert model_dir.stored_image_size(str(data)) == 64
+
+
+def test_records_stored_smaller_than_the_network_input_are_refused(tmp_path):
+    data = _records(tmp_path / "r", [(64, 64)])
+    with pytest.raises(errors.UserValueError) as info:
+        train_lib.check_stored_size(_config(data, image_size=128))
+    message = str(info.value)
+    assert "stored at 64 px" in message and "--image_size=128" in message
+    assert "--allow_upscale" in message and str(data) in message
+    # With the flag the run goes on (upscaling, with a warning).
+    got = train_lib.check_stored_size(_config(data, image_size=128, allow_upscale=True))
+    assert got["ingest_image_size"] == 64
+
+
+def test_records_stored_larger_are_letterboxed_down_and_recorded(tmp_path):
+    data = _report(tmp_path / "r", 1024)
+    got = train_lib.check_stored_size(_config(data, image_size=512))
+    assert got["ingest_image_size"] == 1024
+
+
+def test_training_data_says_synthetic_from_the_generator_marker(tmp_path):
+    films = tmp_path / "films"
+    films.mkdir()
+    (films / model_dir.SYNTHETIC_MARKER).write_text("{}")
+    data = model_dir.training_data(str(_report(tmp_path / "r", 128, films)))
+    assert data["synthetic"] is True and data["films"]["train"] == 5
+    real = tmp_path / "nih"
+    real.mkdir()
+    data = model_dir.training_data(str(_report(tmp_path / "r2", 1024, real)))
+    assert data["synthetic"] is False and str(real) in data["source"]
+
+
+def test_checkpoint_rule(tmp_path):
+    from cxr_tf.models import ModelConfig
+
+    directory = tmp_path / "m"
+    model_dir.write_config(str(directory), ModelConfig(image_size=64), schema.FINDINGS)
+    with pytest.raises(errors.UserFileError, match="train a model"):
+        model_dir.resolve(str(directory))
+    (directory / model_dir.FINAL_MODEL).write_bytes(b"x")
+    # "best" is strict and says which checkpoints exist.
+    with pytest.raises(errors.UserFileError, match="--checkpoint=final"):
+        model_dir.resolve(str(directory), "best")
+    os.makedirs(directory / "checkpoints")
+    (directory / model_dir.BEST_CHECKPOINT).write_bytes(b"y")
+    assert model_dir.resolve(str(directory), "best")[0].endswith("best.keras")
+    assert model_dir.resolve(str(directory))[0].endswith("model.keras")
+    with pytest.raises(errors.UserValueError, match="checkpoint"):
+        model_dir.resolve(str(directory), "newest")
+
+
+def test_a_cut_model_file_is_named_as_corrupt(tmp_path):
+    from cxr_tf.models import ModelConfig
+    from cxr_tf.models import build_model
+
+    config = ModelConfig(image_size=64, backbone="compact", pooling="lse")
+    directory = tmp_path / "m"
+    model_dir.write_config(str(directory), config, schema.FINDINGS)
+    path = directory / model_dir.FINAL_MODEL
+    build_model(config).save(str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(errors.UserValueError, match="corrupt or truncated") as info:
+        model_dir.load(str(directory))
+    assert str(path) in str(info.value)
+
+
+def test_config_json_records_the_layer_map_kind(tmp_path):
+    from cxr_tf.models import ModelConfig
+
+    for pooling, kind in (("pcam", "probability"), ("lse", "cam")):
+        path = model_dir.write_config(
+            str(tmp_path / pooling), ModelConfig(image_size=64, pooling=pooling),
+            schema.FINDINGS,
+        )
+        with open(path) as f:
+            assert json.load(f)["map_kind"] == kind
