@@ -110,6 +110,7 @@ def precheck(check, argv=None, flags_parser=None):
       flags_parser: as in `run`.
     """
     argv = sys.argv if argv is None else argv
+    app.define_help_flags()  # --help, --helpfull as under `app.run`.
     _parse(flags_parser or (lambda a: flags.FLAGS(a)), argv)
     _wrap(lambda _: check())(argv)
 
