@@ -1402,8 +1402,24 @@ def write_report(results, md_path, output_dir):
         "a finding's accuracy by 1/n. The paper's LSE row is Wang et al.'s "
         "number (ResNet-50, their thresholds), not a rerun.\n"
     )
+    kept = _hand_collected_section(md_path)
     pathlib.Path(md_path).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(md_path).write_text("\n".join(out))
+    pathlib.Path(md_path).write_text("\n".join(out) + kept)
+
+
+# RESULTS.md ends with measurements taken outside this script; rewriting the
+# report keeps everything from this marker on.
+HAND_COLLECTED_MARKER = "<!-- hand-collected:"
+
+
+def _hand_collected_section(md_path):
+    """The hand-collected tail of an existing report ("" when there is none)."""
+    try:
+        text = pathlib.Path(md_path).read_text()
+    except FileNotFoundError:
+        return ""
+    start = text.find(HAND_COLLECTED_MARKER)
+    return "" if start < 0 else "\n" + text[start:]
 
 
 def _paper_wins(a, b, table=None):

@@ -5,7 +5,7 @@ or a predictions.jsonl file (as `predict` writes it) with the box list and,
 for AUROC, the label table. All boxes are compared in the original image's
 pixels.
 
-Definitions (DOMAIN.md):
+Definitions (docs/DATA_AND_METRICS.md, sections 11-13):
 - IoBB = area(pred ∩ gt) / area(pred); IoU = area(pred ∩ gt) / area(pred ∪ gt).
   A ground-truth box is localized at T when some predicted box of its class
   on its image has IoBB (IoU) > T; accuracy = localized / all gt boxes.
@@ -15,7 +15,8 @@ Definitions (DOMAIN.md):
 - IoP / FPR / FNR (InfoMask): pixelwise, mask P = map >= t (CAM maps
   normalised per image to [0, 255] first), G = union of the class's gt boxes:
   IoP = |P ∩ G| / |P| (undefined, left out, when P is empty), FPR = |P \\ G| / |not G|,
-  FNR = |G \\ P| / |G|; averaged over (image, class) pairs. t is chosen on the
+  FNR = |G \\ P| / |G|; per class the mean over its boxed images, overall
+  the mean of the per-class means. t is chosen on the
   validation split to minimise the localization error, mean (FPR + FNR) / 2.
 """
 
@@ -281,7 +282,9 @@ def _run_on_split(loaded, computer, data_dir, split, box_thresholds, config, kee
     # the maps back to original pixels.
     stored = model_dir.stored_image_size(data_dir, split)
     results = []
-    for features, labels in ds:
+    for features, labels in input_pipeline.iterate_naming_damaged_files(
+        ds, data_dir, split
+    ):
         probs, maps = computer(features["image"].numpy())
         labels = labels.numpy()[:, columns]
         for i in range(len(probs)):
@@ -627,7 +630,8 @@ _DEFINITIONS = {
     "accuracy": loc_metrics.ACCURACY_DEFINITION,
     "mask": "IoP = |P∩G|/|P|, FPR = |P\\G|/|not G|, FNR = |G\\P|/|G| with "
     "P = map >= threshold (CAMs normalised to [0,255] per image) over the film, "
-    "G = union of the finding's gt boxes; means over (image, finding) pairs; "
+    "G = union of the finding's gt boxes; per finding the mean over its boxed "
+    "images, overall the mean of the per-finding means; "
     "threshold chosen on the validation split: " + loc_metrics.MASK_ERROR_DEFINITION,
     "boxes": "in pixels of the original image (letterbox undone)",
 }

@@ -16,6 +16,7 @@ from absl import logging
 
 from cxr_tf import cli
 from cxr_tf import errors
+from cxr_tf import localization
 from cxr_tf import model_dir
 
 _MODEL = flags.DEFINE_string(
@@ -41,8 +42,9 @@ _CLASS_THRESHOLD = flags.DEFINE_multi_string(
 _MAX_BOXES = flags.DEFINE_integer("max_boxes", 10, "Boxes kept per finding.")
 _BOX_WORK_SIZE = flags.DEFINE_integer(
     "box_work_size",
-    None,
-    "Find regions at this longer side at most (default: at the image size, exact).",
+    localization.DEFAULT_WORK_SIZE,
+    "Find regions at this longer side at most (as predict; 0: at the image "
+    "size, exact, with a cost that grows with the film).",
 )
 _MODEL_CONFIG = flags.DEFINE_string(
     "model_config", None, "config.json to use when none sits next to the model."
@@ -110,7 +112,7 @@ def main(argv):
             threshold=_THRESHOLD.value,
             class_thresholds=class_thresholds,
             max_boxes=_MAX_BOXES.value,
-            box_work_size=_BOX_WORK_SIZE.value,
+            box_work_size=_BOX_WORK_SIZE.value or None,
             model_config_path=_MODEL_CONFIG.value,
             checkpoint=_CHECKPOINT.value,
             metrics_path=_METRICS.value,

@@ -16,9 +16,10 @@ from cxr_tf import errors
 from cxr_tf import localization
 from cxr_tf import localization_graph
 from cxr_tf import model_dir
-from cxr_tf import serving_contract
+from cxr_tf.data import image_header
 from cxr_tf.data import preprocess
 from cxr_tf.data import schema
+from serving import contract as serving_contract
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 SERVING_SIGNATURE = serving_contract.SERVING_SIGNATURE
@@ -38,8 +39,9 @@ LIMITS = (
     "thresholded localization maps and were never supervised with boxes.",
     "Frontal (PA/AP) adult chest films only; other views, paediatric films "
     "and other modalities are out of scope.",
-    "Preprocessing assumes the training records were stored with their "
-    "longer side equal to the model's image size (the ingestion default).",
+    "Preprocessing shrinks films to the longer side the training records "
+    "were stored at (ingest_image_size in preprocessing.json), then "
+    "letterboxes them to the network input, as training saw them.",
     "JPEG EXIF orientation is not applied in the graph; send upright images.",
     "16-bit PNGs are min-max scaled to 8 bits per image, as at ingestion; "
     "DICOM must be decoded by the client (serving/client.py does).",
@@ -62,9 +64,10 @@ class ExportConfig:
         `localization.DEFAULT_THRESHOLDS[map_kind]`.
       class_thresholds: (finding, threshold) pairs overriding `threshold`.
       max_boxes: boxes kept per finding (N of the padded outputs).
-      box_work_size: None for exact boxes, else the longer side at which
-        regions are found (see `localization.working_hw`); bounds the
-        latency of large images.
+      box_work_size: the longer side at which regions are found (see
+        `localization.working_hw`; default `localization.DEFAULT_WORK_SIZE`,
+        as predict), bounding the latency of large images; None for exact
+        boxes at any size.
       model_config_path: config.json to use when none sits next to the model.
       checkpoint: which model of a model directory (`model_dir.resolve`).
       metrics_path: metrics.json of the evaluation of this very model, for
@@ -79,7 +82,7 @@ class ExportConfig:
     threshold: float | None = None
     class_thresholds: tuple = ()
     max_boxes: int = 10
-    box_work_size: int | None = None
+    box_work_size: int | None = localization.DEFAULT_WORK_SIZE
     model_config_path: str | None = None
     checkpoint: str = "final"
     metrics_path: str | None = None
@@ -172,10 +175,19 @@ def decode_grayscale(data):
 
     Returns:
       uint8 tensor (H, W, 1).
+
+    Raises:
+      tf.errors.InvalidArgumentError: at run time, for an image refused from
+        its header (`image_header.guard_image_bytes`: unknown format, more
+        than `images.MAX_IMAGE_PIXELS` pixels) or undecodable.
     """
-    # PNG bit depth sits at byte 24 of the IHDR chunk.
+    # The header check runs before any decoder allocates the declared size.
+    data = image_header.guard_image_bytes(data)
+    # PNG bit depth sits at byte 24 of the IHDR chunk (substr past the end
+    # would raise an error quoting the whole input).
     is_png = tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n")
-    depth = tf.io.decode_raw(tf.strings.substr(data, 24, 1), tf.uint8)
+    depth_at = tf.minimum(24, tf.strings.length(data))
+    depth = tf.io.decode_raw(tf.strings.substr(data, depth_at, 1), tf.uint8)
     is_16bit = tf.logical_and(is_png, tf.reduce_any(tf.equal(depth, 16)))
 
     def from_16bit():
@@ -682,6 +694,7 @@ def export_saved_model(config):
             trained.model_config.channels,
             config.warmup_batch_sizes,
         )
+        _make_world_readable(tmp)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -690,6 +703,20 @@ def export_saved_model(config):
         raise
     logging.info("Exported %s (version %d) to %s", trained.keras_path, version, final)
     return final
+
+
+def _make_world_readable(root):
+    """Directories 0755, files 0644 under `root`, `root` included.
+
+    mkdtemp creates 0700 and a restrictive umask narrows what TF writes; a
+    model server running as another user must still read the version.
+    """
+    os.chmod(root, 0o755)
+    for directory, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(directory, name), 0o755)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644)
 
 
 def _write_asset_files(directory, trained, thresholds, preprocessing, card, config):

@@ -60,6 +60,12 @@ def _validate_image_hw(image_hw):
     return int(height), int(width)
 
 
+# The longer side above which predict and the served model find regions on a
+# shrunk copy (boxes scaled back): exact for films up to 2048 px (NIH films
+# are 1024), and a bounded cost for a 7000 px film or a crafted 6000 px PNG.
+DEFAULT_WORK_SIZE = 2048
+
+
 def working_hw(image_hw, work_size=None):
     """The (height, width) at which the map is thresholded and labelled.
 

@@ -55,7 +55,12 @@ SYNTHETIC_MARKER = "synthetic_config.json"
 MAP_KINDS = ("probability", "cam")
 
 
-def _atomic_write_text(path, text):
+def atomic_write_text(path, text):
+    """Writes `path` whole or not at all (a temporary file, then a rename).
+
+    A reader (or a resumed run after a kill) sees the old file or the new
+    one, never half of one.
+    """
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -197,7 +202,7 @@ def write_config(
         "train": train_config.to_dict() if train_config is not None else None,
     }
     path = os.path.join(directory, CONFIG_FILE)
-    _atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
     return path
 
 

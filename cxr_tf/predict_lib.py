@@ -171,7 +171,7 @@ class PredictConfig:
     box_findings: str = "positive"
     batch_size: int = 8
     overlays: bool = True
-    work_size: int | None = 2048
+    work_size: int | None = localization.DEFAULT_WORK_SIZE
     dicom_orientation: str = "auto"
 
     def __post_init__(self):

@@ -25,7 +25,7 @@ _CPU_TUNING = flags.DEFINE_bool(
     "On machines without a GPU: TensorFlow's oneDNN kernels on "
     "(TF_ENABLE_ONEDNN_OPTS=1 unless the environment sets it) and one inter-op "
     "thread (single-device runs). Measured faster on a loaded machine, slightly "
-    "slower on an idle one (BUILD_NOTES, Speed), hence opt-in.",
+    "slower on an idle one (docs/design/speed.md), hence opt-in.",
 )
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Directory of ingested TFRecords ({split}-*.tfrecord.gz)."

@@ -4,13 +4,12 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
-import time
 
 from absl import logging
 import numpy as np
-from scipy import special
 
 from cxr_tf import errors
 from cxr_tf import model_dir as model_dir_lib
@@ -510,13 +509,6 @@ def resolve_jit_compile(config, strategy):
 # Callbacks.
 
 
-def _atomic_write_text(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _summary_metadata(plugin):
     from tensorflow.core.framework import summary_pb2
 
@@ -562,249 +554,36 @@ def current_learning_rate(optimizer):
     return float(np.asarray(optimizer.learning_rate))
 
 
-def _callback_classes():
-    """Defines the callbacks lazily so importing train_lib stays light."""
-    import keras
-    import tensorflow as tf
+def check_keras_file(path):
+    """Raises when `path` is not a whole `.keras` archive (cut or corrupt).
 
-    class NaNGuardCallback(keras.callbacks.Callback):
-        """TerminateOnNaN that also records the step and blocks checkpoints."""
+    Keras itself answers "File not found" for a `.keras` file that is not a
+    zip archive; this names the file as damaged instead. Every member's CRC
+    is checked (a read of the file).
 
-        def __init__(self):
-            super().__init__()
-            self.triggered = False
-            self.step = None
-            self.value = None
+    Raises:
+      cxr_tf.errors.UserFileError: the file is truncated or corrupt.
+    """
+    import zipfile
 
-        def on_train_batch_end(self, batch, logs=None):
-            loss = (logs or {}).get("loss")
-            if loss is None or self.triggered:
-                return
-            loss = float(loss)
-            if not math.isfinite(loss):
-                self.triggered = True
-                self.step = int(self.model.optimizer.iterations.numpy())
-                self.value = loss
-                logging.error(
-                    "Loss became %s at step %d: stopping (the last good "
-                    "checkpoints are kept).",
-                    loss,
-                    self.step,
-                )
-                self.model.stop_training = True
+    from cxr_tf import errors
 
-    class StepBackup(keras.callbacks.Callback):
-        """Saves weights + optimizer state every N steps, atomically.
-
-        Unlike `keras.callbacks.BackupAndRestore`, which restarts an
-        interrupted epoch from its first batch, the state here carries the
-        global step (the optimizer's `iterations`) so a resumed run finishes
-        with exactly the planned number of steps.
-        """
-
-        def __init__(self, backup_dir, every_steps, guard, write):
-            super().__init__()
-            self.backup_dir = backup_dir
-            self.every_steps = every_steps
-            self.guard = guard
-            self.write = write
-
-        def on_train_batch_end(self, batch, logs=None):
-            step = int(self.model.optimizer.iterations.numpy())
-            if step % self.every_steps == 0:
-                self.save(step)
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.save(int(self.model.optimizer.iterations.numpy()))
-
-        def save(self, step):
-            if self.guard.triggered:
-                return
-            save_backup(self.model, self.backup_dir, step, write=self.write)
-
-    class ValidationCallback(keras.callbacks.Callback):
-        """Val loss and per-class AUC each epoch; map overlays to TensorBoard.
-
-        Adds `val_loss` and `val_mean_auc` to the epoch logs, so callbacks
-        after it (checkpoints, TensorBoard, history) see them.
-        """
-
-        def __init__(
-            self,
-            dataset,
-            findings,
-            loss_fn,
-            log_dir,
-            overlay_images,
-            jit_compile,
-            guard,
-            write,
-        ):
-            super().__init__()
-            self.dataset = dataset
-            self.findings = tuple(findings)
-            self.loss_fn = loss_fn
-            self.overlay_images = overlay_images
-            self.jit_compile = jit_compile
-            self.guard = guard
-            self.write = write
-            self.writer = tf.summary.create_file_writer(log_dir) if write else None
-            self._predict = None
-
-        def _predict_fn(self):
-            if self._predict is None:
-                model = self.model
-
-                @tf.function(jit_compile=self.jit_compile, reduce_retracing=True)
-                def predict(images):
-                    out = model(images, training=False)
-                    return out["logits"], out["localization_maps"]
-
-                self._predict = predict
-            return self._predict
-
-        def evaluate(self):
-            """Runs the model on the val set: (labels, logits), both (N, K)."""
-            predict = self._predict_fn()
-            labels, logits = [], []
-            for images, targets in self.dataset:
-                batch_logits, _ = predict(images)
-                labels.append(targets["logits"].numpy())
-                logits.append(batch_logits.numpy())
-            if not labels:
-                raise ValueError("The validation split yielded no batches.")
-            return np.concatenate(labels), np.concatenate(logits).astype(np.float64)
-
-        def on_epoch_end(self, epoch, logs=None):
-            if self.guard.triggered:
-                return
-            from cxr_tf.metrics import classification
-
-            logs = logs if logs is not None else {}
-            start = time.time()
-            labels, logits = self.evaluate()
-            loss = float(
-                self.loss_fn(labels.astype(np.float32), logits.astype(np.float32))
-            )
-            probs = special.expit(logits)
-            aucs = classification.auroc_per_class(labels, probs, self.findings)
-            values = [v for v in aucs.values() if v is not None]
-            mean_auc = float(np.mean(values)) if values else float("nan")
-            logs["val_loss"] = loss
-            logs["val_mean_auc"] = mean_auc
-            logging.info(
-                "Epoch %d validation: loss %.4f, mean AUC %.4f over %d classes "
-                "(%.1f s)",
-                epoch + 1,
-                loss,
-                mean_auc,
-                len(values),
-                time.time() - start,
-            )
-            if self.writer is None:
-                return
-            step = int(self.model.optimizer.iterations.numpy())
-            with self.writer.as_default(step=step):
-                write_scalar("epoch_loss", loss, step)
-                for name, value in aucs.items():
-                    if value is not None:
-                        write_scalar(f"auc/{name}", value, step)
-                write_scalar("auc/mean", mean_auc, step)
-                if self.overlay_images is not None:
-                    images, probs_o, maps = self._overlay_inputs()
-                    write_images(
-                        "localization_maps",
-                        overlay_grid(images, maps, probs_o, self.findings),
-                        step,
-                    )
-            self.writer.flush()
-
-        def _overlay_inputs(self):
-            images = self.overlay_images
-            logits, maps = self._predict_fn()(images)
-            return images.numpy(), special.expit(logits.numpy()), maps.numpy()
-
-    class TrainSummary(keras.callbacks.Callback):
-        """Training loss and learning rate to TensorBoard (batch and epoch)."""
-
-        def __init__(self, log_dir, every_steps=10):
-            super().__init__()
-            self.writer = tf.summary.create_file_writer(log_dir)
-            self.every_steps = every_steps
-
-        def on_train_batch_end(self, batch, logs=None):
-            step = int(self.model.optimizer.iterations.numpy())
-            loss = (logs or {}).get("loss")
-            if loss is None or step % self.every_steps:
-                return
-            with self.writer.as_default(step=step):
-                write_scalar("batch_loss", loss, step)
-                write_scalar(
-                    "learning_rate", current_learning_rate(self.model.optimizer), step
-                )
-
-        def on_epoch_end(self, epoch, logs=None):
-            step = int(self.model.optimizer.iterations.numpy())
-            logs = logs or {}
-            with self.writer.as_default(step=step):
-                if "loss" in logs:
-                    write_scalar("epoch_loss", logs["loss"], step)
-                write_scalar(
-                    "learning_rate", current_learning_rate(self.model.optimizer), step
-                )
-            self.writer.flush()
-
-    class LatestCheckpoint(keras.callbacks.Callback):
-        """Saves the whole model at the end of each finished epoch."""
-
-        def __init__(self, path, guard):
-            super().__init__()
-            self.path = path
-            self.guard = guard
-
-        def on_epoch_end(self, epoch, logs=None):
-            if not self.guard.triggered:
-                save_model_atomic(self.model, self.path)
-
-    class BestCheckpoint(keras.callbacks.Callback):
-        """Keeps the model of the best validation mean AUC (survives resume)."""
-
-        def __init__(self, path, guard, state_path):
-            super().__init__()
-            self.path = path
-            self.guard = guard
-            self.state_path = state_path
-            self.best = -math.inf
-            if os.path.isfile(state_path):
-                with open(state_path) as f:
-                    self.best = json.load(f)["val_mean_auc"]
-
-        def on_epoch_end(self, epoch, logs=None):
-            value = (logs or {}).get("val_mean_auc")
-            if self.guard.triggered or value is None or not math.isfinite(value):
-                return
-            if value > self.best:
-                logging.info(
-                    "Validation mean AUC improved %.4f -> %.4f: saving %s",
-                    self.best,
-                    value,
-                    self.path,
-                )
-                self.best = value
-                save_model_atomic(self.model, self.path)
-                _atomic_write_text(
-                    self.state_path,
-                    json.dumps({"val_mean_auc": value, "epoch": epoch + 1}),
-                )
-
-    return {
-        "NaNGuard": NaNGuardCallback,
-        "StepBackup": StepBackup,
-        "Validation": ValidationCallback,
-        "Latest": LatestCheckpoint,
-        "TrainSummary": TrainSummary,
-        "Best": BestCheckpoint,
-    }
+    fix = (
+        "the file is truncated or corrupt: train again (a rerun of the same "
+        "command rewrites it from the backup), or load another checkpoint "
+        "(best or latest)"
+    )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise errors.UserFileError(
+            f"damaged .keras model ({type(e).__name__}: {e})", path, fix
+        ) from e
+    if bad is not None:
+        raise errors.UserFileError(
+            f"damaged .keras model (member {bad} fails its CRC)", path, fix
+        )
 
 
 def save_model_atomic(model, path):
@@ -815,8 +594,62 @@ def save_model_atomic(model, path):
     os.replace(tmp, path)
 
 
+_TEMPORARY = re.compile(r"^tmp-(\d+)\.weights\.h5$|\.tmp-(\d+)(?:\.keras)?$")
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # Someone else's live process.
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory, started=True):
+    """Deletes the temporary files a killed save left in `directory`.
+
+    Saves write `tmp-<pid>.weights.h5`, `<name>.tmp-<pid>.keras` or
+    `<name>.tmp-<pid>` and rename it into place; a kill in between leaves
+    the temporary file. One is stale when its process is gone, or, before
+    this process has saved anything (`started=False`), when it carries this
+    process's id (a restarted container can hand out the same id).
+
+    Args:
+      directory: folder to clean (nothing happens when it does not exist).
+      started: False at the start of a run, before this process saved.
+
+    Returns:
+      The paths removed.
+    """
+    if not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        match = _TEMPORARY.search(name)
+        if not match:
+            continue
+        pid = int(match.group(1) or match.group(2))
+        if pid == os.getpid() and started:
+            continue
+        if pid != os.getpid() and _process_alive(pid):
+            continue
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    if removed:
+        logging.info("Removed temporary files of an interrupted save: %s", removed)
+    return removed
+
+
 def save_backup(model, backup_dir, step, write=True):
     """Writes the fault-tolerance state (weights, optimizer, step) atomically.
+
+    The weights go to `tmp-<pid>.weights.h5`, renamed to
+    `step-<step>.weights.h5`; then `state.json` is replaced to point at it,
+    and older weights and stale temporary files are deleted.
 
     Args:
       model: the compiled, built model.
@@ -828,9 +661,14 @@ def save_backup(model, backup_dir, step, write=True):
     os.makedirs(target, exist_ok=True)
     weights = os.path.join(target, f"step-{step}.weights.h5")
     tmp = os.path.join(target, f"tmp-{os.getpid()}.weights.h5")
-    model.save_weights(tmp)
+    try:
+        model.save_weights(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, weights)
-    _atomic_write_text(
+    model_dir_lib.atomic_write_text(
         os.path.join(target, "state.json"),
         json.dumps({"step": step, "weights": os.path.basename(weights)}),
     )
@@ -838,26 +676,54 @@ def save_backup(model, backup_dir, step, write=True):
     for name in os.listdir(target):
         if name.startswith("step-") and name != os.path.basename(weights):
             os.remove(os.path.join(target, name))
+    remove_stale_temporaries(target)
     if not write:
         shutil.rmtree(target, ignore_errors=True)
 
 
 def restore_backup(model, backup_dir):
-    """Loads the last backup into a compiled model; returns its step (0 if none)."""
+    """Loads the last backup into a compiled model; returns its step (0 if none).
+
+    Raises:
+      cxr_tf.errors.UserFileError: the backup is unreadable, incomplete or
+        inconsistent; the message names the file.
+    """
+    from cxr_tf import errors
+
     state_path = os.path.join(backup_dir, "state.json")
     if not os.path.isfile(state_path):
         return 0
-    with open(state_path) as f:
-        state = json.load(f)
-    weights = os.path.join(backup_dir, state["weights"])
+    fix = (
+        f"delete {backup_dir} to train from the start (checkpoints/ keeps the "
+        "model of the last finished epoch)"
+    )
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+        weights = os.path.join(backup_dir, state["weights"])
+        expected_step = int(state["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise errors.UserFileError(
+            f"unreadable backup state ({type(e).__name__}: {e})", state_path, fix
+        ) from e
+    if not os.path.isfile(weights):
+        raise errors.UserFileError(
+            f"backup weights named by {state_path} are missing", weights, fix
+        )
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
-    model.load_weights(weights)
+    try:
+        model.load_weights(weights)
+    except (OSError, ValueError, KeyError) as e:
+        raise errors.UserFileError(
+            f"corrupt backup weights ({type(e).__name__}: {e})", weights, fix
+        ) from e
     step = int(model.optimizer.iterations.numpy())
-    if step != state["step"]:
-        raise RuntimeError(
-            f"Backup {weights} holds step {step} but {state_path} says "
-            f"{state['step']}: the backup is inconsistent."
+    if step != expected_step:
+        raise errors.UserFileError(
+            f"backup weights hold step {step} but {state_path} says {expected_step}",
+            weights,
+            fix,
         )
     return step
 
@@ -1003,10 +869,22 @@ def train(config):
       FileNotFoundError: no training TFRecords in `data_dir`.
       FloatingPointError: the loss became NaN/inf; the last good checkpoints
         and backup are kept.
+      cxr_tf.errors.UserFileError: a record file is truncated or corrupt, or
+        the backup is unreadable; the message names the file.
     """
+    from cxr_tf.data import input_pipeline
+
+    # A damaged shard surfaces as a DataLossError without a file name wherever
+    # the data is read (counting, fit, validation); it is named here.
+    with input_pipeline.naming_damaged_files(config.data_dir, ("train", "val")):
+        return _train(config)
+
+
+def _train(config):
     import keras
     import tensorflow as tf
 
+    from cxr_tf import callbacks as callbacks_lib
     from cxr_tf import losses
     from cxr_tf.models import build_model
 
@@ -1066,6 +944,10 @@ def train(config):
         )
         model.optimizer.build(model.trainable_variables)
     backup_dir = os.path.join(model_dir, BACKUP_DIR)
+    if chief:
+        checkpoints = os.path.dirname(os.path.join(model_dir, BEST_CHECKPOINT))
+        for folder in (model_dir, backup_dir, checkpoints):
+            remove_stale_temporaries(folder, started=False)
     initial_step = restore_backup(model, backup_dir)
     if initial_step:
         logging.info(
@@ -1085,13 +967,17 @@ def train(config):
         ).take(1):
             overlay_images = images
 
-    classes = _callback_classes()
-    guard = classes["NaNGuard"]()
+    guard = callbacks_lib.NaNGuardCallback()
     log_dir = os.path.join(model_dir, LOG_DIR) if chief else tempfile.mkdtemp()
+    history_log = callbacks_lib.HistoryLog(
+        os.path.join(model_dir, callbacks_lib.HISTORY_FILE), guard, write=chief
+    )
     callbacks = [
         guard,
-        classes["StepBackup"](backup_dir, config.backup_every_steps, guard, chief),
-        classes["Validation"](
+        callbacks_lib.StepBackup(
+            backup_dir, config.backup_every_steps, guard, chief
+        ),
+        callbacks_lib.ValidationCallback(
             val_ds,
             config.findings,
             loss_fn,
@@ -1101,20 +987,23 @@ def train(config):
             guard=guard,
             write=chief,
         ),
+        # After validation: the epoch's row carries val_loss and val_mean_auc.
+        history_log,
+        callbacks_lib.ProgressLogger(steps_per_epoch, config.epochs, initial_step),
     ]
     if chief:
         callbacks += [
-            classes["Latest"](os.path.join(model_dir, LATEST_CHECKPOINT), guard),
-            classes["Best"](
+            callbacks_lib.LatestCheckpoint(
+                os.path.join(model_dir, LATEST_CHECKPOINT), guard
+            ),
+            callbacks_lib.BestCheckpoint(
                 os.path.join(model_dir, BEST_CHECKPOINT),
                 guard,
                 os.path.join(model_dir, "checkpoints", "best.json"),
             ),
+            callbacks_lib.TrainSummary(os.path.join(log_dir, "train")),
         ]
-    if chief:
-        callbacks.append(classes["TrainSummary"](os.path.join(log_dir, "train")))
 
-    history = {}
     epoch, done = divmod(initial_step, steps_per_epoch)
     while epoch < config.epochs and not guard.triggered:
         # A resumed epoch runs only its remaining steps; the rest run whole.
@@ -1125,7 +1014,7 @@ def train(config):
         else:
             end_epoch = config.epochs
             steps = steps_per_epoch
-        fit_history = model.fit(
+        model.fit(
             train_ds,
             epochs=end_epoch,
             initial_epoch=epoch,
@@ -1134,8 +1023,6 @@ def train(config):
             verbose=config.verbose,
             shuffle=False,
         )
-        for key, values in fit_history.history.items():
-            history.setdefault(key, []).extend(float(v) for v in values)
         epoch, done = divmod(int(model.optimizer.iterations.numpy()), steps_per_epoch)
 
     steps_done = int(model.optimizer.iterations.numpy())
@@ -1149,8 +1036,9 @@ def train(config):
     final_path = os.path.join(model_dir, FINAL_MODEL)
     if chief:
         save_model_atomic(model, final_path)
-        with open(os.path.join(model_dir, "history.json"), "w") as f:
-            json.dump({"steps": steps_done, "history": history}, f, indent=2)
+        # Every epoch of every run so far; a rerun of a finished training
+        # rewrites the same rows.
+        history_log.save(steps_done)
     else:
         scratch = tempfile.mkdtemp()
         save_model_atomic(model, os.path.join(scratch, FINAL_MODEL))
@@ -1171,7 +1059,7 @@ def train(config):
         model_dir=model_dir,
         steps=steps_done,
         initial_step=initial_step,
-        history=history,
+        history=history_log.history,
         final_model=final_path,
         best_val_mean_auc=best,
     )

@@ -3,23 +3,40 @@
 import contextlib
 import dataclasses
 import datetime
+import ast
 import hashlib
 import json
 import os
 import pathlib
 import shutil
+import time
 import traceback
 
 from absl import logging
 
 import cxr_tf
+from cxr_tf import errors
 
 RECORD_FILE = "record.json"
+CHECKSUM_ALGORITHM = "sha256"
+_CHUNK_BYTES = 1 << 20
 _CODE_ROOTS = ("cxr_tf", "pipeline")
 
 
 class StepFailedError(RuntimeError):
     """A pipeline step failed; the message names the step and its record."""
+
+
+class StepUserError(StepFailedError, errors.UserError):
+    """A step failed on something the user can fix (bad data, a missing file)."""
+
+    def __init__(self, step, cause, record_path):
+        errors.UserError.__init__(
+            self,
+            f"step {step!r} failed: {cause.what}",
+            cause.where,
+            "; ".join(x for x in (cause.fix, f"record: {record_path}") if x),
+        )
 
 
 class AnomaliesFoundError(RuntimeError):
@@ -34,10 +51,72 @@ class Artifact:
     run_id: str
     uri: str
     record: dict
+    action: str = "ran"  # "ran", "reused" or "reran" (cached output changed)
+    reason: str | None = None  # why a cached output was not reused
 
     @property
     def outputs(self):
         return self.record["outputs"]
+
+
+_OWN_PACKAGES = ("cxr_tf", "pipeline", "serving")
+
+
+def _module_file(top, name):
+    """The .py file of module `name` under `top`, or None when it is not ours."""
+    parts = name.split(".")
+    if parts[0] not in _OWN_PACKAGES:
+        return None
+    as_package = top.joinpath(*parts, "__init__.py")
+    if as_package.is_file():
+        return as_package
+    as_module = top.joinpath(*parts[:-1], parts[-1] + ".py")
+    return as_module if as_module.is_file() else None
+
+
+def module_sources(*modules):
+    """The source files the given modules run: their transitive imports of ours.
+
+    Every `import` and `from ... import` in a file (at module level or inside
+    a function, where this code defers TensorFlow) is followed when it names
+    a module of cxr_tf, pipeline or serving; each module's enclosing
+    `__init__.py` files come along, since Python runs them first. A step's
+    cache key hashes exactly these files, so no hand-kept list can forget
+    one.
+
+    Args:
+      *modules: dotted module names, e.g. "pipeline.train", "cxr_tf.train"
+        (the module a step runs in a child process).
+
+    Returns:
+      Sorted paths relative to the repository root.
+    """
+    top = pathlib.Path(__file__).resolve().parent.parent
+    seen, queue = set(), list(modules)
+    while queue:
+        name = queue.pop()
+        path = _module_file(top, name)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            queue.append(".".join(parts[:i]))
+        package = name if path.name == "__init__.py" else ".".join(parts[:-1])
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                queue.extend(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base_parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    source = ".".join(base_parts + ([node.module] if node.module else []))
+                else:
+                    source = node.module or ""
+                queue.append(source)
+                # `from package import module` names a module too.
+                queue.extend(f"{source}.{a.name}" for a in node.names)
+    return tuple(sorted(str(p.relative_to(top)) for p in seen))
 
 
 def code_version(sources=_CODE_ROOTS):
@@ -99,6 +178,78 @@ def read_record(step_dir):
         return json.load(f)
 
 
+def _output_files(step_dir):
+    """Relative paths of the files a step wrote (its record excluded), sorted."""
+    top = pathlib.Path(step_dir)
+    found = []
+    for root, dirs, files in os.walk(top):
+        dirs.sort()
+        for name in files:
+            path = pathlib.Path(root) / name
+            rel = path.relative_to(top).as_posix()
+            if rel in (RECORD_FILE, RECORD_FILE + ".tmp") or not path.is_file():
+                continue
+            found.append(rel)
+    return sorted(found)
+
+
+def file_sha256(path):
+    """The sha256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksum_outputs(step_dir):
+    """Size and sha256 of every file in a step's folder (the record excluded).
+
+    Returns:
+      {"algorithm": "sha256", "files": {relative path: {"bytes", "sha256"}}}.
+    """
+    files = {}
+    for rel in _output_files(step_dir):
+        path = pathlib.Path(step_dir) / rel
+        files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return {"algorithm": CHECKSUM_ALGORITHM, "files": files}
+
+
+def verify_outputs(step_dir, checksums):
+    """Compares a step's folder with the checksums recorded when it finished.
+
+    Sizes are compared first (free), then every file is hashed.
+
+    Args:
+      step_dir: the step's folder.
+      checksums: the record's `checksums` (None for records without one).
+
+    Returns:
+      A list of (relative path or None, what is wrong); empty when intact.
+    """
+    if not checksums or checksums.get("algorithm") != CHECKSUM_ALGORITHM:
+        return [(None, "its record holds no sha256 checksums")]
+    top = pathlib.Path(step_dir)
+    expected = checksums["files"]
+    problems = []
+    present = set(_output_files(step_dir))
+    for rel in sorted(present - set(expected)):
+        problems.append((rel, f"{top / rel} was not written by the step"))
+    for rel, want in sorted(expected.items()):
+        path = top / rel
+        if rel not in present:
+            problems.append((rel, f"{path} is missing"))
+            continue
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            problems.append(
+                (rel, f"{path} has {size} bytes, {want['bytes']} when written")
+            )
+        elif file_sha256(path) != want["sha256"]:
+            problems.append((rel, f"{path} changed (sha256 differs)"))
+    return problems
+
+
 def _write_record(step_dir, record):
     path = pathlib.Path(step_dir) / RECORD_FILE
     tmp = path.with_suffix(".json.tmp")
@@ -123,6 +274,11 @@ def run_step(
     key, so a rerun after a crash lands in the same folder: a step that can
     resume (training) picks up where it stopped.
 
+    A finished step records the size and sha256 of every file it wrote; a
+    reuse first checks them. When a file changed, went missing or appeared,
+    the step runs again and says which file and why (with `keep`, the files
+    that changed are deleted and the step resumes from the intact rest).
+
     Args:
       pipeline_root: root folder of all artifacts.
       step: step name.
@@ -139,14 +295,37 @@ def run_step(
 
     Raises:
       StepFailedError: `fn` raised; the record says `failed` with the error.
+      StepUserError: `fn` raised a `cxr_tf.errors.UserError` (bad data, a
+        missing file); one line naming the step and the file.
     """
     code = code_version(sources)
     run_id = fingerprint(step, parameters, inputs, code)
     out = pathlib.Path(pipeline_root) / step / run_id
     earlier = read_record(out)
+    reason = None
     if earlier and earlier.get("status") == "succeeded" and not force:
-        logging.info("%s: reusing %s (inputs and parameters unchanged)", step, out)
-        return Artifact(step, run_id, str(out), earlier)
+        started = time.monotonic()
+        problems = verify_outputs(out, earlier.get("checksums"))
+        if not problems:
+            logging.info(
+                "%s: reusing %s (inputs, parameters and code unchanged; "
+                "%d output files verified in %.1f s)",
+                step,
+                out,
+                len(earlier["checksums"]["files"]),
+                time.monotonic() - started,
+            )
+            return Artifact(step, run_id, str(out), earlier, action="reused")
+        shown = "; ".join(text for _, text in problems[:3])
+        if len(problems) > 3:
+            shown += f"; and {len(problems) - 3} more"
+        reason = f"cached output changed since it was written: {shown}"
+        logging.warning("%s: %s. Running the step again.", step, reason)
+        if keep:
+            # Resume from what is intact; what changed is not trusted.
+            for rel, _ in problems:
+                if rel is not None and (out / rel).is_file():
+                    (out / rel).unlink()
     if out.exists() and not keep:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,6 +342,7 @@ def run_step(
         "end_time": None,
         "status": "running",
         "outputs": {},
+        "rerun_reason": reason,
     }
     _write_record(out, record)
     logging.info("%s: running into %s", step, out)
@@ -178,12 +358,21 @@ def run_step(
         _write_record(out, record)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
+        if isinstance(e, errors.UserError):
+            raise StepUserError(step, e, out / RECORD_FILE) from e
         raise StepFailedError(
             f"Step {step!r} failed: {type(e).__name__}: {e} (record: {out / RECORD_FILE})"
         ) from e
-    record.update(status="succeeded", end_time=_now(), outputs=outputs or {})
+    record.update(
+        status="succeeded",
+        end_time=_now(),
+        outputs=outputs or {},
+        checksums=checksum_outputs(out),
+    )
     _write_record(out, record)
-    return Artifact(step, run_id, str(out), record)
+    return Artifact(
+        step, run_id, str(out), record, action="reran" if reason else "ran", reason=reason
+    )
 
 
 @contextlib.contextmanager

@@ -10,21 +10,13 @@ from absl import flags
 
 from cxr_tf import cli
 
-from pipeline import _subprocess, base
-
-
-def next_version(serving_model_dir):
-    """1 + the largest numeric version folder under `serving_model_dir` (1 if none)."""
-    root = pathlib.Path(serving_model_dir)
-    versions = [int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()]
-    return max(versions, default=0) + 1
+from pipeline import _subprocess
 
 
 def run_push(output_dir, model, evaluation, serving_model_dir, export_args=()):
     """Exports the model into `serving_model_dir/<next version>` if it is blessed.
 
-    The export goes to a hidden sibling folder first and is renamed into place,
-    so a server polling the base path never loads half a model.
+    `cxr_tf.export` picks the next version and writes it atomically.
 
     Args:
       output_dir: the step's folder.
@@ -50,27 +42,26 @@ def run_push(output_dir, model, evaluation, serving_model_dir, export_args=()):
     if metrics_path:
         with open(metrics_path, encoding="utf-8") as f:
             evaluated = (json.load(f).get("source") or {}).get("model")
-    version = next_version(serving_model_dir)
-    final = pathlib.Path(serving_model_dir) / str(version)
-    with base.atomic_directory(final) as tmp:
-        # cxr_tf.export writes <export_dir>/<version>; export into the temporary
-        # folder's parent-less twin and move its content up.
-        staging = tmp / "export"
-        _subprocess.run_module(
-            "cxr_tf.export",
-            [
-                f"--model={evaluated or model_dir}",
-                f"--export_dir={staging}",
-                "--version=1",
-                *([f"--metrics={metrics_path}"] if metrics_path else []),
-                *export_args,
-            ],
-            log_path=pathlib.Path(output_dir) / "export.log",
+    # Export numbers the version and writes it atomically (a hidden folder
+    # renamed into place), so a server polling the base path never loads
+    # half a model; the last line it prints is the version folder.
+    tail = _subprocess.run_module(
+        "cxr_tf.export",
+        [
+            f"--model={evaluated or model_dir}",
+            f"--export_dir={serving_model_dir}",
+            *([f"--metrics={metrics_path}"] if metrics_path else []),
+            *export_args,
+        ],
+        log_path=pathlib.Path(output_dir) / "export.log",
+    )
+    final = pathlib.Path(tail[-1].strip())
+    if not (final.parent == pathlib.Path(serving_model_dir) and final.is_dir()):
+        raise RuntimeError(
+            f"cxr_tf.export did not report a version folder under "
+            f"{serving_model_dir}; its last line: {tail[-1]!r}"
         )
-        for child in (staging / "1").iterdir():
-            child.rename(tmp / child.name)
-        (staging / "1").rmdir()
-        staging.rmdir()
+    version = int(final.name)
     return {
         "pushed": True,
         "version": version,

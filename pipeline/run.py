@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 import time
 
 from absl import flags, logging
@@ -23,28 +22,21 @@ from cxr_tf import cli
 from cxr_tf import errors
 from pipeline import _subprocess, base, evaluate, push, statistics, train
 
-# The code each step runs: editing it reruns that step (and those after it).
-_BASE_CODE = (
-    "cxr_tf/__init__.py",
-    "cxr_tf/data/__init__.py",
-    "pipeline/base.py",
-    "pipeline/_subprocess.py",
-)
-_MODEL_CODE = _BASE_CODE + ("cxr_tf",)
-SOURCES = {
-    "synthetic": _BASE_CODE
-    + ("cxr_tf/data/schema.py", "cxr_tf/data/synthetic.py", "cxr_tf/data/_phantom.py"),
-    "ingest": _BASE_CODE
-    + tuple(
-        f"cxr_tf/data/{m}.py"
-        for m in ("schema", "metadata", "images", "tfrecord", "ingest")
-    )
-    + ("pipeline/ingest.py",),
-    "statistics": _BASE_CODE + ("cxr_tf/data/schema.py", "pipeline/statistics.py"),
-    "train": _MODEL_CODE + ("pipeline/train.py",),
-    "evaluate": _MODEL_CODE + ("pipeline/evaluate.py",),
-    "push": _MODEL_CODE + ("pipeline/push.py",),
+# The code each step runs, found from its imports (`base.module_sources`):
+# the step's own module and the CLI module it runs in a child process.
+# Editing any file they import reruns that step (and those after it). The
+# synthetic and ingest steps are closures below that only call their CLI
+# module (their arguments are in the step's parameters), so their code is
+# that module's and the child-process runner's.
+STEP_MODULES = {
+    "synthetic": ("pipeline._subprocess", "cxr_tf.data.synthetic"),
+    "ingest": ("pipeline._subprocess", "pipeline.ingest"),
+    "statistics": ("pipeline.statistics",),
+    "train": ("pipeline.train", "cxr_tf.train"),
+    "evaluate": ("pipeline.evaluate", "cxr_tf.evaluate"),
+    "push": ("pipeline.push", "cxr_tf.export"),
 }
+SOURCES = {step: base.module_sources(*m) for step, m in STEP_MODULES.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +76,66 @@ def _data_signature(data_dir):
     return {"files": count, "bytes": size, "newest_mtime": newest}
 
 
+REPORT_FILE = "last_run.json"
+
+
+class _Progress:
+    """Times each step, logs what runs, and keeps the rows of the summary."""
+
+    def __init__(self, steps):
+        self.steps = steps
+        self.rows = {}
+
+    def run(self, root, step, *args, **kwargs):
+        """`base.run_step(root, step, ...)`, logged and timed."""
+        index = self.steps.index(step) + 1
+        logging.info("pipeline step %d/%d: %s", index, len(self.steps), step)
+        started = time.monotonic()
+        self.rows[step] = {"action": "running", "seconds": None}
+        try:
+            artifact = base.run_step(root, step, *args, **kwargs)
+        except BaseException:
+            seconds = round(time.monotonic() - started, 1)
+            self.rows[step] = {"action": "failed", "seconds": seconds}
+            raise
+        seconds = round(time.monotonic() - started, 1)
+        self.rows[step] = {"action": artifact.action, "seconds": seconds}
+        if artifact.reason:
+            self.rows[step]["reason"] = artifact.reason
+        logging.info(
+            "pipeline step %d/%d: %s %s in %.1f s",
+            index,
+            len(self.steps),
+            step,
+            artifact.action,
+            seconds,
+        )
+        return artifact
+
+    def table(self):
+        """The summary: one line per step with what happened and how long."""
+        lines = [f"{'step':<12} {'action':<8} {'seconds':>9}"]
+        for step in self.steps:
+            row = self.rows.get(step, {"action": "not run", "seconds": None})
+            seconds = "" if row["seconds"] is None else f"{row['seconds']:.1f}"
+            lines.append(f"{step:<12} {row['action']:<8} {seconds:>9}")
+        return "\n".join(lines)
+
+
+def _write_report(root, report):
+    path = pathlib.Path(root) / REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def run_pipeline(config):
     """Runs every step in order, reusing the cached ones.
+
+    Writes PIPELINE_ROOT/last_run.json whether the run succeeds or fails:
+    `status`, `failed_step` and `error`, what each step did (`runs`: ran,
+    reused, reran or failed, with seconds) and the artifacts so far.
 
     Args:
       config: a `PipelineConfig`.
@@ -97,19 +147,56 @@ def run_pipeline(config):
       base.StepFailedError: a step failed (its record says why).
       base.AnomaliesFoundError: the statistics step found anomalies.
     """
-    root = config.pipeline_root
     unknown = set(config.force_steps) - set(SOURCES)
     if unknown:
         raise ValueError(
             f"Unknown steps in --force_steps: {sorted(unknown)}; "
             f"expected some of {list(SOURCES)}"
         )
+    steps = [s for s in SOURCES if s != "synthetic" or config.synthetic_patients]
+    progress = _Progress(steps)
+    artifacts = {}
+    started = time.time()
+    report = {"status": "running", "failed_step": None, "error": None}
+    try:
+        _run_steps(config, progress, artifacts, report)
+    except BaseException as e:
+        failed = [s for s, row in progress.rows.items() if row["action"] == "failed"]
+        report.update(
+            status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+            failed_step=failed[0] if failed else None,
+            error=(
+                str(e)
+                if isinstance(e, errors.UserError)
+                else f"{type(e).__name__}: {e}"
+            ),
+        )
+        raise
+    else:
+        report["status"] = "succeeded"
+    finally:
+        report["wall_seconds"] = round(time.time() - started, 1)
+        report["runs"] = progress.rows
+        report["steps"] = {
+            name: {
+                "run_id": a.run_id,
+                "uri": a.uri,
+                "start": a.record["start_time"],
+                "end": a.record["end_time"],
+            }
+            for name, a in artifacts.items()
+        }
+        _write_report(config.pipeline_root, report)
+        logging.info("pipeline %s; steps:\n%s", report["status"], progress.table())
+    logging.info("pipeline finished: %s", json.dumps(report["pushed"]))
+    return artifacts
+
+
+def _run_steps(config, progress, artifacts, report):
+    root = config.pipeline_root
 
     def force(step):
         return config.force or step in config.force_steps
-
-    artifacts = {}
-    started = time.time()
 
     if config.synthetic_patients:
         params = {
@@ -125,7 +212,7 @@ def run_pipeline(config):
             )
             return {"data_dir": out}
 
-        raw = base.run_step(
+        raw = progress.run(
             root,
             "synthetic",
             make_data,
@@ -170,7 +257,7 @@ def run_pipeline(config):
         )
         return {"examples_dir": out}
 
-    examples = base.run_step(
+    examples = progress.run(
         root,
         "ingest",
         ingest,
@@ -181,7 +268,7 @@ def run_pipeline(config):
     )
     artifacts["ingest"] = examples
 
-    stats = base.run_step(
+    stats = progress.run(
         root,
         "statistics",
         lambda out, examples: statistics.run_statistics(
@@ -198,7 +285,7 @@ def run_pipeline(config):
         "flags": train.read_flagfile(config.train_flagfile),
         "overrides": list(config.train_args),
     }
-    model = base.run_step(
+    model = progress.run(
         root,
         "train",
         lambda out, examples, statistics: train.run_train(
@@ -212,7 +299,7 @@ def run_pipeline(config):
     )
     artifacts["train"] = model
 
-    evaluation = base.run_step(
+    evaluation = progress.run(
         root,
         "evaluate",
         lambda out, model, examples: evaluate.run_evaluate(
@@ -237,7 +324,7 @@ def run_pipeline(config):
     )
     artifacts["evaluate"] = evaluation
 
-    pushed = base.run_step(
+    pushed = progress.run(
         root,
         "push",
         lambda out, model, evaluation: push.run_push(
@@ -253,26 +340,12 @@ def run_pipeline(config):
     )
     artifacts["push"] = pushed
 
-    report = {
-        "wall_seconds": round(time.time() - started, 1),
-        "steps": {
-            name: {
-                "run_id": a.run_id,
-                "uri": a.uri,
-                "start": a.record["start_time"],
-                "end": a.record["end_time"],
-            }
-            for name, a in artifacts.items()
-        },
-        "evaluation": evaluation.outputs.get("summary"),
-        "blessed": evaluation.outputs.get("blessed"),
-        "blessing_reasons": evaluation.outputs.get("reasons"),
-        "pushed": pushed.outputs,
-    }
-    report_path = pathlib.Path(root) / "last_run.json"
-    report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    logging.info("pipeline finished: %s", json.dumps(report["pushed"]))
-    return artifacts
+    report.update(
+        evaluation=evaluation.outputs.get("summary"),
+        blessed=evaluation.outputs.get("blessed"),
+        blessing_reasons=evaluation.outputs.get("reasons"),
+        pushed=pushed.outputs,
+    )
 
 
 _PIPELINE_ROOT = flags.DEFINE_string(
@@ -363,27 +436,6 @@ def check_flags():
     cli.check_writable_dir(_SERVING_MODEL_DIR)
 
 
-def step_error(e):
-    """The `UserError` of a failed step, or None when the step hit a bug.
-
-    A step whose command ended with our one-line `error: ...` (a user's
-    mistake, reported by the step's own CLI) is answered with that line; a
-    step that crashed with a traceback keeps it.
-    """
-    text = str(e)
-    if "Traceback (most recent call last)" in text:
-        return None
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    reported = [l for l in lines if l.startswith("error: ")]
-    what = reported[-1][len("error: ") :] if reported else lines[0]
-    record = re.search(r"\(record: (.*?)\)", text)
-    return errors.UserError(
-        what,
-        record.group(1) if record else "pipeline",
-        "fix it and rerun; finished steps are reused",
-    )
-
-
 def main(argv):
     beam_args = tuple(argv[1:])
     for arg in beam_args:
@@ -418,15 +470,13 @@ def main(argv):
     try:
         run_pipeline(config)
     except base.AnomaliesFoundError as e:
+        if isinstance(e, errors.UserError):
+            raise
         raise errors.UserValueError(
             str(e), _PIPELINE_ROOT.value, "fix the data or pass a curated --schema"
         ) from None
-    except base.StepFailedError as e:
-        error = step_error(e)
-        if error is None:
-            raise
-        raise error from None
-
+    # A step the user can fix raises base.StepUserError, a UserError: one
+    # line. Any other step failure is a bug and keeps its traceback.
 
 if __name__ == "__main__":
     cli.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))

@@ -45,14 +45,13 @@ import urllib.request
 import grpc
 import numpy as np
 
-from cxr_tf import serving_contract
-from cxr_tf.data import schema as _schema
+from serving import contract as serving_contract
 
 # The TF Serving protos, loaded by `_load_apis` (not at import: see there).
 get_model_metadata_pb2 = predict_pb2 = prediction_service_pb2_grpc = None
 
 DEFAULT_FINDINGS = tuple(serving_contract.FINDINGS)
-IMAGE_EXTENSIONS = _schema.IMAGE_EXTENSIONS
+IMAGE_EXTENSIONS = serving_contract.IMAGE_EXTENSIONS
 MODEL_INFO_SIGNATURE = serving_contract.MODEL_INFO_SIGNATURE
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"

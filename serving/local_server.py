@@ -99,16 +99,23 @@ from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from cxr_tf import serving_contract
+from serving import contract as serving_contract
 
 DEFAULT_SIGNATURE = serving_contract.SERVING_SIGNATURE
 _VERSION_DIR = re.compile(r"^\d+$")
+# ModelSpec.version is an Int64Value; versions are positive.
+MAX_VERSION = 2**63 - 1
+# REST bodies are JSON with base64 images: a batch of 64 films of ~3 MB.
+DEFAULT_MAX_REST_BODY_BYTES = 256 * 1024 * 1024
+# How long a REST handler waits on a silent client (headers or body).
+DEFAULT_REST_TIMEOUT_SECONDS = 30.0
 
 
 class RequestError(Exception):
     """A request that cannot be served; carries the gRPC status code."""
 
     def __init__(self, code, message):
+        message = _printable(message)
         super().__init__(message)
         self.code = code
         self.message = message
@@ -131,28 +138,44 @@ class Servable:
     signature_defs: dict
 
 
-def list_versions(model_base_path):
-    """Returns the complete numeric versions under a model base path, ascending.
+def scan_versions(model_base_path):
+    """The complete numeric versions under a model base path, and the others.
 
-    A version counts once its directory holds saved_model.pb (an export writes
-    to a temporary name and renames, so a half-written one is never listed).
+    A version is complete once its directory holds saved_model.pb and
+    assets/ (an export writes to a temporary name and renames, so it is
+    never seen half-written; a folder copied by hand may be, and one
+    without assets/ lacks the findings and thresholds the model card and
+    clients read).
 
     Args:
       model_base_path: directory holding `<version>/saved_model.pb`.
 
     Returns:
-      Sorted list of ints.
+      (sorted list of complete versions, `{version: why it is skipped}`).
     """
     if not tf.io.gfile.isdir(model_base_path):
-        return []
-    versions = []
+        return [], {}
+    versions, skipped = [], {}
     for name in tf.io.gfile.listdir(model_base_path):
         name = name.rstrip("/")
-        if _VERSION_DIR.match(name) and tf.io.gfile.exists(
-            os.path.join(model_base_path, name, "saved_model.pb")
-        ):
+        if not _VERSION_DIR.match(name):
+            continue
+        path = os.path.join(model_base_path, name)
+        missing = []
+        if not tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+            missing.append("saved_model.pb")
+        if not tf.io.gfile.isdir(os.path.join(path, "assets")):
+            missing.append("assets/")
+        if missing:
+            skipped[int(name)] = f"{path} has no {' and no '.join(missing)}"
+        else:
             versions.append(int(name))
-    return sorted(versions)
+    return sorted(versions), skipped
+
+
+def list_versions(model_base_path):
+    """Returns the complete numeric versions (`scan_versions`), ascending."""
+    return scan_versions(model_base_path)[0]
 
 
 def read_signature_defs(export_path):
@@ -194,6 +217,7 @@ class ServableStore:
         self._current = None
         self._stop = threading.Event()
         self._thread = None
+        self._reported_skips = set()
         self.loaded_event = threading.Event()
 
     @property
@@ -207,7 +231,17 @@ class ServableStore:
         Returns:
           The version served after the poll, or None while there is none.
         """
-        versions = list_versions(self.model_base_path)
+        versions, skipped = scan_versions(self.model_base_path)
+        for version, reason in sorted(skipped.items()):
+            # Once per folder and reason, not at every poll.
+            if (version, reason) not in self._reported_skips:
+                self._reported_skips.add((version, reason))
+                logging.warning(
+                    "Not serving %s version %d: %s (incomplete copy?)",
+                    self.model_name,
+                    version,
+                    reason,
+                )
         current = self.current
         if versions and (current is None or versions[-1] > current.version):
             version = versions[-1]
@@ -398,21 +432,53 @@ class Predictor:
                 grpc.StatusCode.INVALID_ARGUMENT, _op_error_message(e)
             ) from None
         except tf.errors.OpError as e:
-            raise RequestError(grpc.StatusCode.INTERNAL, _op_error_message(e))
+            raise RequestError(grpc.StatusCode.INTERNAL, _op_error_message(e)) from None
+        except UnicodeDecodeError:
+            # TF could not turn the op's status message into text: it quoted
+            # raw request bytes, which only an op refusing its input does.
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Signature {name!r} refused its input (the model's error "
+                "message held raw request bytes and is not repeated)",
+            ) from None
         keys = list(output_filter) or list(outputs)
         return name, {k: np.asarray(outputs[k].numpy()) for k in keys}
 
 
+_MAX_MESSAGE_CHARS = 500
+_ASSERTION = re.compile(r"^assertion failed: \[(?P<text>.*)\]$")
+
+
 def _op_error_message(error):
-    """The line of a TF graph error that says what went wrong."""
+    """The line of a TF graph error that says what went wrong.
+
+    Graph asserts (`image_header.guard_image_bytes`) come as "assertion
+    failed: [text]"; the text is kept. The line is cut to 500 printable
+    characters, so an op that quotes its input cannot echo it whole.
+    """
     lines = [
         line.strip()
         for line in error.message.splitlines()
         if line.strip()
         and not line.startswith(("Graph execution error", "Detected at node", "<stack"))
         and not line.strip().startswith("[[")
+        and not line.startswith("  File ")
     ]
-    return lines[0] if lines else error.message
+    line = lines[0] if lines else error.message
+    line = re.sub(r"^(\{\{function_node [^}]*\}\}\s*)+", "", line)
+    line = re.sub(r"\s*\[\[.*$|\s*\[Op:.*$", "", line)
+    match = _ASSERTION.match(line)
+    if match:
+        line = match["text"]
+    return _printable(line)
+
+
+def _printable(text):
+    """`text` with non-printable characters as "?", at most 500 characters."""
+    text = "".join(c if c.isprintable() else "?" for c in str(text))
+    if len(text) > _MAX_MESSAGE_CHARS:
+        text = text[: _MAX_MESSAGE_CHARS - 3] + "..."
+    return text
 
 
 def _request_arrays(request):
@@ -448,6 +514,13 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             )
         except RequestError as e:
             context.abort(e.code, e.message)
+        except Exception as e:  # pylint: disable=broad-except
+            # gRPC would answer UNKNOWN with the exception's text.
+            logging.exception("Predict failed")
+            context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"Predict failed with {type(e).__name__}; see the server log",
+            )
         response = predict_pb2.PredictResponse()
         response.model_spec.name = self.predictor.store.model_name
         response.model_spec.version.value = servable.version
@@ -516,10 +589,15 @@ def _json_to_array(value, tensor_info):
 class _RestHandler(http.server.BaseHTTPRequestHandler):
     """The /v1/models/<name>[/versions/<v>|/labels/<l>][/metadata|:predict] subset."""
 
-    predictor = None  # Set on a subclass per server.
+    # Set on a subclass per server.
+    predictor = None
+    max_body_bytes = DEFAULT_MAX_REST_BODY_BYTES
+    # socketserver applies it to the connection: a read that waits longer
+    # (headers, or a body shorter than its Content-Length) raises TimeoutError.
+    timeout = DEFAULT_REST_TIMEOUT_SECONDS
     _PATH = re.compile(
         r"^/v1/models/(?P<name>[^/:]+)"
-        r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+        r"(?:/versions/(?P<version>[^/:]*)|/labels/(?P<label>[^/:]+))?"
         r"(?P<verb>/metadata|:predict)?$"
     )
 
@@ -534,8 +612,8 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, error):
-        http_code = {
+    def _error(self, error, http_code=None):
+        http_code = http_code or {
             grpc.StatusCode.INVALID_ARGUMENT: 400,
             grpc.StatusCode.NOT_FOUND: 404,
             grpc.StatusCode.UNAVAILABLE: 503,
@@ -549,8 +627,15 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
                 grpc.StatusCode.NOT_FOUND, f"Malformed request: {self.path}"
             )
         spec = model_pb2.ModelSpec(name=match["name"])
-        if match["version"]:
-            spec.version.value = int(match["version"])
+        if match["version"] is not None:
+            version = match["version"]
+            if not version.isdigit() or not 0 < int(version) <= MAX_VERSION:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"Version in {self.path[:200]} must be an integer in "
+                    f"1..{MAX_VERSION}. Received: {version[:40]!r}",
+                )
+            spec.version.value = int(version)
         if match["label"]:
             spec.version_label = match["label"]
         return spec, match["verb"]
@@ -564,11 +649,54 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
     def _guarded(self, handler):
         try:
             handler()
+        except TimeoutError:
+            # The client sent less than it announced; answer and hang up
+            # instead of holding this thread.
+            self.close_connection = True
+            self._error(
+                RequestError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"Request body not received within {self.timeout:g} s "
+                    "(shorter than its Content-Length?)",
+                ),
+                http_code=408,
+            )
         except Exception as e:  # pylint: disable=broad-except
             # Answer 500 rather than dropping the connection, which a client
             # would take for an unreachable server and retry.
             logging.exception("REST handler failed")
-            self._error(RequestError(grpc.StatusCode.INTERNAL, repr(e)))
+            self._error(
+                RequestError(
+                    grpc.StatusCode.INTERNAL,
+                    f"{type(e).__name__} while handling the request; see the "
+                    "server log",
+                )
+            )
+
+    def _read_body(self):
+        """The request body, within `max_body_bytes` (413 above it)."""
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise _HttpError(411, "Send a Content-Length; chunked bodies are not read")
+        value = self.headers.get("Content-Length")
+        if value is None:
+            self.close_connection = True
+            raise _HttpError(411, "A POST needs a Content-Length header")
+        if not value.strip().isdigit():
+            self.close_connection = True
+            raise _HttpError(
+                400, f"Content-Length must be a byte count. Received: {value[:40]!r}"
+            )
+        length = int(value)
+        if length > self.max_body_bytes:
+            # The body stays unread: the connection cannot be reused.
+            self.close_connection = True
+            raise _HttpError(
+                413,
+                f"Request body of {length} bytes is over the limit of "
+                f"{self.max_body_bytes} bytes; send fewer images per request",
+            )
+        return self.rfile.read(length)
 
     def _get(self):
         try:
@@ -617,13 +745,17 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
                     grpc.StatusCode.NOT_FOUND, f"Unsupported POST {self.path}"
                 )
             servable = self.predictor.store.resolve(spec)
-            length = int(self.headers.get("Content-Length", 0))
             try:
-                body = json.loads(self.rfile.read(length))
+                body = json.loads(self._read_body())
             except ValueError as e:
                 raise RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"Body is not JSON: {e}"
                 ) from None
+            if not isinstance(body, dict):
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "Body must be a JSON object with 'instances' or 'inputs'",
+                )
             name, signature_def = self.predictor.signature(
                 servable, body.get("signature_name", "")
             )
@@ -686,6 +818,17 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
                 self._reply(200, {"outputs": lists})
         except RequestError as e:
             self._error(e)
+        except _HttpError as e:
+            self._reply(e.http_code, {"error": e.message})
+
+
+class _HttpError(Exception):
+    """A REST refusal with no gRPC counterpart (411, 413)."""
+
+    def __init__(self, http_code, message):
+        super().__init__(message)
+        self.http_code = http_code
+        self.message = message
 
 
 class LocalServer:
@@ -704,6 +847,8 @@ class LocalServer:
         max_workers=8,
         rest_api_port=None,
         version_labels=None,
+        max_rest_body_bytes=DEFAULT_MAX_REST_BODY_BYTES,
+        rest_timeout_seconds=DEFAULT_REST_TIMEOUT_SECONDS,
     ):
         """Builds the server; `start()` loads the newest version and listens.
 
@@ -719,9 +864,13 @@ class LocalServer:
           max_workers: gRPC worker threads.
           rest_api_port: also answer the REST subset on this port (0 = free).
           version_labels: optional `{label: version}`.
+          max_rest_body_bytes: largest REST request body read (413 above).
+          rest_timeout_seconds: how long a REST handler waits for a client
+            that has stopped sending (408 for a body cut short).
 
         Raises:
-          ValueError: only one of ssl_cert / ssl_key, or a missing file.
+          ValueError: only one of ssl_cert / ssl_key, a missing file, or a
+            non-positive limit.
         """
         if bool(ssl_cert) != bool(ssl_key):
             raise ValueError(
@@ -736,6 +885,16 @@ class LocalServer:
                 "`max_batch_size` must be a positive int. "
                 f"Received: max_batch_size={max_batch_size}"
             )
+        for name, value in (
+            ("max_rest_body_bytes", max_rest_body_bytes),
+            ("rest_timeout_seconds", rest_timeout_seconds),
+        ):
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(
+                    f"`{name}` must be a positive number. Received: {name}={value!r}"
+                )
+        self.max_rest_body_bytes = max_rest_body_bytes
+        self.rest_timeout_seconds = rest_timeout_seconds
         self.store = ServableStore(model_base_path, model_name, version_labels)
         self.predictor = Predictor(self.store, max_batch_size)
         self.host = host
@@ -788,7 +947,15 @@ class LocalServer:
             raise RuntimeError(f"Could not bind the gRPC port {address}")
         self._server.start()
         if self.rest_api_port is not None:
-            handler = type("Handler", (_RestHandler,), {"predictor": self.predictor})
+            handler = type(
+                "Handler",
+                (_RestHandler,),
+                {
+                    "predictor": self.predictor,
+                    "max_body_bytes": self.max_rest_body_bytes,
+                    "timeout": self.rest_timeout_seconds,
+                },
+            )
             self._http = http.server.ThreadingHTTPServer(
                 (self.host, self.rest_api_port), handler
             )

@@ -151,6 +151,31 @@ def test_report_tables_and_statements(reproduce, tmp_path):
     assert "Spread (max - min) between seeds: mean AUC 0.020" in text
 
 
+def test_report_keeps_hand_collected_section(reproduce, tmp_path):
+    results = _results(reproduce)
+    md = tmp_path / "RESULTS.md"
+    reproduce.write_report(results, md, tmp_path / "results")
+    generated = md.read_text()
+    hand = (
+        reproduce.HAND_COLLECTED_MARKER
+        + " kept -->\n# Other measurements\n\n- demo: 7 min 25 s\n"
+    )
+    md.write_text(generated.replace("Reproducing", "Stale title") + "\n" + hand)
+    reproduce.write_report(results, md, tmp_path / "results")
+    text = md.read_text()
+    # The generated part is rewritten, the hand-collected tail is kept once.
+    assert "Stale title" not in text
+    assert text == generated + "\n" + hand
+    reproduce.write_report(results, md, tmp_path / "results")
+    assert md.read_text() == text
+
+
+def test_report_of_the_repository_has_a_hand_collected_section(reproduce):
+    text = (ROOT / "docs" / "RESULTS.md").read_text()
+    assert text.count(reproduce.HAND_COLLECTED_MARKER) == 1
+    assert "# Other measurements (hand-collected)" in text
+
+
 def test_compare_within_noise(reproduce):
     assert reproduce._compare(0.5, 0.49, 0.02).startswith("within the seed spread")
     assert reproduce._compare(0.5, 0.4, 0.02) == "higher (+0.100)"

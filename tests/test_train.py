@@ -314,6 +314,39 @@ def test_sigkill_mid_epoch_then_resume_finishes_planned_steps(tiny_data, tmp_pat
     for name in ("config.json", "checkpoints/latest.keras", "checkpoints/best.keras"):
         assert os.path.isfile(os.path.join(model_dir, name)), name
     assert os.listdir(os.path.join(model_dir, "logs", "validation"))
+    # No temporary file of the killed save is left; progress was logged.
+    assert sorted(os.listdir(os.path.join(model_dir, "backup"))) == [
+        "state.json",
+        "step-12.weights.h5",
+    ]
+    assert "steps/s" in rerun.stderr and "run ETA" in rerun.stderr
+    with open(os.path.join(model_dir, "history.json")) as f:
+        history = json.load(f)
+    assert history["epochs"] == [1, 2] and len(history["history"]["val_mean_auc"]) == 2
+
+    # Rerunning the finished training keeps the history.
+    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Trained 12 steps (0 in this run)" in again.stdout
+    with open(os.path.join(model_dir, "history.json")) as f:
+        assert json.load(f) == history
+
+
+@pytest.mark.slow
+def test_cut_shard_fails_with_one_line_naming_the_file(tmp_path):
+    data = tmp_path / "records"
+    write_tiny_records(str(data), counts={"train": 24, "val": 4})
+    shard = data / "train-00000-of-00001.tfrecord.gz"
+    content = shard.read_bytes()
+    shard.write_bytes(content[: len(content) // 3])
+    cmd = _train_cmd(
+        str(data), str(tmp_path / "model"), "--epochs=1", "--steps_per_epoch=4"
+    )
+    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+    assert "damaged TFRecord file: truncated record at" in run.stderr
+    assert str(shard) in run.stderr
+    assert "DataLossError" not in run.stderr.splitlines()[-1]
 
 
 @pytest.mark.slow
@@ -330,6 +363,8 @@ def test_mirrored_over_two_logical_cpus(tiny_data, tmp_path):
     run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 replica(s)" in run.stderr
+    # Progress inside the epoch works under MirroredStrategy.
+    assert "Epoch 1/1 step 1/2 (step 1/2 of the run)" in run.stderr
     assert _steps(model_dir) == 2
     _load(model_dir)
 

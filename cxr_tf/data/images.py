@@ -1,4 +1,7 @@
-"""Decodes chest X-ray files (PNG, JPEG, DICOM) to 2-D uint8 grayscale arrays."""
+"""Decodes chest X-ray files (PNG, JPEG, DICOM) to 2-D uint8 grayscale arrays.
+
+The DICOM steps, in words: docs/DATA_AND_METRICS.md, section 9.
+"""
 
 import contextlib
 import dataclasses

@@ -9,6 +9,9 @@ import os
 import re
 import shutil
 import struct
+import tempfile
+import threading
+import time
 import typing
 import uuid
 import zlib
@@ -21,6 +24,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import numpy as np
 import tensorflow as tf
 
+from cxr_tf import errors
 from cxr_tf.data import images
 from cxr_tf.data import metadata
 from cxr_tf.data import preprocess
@@ -54,19 +58,23 @@ _RUNNING_MODES = ("multi_processing", "multi_threading", "in_memory")
 _TARGET_SHARD_BYTES = 128 << 20
 
 
-class SkipFractionExceededError(RuntimeError):
+class SkipFractionExceededError(errors.UserError, RuntimeError):
     """More rows were skipped than `max_skip_fraction` allows.
 
     Raised after the records and the report are written; `report` holds it.
     """
 
-    def __init__(self, message, report):
-        super().__init__(message)
+    def __init__(self, what, report, where="", fix=""):
+        super().__init__(what, where, fix)
         self.report = report
 
 
-class AmbiguousTableError(ValueError):
+class AmbiguousTableError(errors.UserValueError):
     """The search under `data_dir` found two or more candidates for one table."""
+
+
+class RecordsExistError(errors.UserError, FileExistsError):
+    """`output_dir` already holds records and `overwrite` is False."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,33 +129,33 @@ class IngestConfig:
         for name in ("data_dir", "output_dir"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
-                raise ValueError(
+                raise errors.UserValueError(
                     f"`{name}` must be a non-empty path. Received: {name}={value!r}"
                 )
         for name in ("image_size", "images_per_shard", "num_workers", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(
+                raise errors.UserValueError(
                     f"`{name}` must be a non-negative int. Received: {name}={value!r}"
                 )
         if not 0.0 <= self.max_skip_fraction <= 1.0:
-            raise ValueError(
+            raise errors.UserValueError(
                 "`max_skip_fraction` must be in [0, 1]. "
                 f"Received: max_skip_fraction={self.max_skip_fraction!r}"
             )
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                raise ValueError(
+                raise errors.UserValueError(
                     f"`{name}` must be in [0, 1). Received: {name}={value!r}"
                 )
         if self.dicom_orientation not in images.ORIENTATIONS:
-            raise ValueError(
+            raise errors.UserValueError(
                 f"`dicom_orientation` must be one of {images.ORIENTATIONS}. "
                 f"Received: dicom_orientation={self.dicom_orientation!r}"
             )
         if self.running_mode not in _RUNNING_MODES:
-            raise ValueError(
+            raise errors.UserValueError(
                 f"`running_mode` must be one of {_RUNNING_MODES}. "
                 f"Received: running_mode={self.running_mode!r}"
             )
@@ -160,49 +168,126 @@ def _is_remote(path):
     return "://" in str(path)
 
 
-def _walk(root, skip_dir=None):
-    """Yields (folder, file name) of every file under `root`, in sorted order."""
+# Reasons a folder is not walked (the report's `skipped_folders[*].reason`).
+LINK_LOOP = "link_loop"
+REPEATED_FOLDER = "repeated_folder"
+UNREADABLE_FOLDER = "unreadable_folder"
+
+
+def _walk(root, skip_dir=None, skipped_folders=None):
+    """Yields (folder, file name) of every file under `root`, each real folder once.
+
+    Local folders are walked first without following links, so a folder is
+    listed under its own path; then each folder link whose target has not
+    been listed yet is walked the same way. A link back to an ancestor (a
+    loop) or to a folder already listed is not followed: it is appended to
+    `skipped_folders` as {"path", "target", "reason"}, as is a folder that
+    cannot be read.
+    """
+    if skipped_folders is None:
+        skipped_folders = []
     if _is_remote(root):
         for folder, _, names in tf.io.gfile.walk(root):
             for name in sorted(names):
                 yield folder, name
         return
     skip_dir = os.path.realpath(skip_dir) if skip_dir else None
-    for folder, dirs, names in os.walk(root, followlinks=True):
-        dirs[:] = sorted(
-            d
-            for d in dirs
-            if not d.startswith(".")
-            and os.path.realpath(os.path.join(folder, d)) != skip_dir
+    visited = {}  # real path -> the path it was listed under
+    links = []
+
+    def unreadable(error):
+        skipped_folders.append(
+            {
+                "path": error.filename or "",
+                "target": "",
+                "reason": UNREADABLE_FOLDER,
+                "detail": error.strerror or str(error),
+            }
         )
-        for name in sorted(names):
-            yield folder, name
+
+    def skip(path, real, reason):
+        skipped_folders.append(
+            {
+                "path": path,
+                "target": real,
+                "reason": reason,
+                "detail": f"already listed as {visited[real]}",
+            }
+        )
+
+    def walk_tree(top):
+        visited[os.path.realpath(top)] = top
+        for folder, dirs, names in os.walk(top, onerror=unreadable):
+            kept = []
+            for d in sorted(dirs):
+                path = os.path.join(folder, d)
+                real = os.path.realpath(path)
+                if d.startswith(".") or real == skip_dir:
+                    continue
+                if os.path.islink(path):
+                    links.append(path)
+                    continue
+                if real in visited:
+                    # A real folder first reached through an earlier link.
+                    skip(path, real, REPEATED_FOLDER)
+                    continue
+                visited[real] = path
+                kept.append(d)
+            dirs[:] = kept
+            for name in sorted(names):
+                yield folder, name
+
+    yield from walk_tree(root)
+    while links:
+        path = links.pop(0)
+        real = os.path.realpath(path)
+        if not os.path.isdir(real):
+            continue  # a link to nothing: os.walk lists no files under it
+        if real in visited:
+            parent = os.path.realpath(os.path.dirname(path))
+            loop = parent == real or parent.startswith(real.rstrip(os.sep) + os.sep)
+            skip(path, real, LINK_LOOP if loop else REPEATED_FOLDER)
+            continue
+        yield from walk_tree(path)
 
 
-def scan_data_dir(data_dir, skip_dir=None):
-    """Lists the tables and image files under `data_dir`, walking it once.
+def scan_data_dir(data_dir, skip_dir=None, skipped_folders=None):
+    """Lists the tables and image files under `data_dir`, each real folder once.
 
     Args:
       data_dir: root folder.
       skip_dir: a folder not to descend into (the output folder).
+      skipped_folders: optional list; folder links not followed (a loop back
+        to an ancestor, or a second path to a folder already listed) and
+        unreadable folders are appended as {"path", "target", "reason",
+        "detail"}.
 
     Returns:
       `(tables, images)`: `tables` maps each key of `TABLE_PATTERNS` to the
       sorted list of candidate paths; `images` maps a file name to the sorted
-      list of paths with that name (files with an `IMAGE_EXTENSIONS` suffix).
+      list of paths with that name (files with an `IMAGE_EXTENSIONS` suffix;
+      file links to a file already listed under that name are left out).
     """
     tables = {key: [] for key in TABLE_PATTERNS}
-    images = collections.defaultdict(list)
-    for folder, name in _walk(data_dir, skip_dir):
+    images = collections.defaultdict(dict)
+    for folder, name in _walk(data_dir, skip_dir, skipped_folders):
         lower = name.lower()
         path = os.path.join(folder, name)
         if lower.endswith(IMAGE_EXTENSIONS):
-            images[name].append(path)
+            real = path if _is_remote(path) else os.path.realpath(path)
+            images[name].setdefault(real, []).append(path)
             continue
         for key, pattern in TABLE_PATTERNS.items():
             if pattern.match(lower):
                 tables[key].append(path)
-    return tables, dict(images)
+    tables = {key: sorted(paths) for key, paths in tables.items()}
+    # One path per real file: the first in sorted order, so a link and its
+    # target give one film.
+    listed = {
+        name: sorted(min(paths) for paths in by_real.values())
+        for name, by_real in images.items()
+    }
+    return tables, listed
 
 
 def resolve_tables(config, found):
@@ -228,24 +313,27 @@ def resolve_tables(config, found):
         given = getattr(config, key)
         if given:
             if not _exists(given):
-                raise FileNotFoundError(f"`{key}` file not found: {given!r}")
+                raise errors.UserFileError(
+                    f"`{key}` file not found", given, f"check --{key}"
+                )
             chosen[key] = given
     for key in TABLE_PATTERNS:
         if key in chosen:
             continue
         candidates = sorted(found.get(key, []))
         if len(candidates) > 1:
-            listed = "\n  ".join(candidates)
             raise AmbiguousTableError(
-                f"Found {len(candidates)} candidates for `{key}` under "
-                f"{config.data_dir!r}:\n  {listed}\nPass the one to use with "
-                f"--{key}=PATH."
+                f"found {len(candidates)} candidates for `{key}`: "
+                + ", ".join(candidates),
+                config.data_dir,
+                f"pass the one to use with --{key}=PATH",
             )
         chosen[key] = candidates[0] if candidates else None
     if chosen["data_entry"] is None:
-        raise FileNotFoundError(
-            f"No Data_Entry table (Data_Entry_2017*.csv) found under "
-            f"{config.data_dir!r}. Pass it with --data_entry=PATH."
+        raise errors.UserFileError(
+            "no Data_Entry table (Data_Entry_2017*.csv) found",
+            config.data_dir,
+            "pass it with --data_entry=PATH",
         )
     return chosen
 
@@ -317,6 +405,47 @@ def encode_png(pixels, level=6):
     )
 
 
+def check_box(x, y, w, h, width, height):
+    """Checks a box row against its image; returns (box or None, reason).
+
+    Args:
+      x, y, w, h: the box in pixels of the file (top-left corner, size).
+      width, height: the file's size in pixels.
+
+    Returns:
+      `(box, "")` for a box inside the image, `(box, note)` for one that
+      reaches more than one pixel outside it (clipped to the image), and
+      `(None, reason)` for one refused: a coordinate not finite, a size not
+      positive, or less than one pixel of width or height inside the image.
+      `box` is [xmin, ymin, xmax, ymax] normalised by the image.
+    """
+    values = (x, y, w, h)
+    text = f"box [x={x}, y={y}, w={w}, h={h}]"
+    if not all(math.isfinite(v) for v in values):
+        return None, f"{text} has a coordinate that is not finite"
+    if w <= 0 or h <= 0:
+        return None, f"{text} has a size that is not positive"
+    corners = np.array([x, y, x + w, y + h], dtype=np.float64)
+    if not np.isfinite(corners).all():
+        return None, f"{text} reaches past the largest float"
+    clipped = np.clip(corners, 0.0, [width, height, width, height])
+    inside_w = clipped[2] - clipped[0]
+    inside_h = clipped[3] - clipped[1]
+    if inside_w < 1.0 or inside_h < 1.0:
+        if (corners == clipped).all():
+            return None, f"{text} is less than one pixel wide or high"
+        return None, (
+            f"{text} lies outside the {width}x{height} image "
+            f"({inside_w:g}x{inside_h:g} px inside); not written"
+        )
+    box = clipped / np.array([width, height, width, height], dtype=np.float64)
+    if np.abs(corners - clipped).max() > 1.0:
+        return box, (
+            f"{text} extends outside the {width}x{height} image; clipped"
+        )
+    return box, ""
+
+
 def encode_item(item, image_size, orientation="auto"):
     """Reads, decodes, resizes and serializes one work item.
 
@@ -331,7 +460,8 @@ def encode_item(item, image_size, orientation="auto"):
       `(serialized_example, None, notes)` on success, or `(None, skip, [])`
       with `skip` a report entry {"row", "image_id", "reason", "detail"}.
       `notes` are report entries {"kind", "row", "image_id", "reason"}:
-      kind "box_note" for a box clipped to the image, "orientation_corrected"
+      kind "box_note" for a box clipped to the image, "box_skipped" for a
+      box refused by `check_box` (not written), "orientation_corrected"
       for a DICOM inverted because its content contradicts its header.
     """
 
@@ -373,27 +503,32 @@ def encode_item(item, image_size, orientation="auto"):
                 "inverted (dicom_orientation='header' keeps the header's)",
             }
         )
-    boxes = []
+    boxes, box_labels = [], []
     for (x, y, w, h), label, row in zip(
         item["boxes"], item["box_labels"], item["box_rows"]
     ):
-        # Boxes are in pixels of the file; normalised coordinates do not change
-        # under an aspect-kept resize.
-        raw = np.array(
-            [x / original_w, y / original_h, (x + w) / original_w, (y + h) / original_h]
-        )
-        clipped = np.clip(raw, 0.0, 1.0)
-        if np.abs(raw - clipped).max() * max(original_h, original_w) > 1.0:
+        box, reason = check_box(x, y, w, h, original_w, original_h)
+        if box is None:
+            notes.append(
+                {
+                    "kind": "box_skipped",
+                    "row": row,
+                    "image_id": item["image_id"],
+                    "reason": reason,
+                }
+            )
+            continue
+        if reason:
             notes.append(
                 {
                     "kind": "box_note",
                     "row": row,
                     "image_id": item["image_id"],
-                    "reason": f"box [x={x}, y={y}, w={w}, h={h}] extends outside the "
-                    f"{original_w}x{original_h} image; clipped",
+                    "reason": reason,
                 }
             )
-        boxes.append(clipped)
+        boxes.append(box)
+        box_labels.append(label)
     example = tfrecord.make_example(
         encode_png(stored),
         image_id=item["image_id"],
@@ -404,12 +539,184 @@ def encode_item(item, image_size, orientation="auto"):
         original_height=original_h,
         original_width=original_w,
         boxes=np.array(boxes, np.float32).reshape(-1, 4),
-        box_labels=item["box_labels"],
+        box_labels=box_labels,
         view_position=item["view_position"],
         age=item["age"],
         sex=item["sex"],
     )
     return example.SerializeToString(), None, notes
+
+
+# The driver logs progress at least this often while Beam encodes films.
+PROGRESS_INTERVAL_S = 10.0
+
+
+def _format_seconds(seconds):
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+class FilmTally:
+    """Counts films done, one byte per film, in a local folder.
+
+    Each Beam worker process appends to its own file (O_APPEND), so any
+    DirectRunner mode counts without a shared lock, and the driver sums the
+    file sizes. A worker on another machine (Flink, Dataflow) has no such
+    folder: its tally stays silent and only the final count is logged.
+
+    Args:
+      folder: the folder the driver watches (made by the driver).
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+        self._fd = None
+
+    def __getstate__(self):
+        return {"folder": self.folder, "_fd": None}
+
+    def add(self):
+        """Counts one film (never raises: progress must not fail a job)."""
+        if self._fd is None:
+            name = os.path.join(self.folder, f"{os.getpid()}-{uuid.uuid4().hex}")
+            try:
+                self._fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            except OSError:
+                self._fd = -1
+        if self._fd >= 0:
+            try:
+                os.write(self._fd, b".")
+            except OSError:
+                pass
+
+    def close(self):
+        if self._fd is not None and self._fd >= 0:
+            os.close(self._fd)
+        self._fd = None
+
+    def count(self):
+        """Films counted so far, by every process."""
+        total = 0
+        try:
+            with os.scandir(self.folder) as found:
+                for entry in found:
+                    total += entry.stat().st_size
+        except OSError:
+            pass
+        return total
+
+
+class IngestProgress:
+    """Logs films done, films per second and ETA while the Beam job runs.
+
+    A daemon thread in the driver reads `FilmTally.count()` every
+    `interval_s` and logs one line; `stop()` logs the final count and rate.
+    The rate is taken over the last `RATE_WINDOW_S` seconds, from the first
+    film on, so the workers' start-up (tens of seconds for multi_processing)
+    does not drag the ETA.
+
+    Args:
+      tally: a `FilmTally`.
+      total: films the job will encode.
+      interval_s: seconds between lines.
+      clock: seconds since some origin (tests pass a fake).
+      log: where lines go (`logging.info`-like, %-style arguments).
+    """
+
+    RATE_WINDOW_S = 30.0
+
+    def __init__(
+        self,
+        tally,
+        total,
+        interval_s=PROGRESS_INTERVAL_S,
+        clock=time.monotonic,
+        log=None,
+    ):
+        self.tally = tally
+        self.total = int(total)
+        self.interval_s = float(interval_s)
+        self._clock = clock
+        self._log = log or logging.info
+        self._stop = threading.Event()
+        self._thread = None
+        self._reset()
+
+    def _reset(self):
+        self._start = self._clock()
+        self._idle_until = self._start  # last time no film was done yet
+        self._all_done_at = None
+        self._samples = []  # (time, films done) of each line
+
+    def _rate(self, now, done):
+        ref_t, ref_done = self._idle_until, 0
+        for t, d in self._samples:
+            if t >= now - self.RATE_WINDOW_S and t >= self._idle_until:
+                ref_t, ref_done = t, d
+                break
+        if now <= ref_t or done <= ref_done:
+            return done / max(now - self._idle_until, 1e-9)
+        return (done - ref_done) / (now - ref_t)
+
+    def line(self, done=None):
+        """One progress line: count, rate and ETA (or the phase)."""
+        done = self.tally.count() if done is None else done
+        now = self._clock()
+        elapsed = _format_seconds(now - self._start)
+        if done == 0:
+            self._idle_until = now
+            text = (
+                f"ingest: 0/{self.total} films, starting the Beam workers "
+                f"({elapsed} elapsed)"
+            )
+        elif done < self.total:
+            rate = self._rate(now, done)
+            eta = _format_seconds((self.total - done) / max(rate, 1e-9))
+            text = (
+                f"ingest: {done}/{self.total} films, {rate:.1f} films/s, ETA {eta}"
+            )
+        else:
+            if self._all_done_at is None:
+                self._all_done_at = now
+            text = (
+                f"ingest: {done}/{self.total} films encoded, writing the shards "
+                f"({elapsed} elapsed)"
+            )
+        self._samples.append((now, done))
+        return text
+
+    def final_line(self, done=None):
+        """The closing line: films, total time and mean rate of the encoding."""
+        done = self.tally.count() if done is None else done
+        now = self._clock()
+        end = self._all_done_at or now
+        rate = done / max(end - self._idle_until, 1e-9)
+        return (
+            f"ingest: {done}/{self.total} films in {_format_seconds(now - self._start)}"
+            f", {rate:.1f} films/s once the workers ran"
+        )
+
+    def _run(self):
+        while not self._stop.wait(self.interval_s):
+            self._log("%s", self.line())
+
+    def start(self):
+        self._reset()
+        self._thread = threading.Thread(
+            target=self._run, name="ingest-progress", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._log("%s", self.final_line())
 
 
 def write_shard(output_dir, split, shard, num_shards, records):
@@ -443,15 +750,18 @@ def write_shard(output_dir, split, shard, num_shards, records):
 class _EncodeFn(beam.DoFn):
     """Work item -> ((split, shard, num_shards), (image_id, record)) or events."""
 
-    def __init__(self, image_size, orientation):
+    def __init__(self, image_size, orientation, tally=None):
         super().__init__()
         self._image_size = image_size
         self._orientation = orientation
+        self._tally = tally
 
     def process(self, item):
         serialized, skipped, notes = encode_item(
             item, self._image_size, self._orientation
         )
+        if self._tally is not None:
+            self._tally.add()
         for note in notes:
             yield beam.pvalue.TaggedOutput("events", note)
         if skipped is not None:
@@ -459,6 +769,10 @@ class _EncodeFn(beam.DoFn):
             return
         key = (item["split"], item["shard"], item["num_shards"])
         yield key, (item["image_id"], serialized)
+
+    def teardown(self):
+        if self._tally is not None:
+            self._tally.close()
 
 
 class _WriteShardFn(beam.DoFn):
@@ -474,7 +788,7 @@ class _WriteShardFn(beam.DoFn):
         yield {"kind": "written", "split": split, "shard": shard, "image_ids": ids}
 
 
-def _build_pipeline(pipeline, work, config, tmp_dir):
+def _build_pipeline(pipeline, work, config, tmp_dir, tally=None):
     """Adds the ingest transforms to `pipeline`."""
     encoded = (
         pipeline
@@ -483,7 +797,7 @@ def _build_pipeline(pipeline, work, config, tmp_dir):
         | "Spread" >> beam.Reshuffle()
         | "Encode"
         >> beam.ParDo(
-            _EncodeFn(config.image_size, config.dicom_orientation)
+            _EncodeFn(config.image_size, config.dicom_orientation, tally)
         ).with_outputs("events", main="records")
     )
     written = (
@@ -556,6 +870,7 @@ def _plan(config, tables, image_files):
             "row": int(p["row"]),
             "image_id": p.get("image_id") or "",
             "detail": p["reason"],
+            "file": p["file"],
         }
         if p.get("dropped", True):
             skipped.append(dict(entry, reason=_problem_reason(p["reason"])))
@@ -563,14 +878,14 @@ def _plan(config, tables, image_files):
             warnings.append(entry)
     rows_read = len(entries) + len(skipped)
 
-    box_problems = []
+    box_skipped = []
     boxes_by_image = collections.defaultdict(list)
     box_rows_read = 0
     if tables["bbox_list"]:
         bbox_problems = []
         bbox = metadata.read_bbox_list(tables["bbox_list"], problems=bbox_problems)
         box_rows_read = len(bbox) + len(bbox_problems)
-        box_problems.extend(
+        box_skipped.extend(
             {
                 "row": int(p["row"]),
                 "image_id": p.get("image_id") or "",
@@ -578,17 +893,7 @@ def _plan(config, tables, image_files):
             }
             for p in bbox_problems
         )
-        known = set(entries["image_id"].to_numpy(object))
         for rec in bbox.itertuples(index=False):
-            if rec.image_id not in known:
-                box_problems.append(
-                    {
-                        "row": int(rec.row),
-                        "image_id": rec.image_id,
-                        "reason": "image not in Data_Entry",
-                    }
-                )
-                continue
             boxes_by_image[rec.image_id].append(
                 (
                     [float(rec.x), float(rec.y), float(rec.w), float(rec.h)],
@@ -605,14 +910,20 @@ def _plan(config, tables, image_files):
     test_ids = (
         metadata.read_image_list(tables["test_list"]) if tables["test_list"] else None
     )
-    splits = metadata.split_by_patient(
-        entries,
-        train_val_ids=train_val_ids,
-        test_ids=test_ids,
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
-        seed=config.seed,
-    )
+    try:
+        splits = metadata.split_by_patient(
+            entries,
+            train_val_ids=train_val_ids,
+            test_ids=test_ids,
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+        )
+    except metadata.PatientLeakError as e:
+        lists = [tables[k] for k in ("train_val_list", "test_list") if tables[k]]
+        raise metadata.PatientLeakError(
+            e.what, " and ".join(lists) or tables["data_entry"], e.fix
+        ) from None
     split_of = {}
     for split in schema.SPLITS:
         for image_id in splits.get(split, []):
@@ -662,6 +973,26 @@ def _plan(config, tables, image_files):
             }
         )
 
+    # A box row whose image is not ingested is reported with the reason.
+    with_work = {it["image_id"] for items in present.values() for it in items}
+    row_skip = {}
+    for entry in skipped:
+        row_skip.setdefault(entry["image_id"], entry)
+    for image_id, found_boxes in boxes_by_image.items():
+        if image_id in with_work:
+            continue
+        entry = row_skip.get(image_id)
+        reason = (
+            f"image not ingested: Data_Entry row {entry['row']} skipped "
+            f"({entry['reason']})"
+            if entry
+            else "image not in Data_Entry"
+        )
+        box_skipped.extend(
+            {"row": row, "image_id": image_id, "reason": reason}
+            for _, _, row in found_boxes
+        )
+
     work = []
     num_shards = {}
     for split in schema.SPLITS:
@@ -682,7 +1013,7 @@ def _plan(config, tables, image_files):
         "rows_read": rows_read,
         "metadata_warnings": warnings,
         "box_rows_read": box_rows_read,
-        "box_problems": box_problems,
+        "box_skipped": box_skipped,
         "num_shards": num_shards,
         "unlisted_image_files": unlisted,
         "duplicate_image_files": duplicate_files,
@@ -691,7 +1022,7 @@ def _plan(config, tables, image_files):
     return work, plan, skipped
 
 
-def run_ingest(config, pipeline_args=()):
+def run_ingest(config, pipeline_args=(), progress_interval_s=PROGRESS_INTERVAL_S):
     """Runs the ingestion job and writes `ingest_report.json`.
 
     Tables are located (or taken from the config) and read in the driver,
@@ -704,43 +1035,83 @@ def run_ingest(config, pipeline_args=()):
       config: `IngestConfig`.
       pipeline_args: Beam pipeline options, passed through unparsed
         (`--runner=FlinkRunner`, `--direct_num_workers=4`, ...).
+      progress_interval_s: seconds between the progress lines (films done,
+        films per second, ETA) logged while Beam encodes.
 
     Returns:
       The report dict (also written to `output_dir/ingest_report.json`):
       "rows_read" == "rows_written" + "rows_skipped", "written" per split,
-      "skipped" (every skipped row: row, image_id, reason, detail),
-      "skipped_by_reason", "box_problems", "orientation_corrected" (DICOMs
-      inverted because their content contradicts their header: row,
-      image_id, reason), "unlisted_image_files", ...
+      "skipped" (every skipped row: row, image_id, reason, detail; "file"
+      too for a row the table reader refused),
+      "skipped_by_reason"; for BBox_List rows "box_rows_read" ==
+      "boxes_written" + "box_rows_skipped", "box_skipped" (every box row not
+      written: row, image_id, reason), "box_notes" (boxes clipped to their
+      image); "orientation_corrected" (DICOMs inverted because their
+      content contradicts their header: row, image_id, reason),
+      "skipped_folders" (folder links not followed: loops, second paths to
+      a folder; unreadable folders), "unlisted_image_files", ...
 
     Raises:
-      FileNotFoundError: `data_dir` or a named table is missing, or no
+      UserFileError: `data_dir` or a named table is missing, or no
         Data_Entry table is found.
+      UserValueError: a table cannot be used (a required column missing, a
+        damaged image list); `metadata.PatientLeakError` when the split
+        lists put a patient in two splits (names the patients and lists).
       AmbiguousTableError: two candidates for a table (names both).
-      FileExistsError: `output_dir` already holds records and `overwrite` is
-        False.
+      RecordsExistError: `output_dir` already holds records and `overwrite`
+        is False (a `FileExistsError`).
       SkipFractionExceededError: more than `max_skip_fraction` of the rows
         were skipped (raised after writing the records and the report).
+      All of these are `cxr_tf.errors.UserError`: one line, no traceback.
     """
     if not isinstance(config, IngestConfig):
         raise ValueError(f"`config` must be an IngestConfig. Received: {config!r}")
     if not _exists(config.data_dir):
-        raise FileNotFoundError(f"`data_dir` not found: {config.data_dir!r}")
+        raise errors.UserFileError(
+            "`data_dir` not found", config.data_dir, "pass an existing folder"
+        )
     logging.info("Ingest config: %s", json.dumps(config.to_dict(), sort_keys=True))
-    tf.io.gfile.makedirs(config.output_dir)
+    try:
+        tf.io.gfile.makedirs(config.output_dir)
+    except tf.errors.OpError as e:
+        raise errors.UserFileError(
+            f"cannot create the output folder: {e.message}",
+            config.output_dir,
+            "pass a folder you can write to with --output_dir",
+        ) from None
     existing = _existing_records(config.output_dir)
     if existing and not config.overwrite:
-        raise FileExistsError(
-            f"{config.output_dir!r} already holds {len(existing)} record file(s), "
-            f"e.g. {existing[0]!r}. Pass --overwrite or another --output_dir."
+        raise RecordsExistError(
+            f"the folder already holds {len(existing)} record file(s), e.g. "
+            f"{os.path.basename(existing[0])!r}",
+            config.output_dir,
+            "pass --overwrite or another --output_dir",
         )
     for path in existing:
         tf.io.gfile.remove(path)
 
-    found, image_files = scan_data_dir(config.data_dir, skip_dir=config.output_dir)
+    skipped_folders = []
+    found, image_files = scan_data_dir(
+        config.data_dir, skip_dir=config.output_dir, skipped_folders=skipped_folders
+    )
+    if skipped_folders:
+        shown = "; ".join(
+            f"{f['path']} -> {f['target'] or '?'} ({f['reason']})"
+            for f in skipped_folders[:3]
+        )
+        more = len(skipped_folders) - 3
+        logging.warning(
+            "ingest: %d folder(s) not walked (each real folder is listed once): "
+            "%s%s; see skipped_folders in %s",
+            len(skipped_folders),
+            shown,
+            f" and {more} more" if more > 0 else "",
+            schema.INGEST_REPORT,
+        )
     tables = resolve_tables(config, found)
     logging.info("Tables: %s; %d image files", tables, len(image_files))
     work, plan, skipped = _plan(config, tables, image_files)
+    plan["skipped_folders"] = skipped_folders
     logging.info(
         "%d rows read, %d with an image file go to Beam, %d skipped before",
         plan["rows_read"],
@@ -752,12 +1123,20 @@ def run_ingest(config, pipeline_args=()):
     tf.io.gfile.makedirs(tmp_dir)
     written = {split: [] for split in schema.SPLITS}
     box_notes = []
+    box_skipped = []
     corrected = []
     try:
         if work:
             options = _pipeline_options(config, pipeline_args)
-            with _importable_in_workers(), beam.Pipeline(options=options) as pipeline:
-                _build_pipeline(pipeline, work, config, tmp_dir)
+            tally = FilmTally(tempfile.mkdtemp(prefix="cxr_tf_ingest_progress_"))
+            progress = IngestProgress(tally, len(work), progress_interval_s)
+            try:
+                with _importable_in_workers(), beam.Pipeline(options=options) as p:
+                    progress.start()
+                    _build_pipeline(p, work, config, tmp_dir, tally)
+            finally:
+                progress.stop()
+                shutil.rmtree(tally.folder, ignore_errors=True)
         for path in sorted(tf.io.gfile.glob(os.path.join(tmp_dir, "events*"))):
             with tf.io.gfile.GFile(path) as f:
                 for line in f:
@@ -769,6 +1148,8 @@ def run_ingest(config, pipeline_args=()):
                         skipped.append(event)
                     elif kind == "orientation_corrected":
                         corrected.append(event)
+                    elif kind == "box_skipped":
+                        box_skipped.append(event)
                     else:
                         box_notes.append(event)
     finally:
@@ -788,7 +1169,9 @@ def run_ingest(config, pipeline_args=()):
                 with tf.io.TFRecordWriter(path, options):
                     pass
 
-    report = _report(config, tables, plan, written, skipped, box_notes, corrected, work)
+    report = _report(
+        config, tables, plan, written, skipped, box_notes, box_skipped, corrected, work
+    )
     path = tf.io.gfile.join(config.output_dir, schema.INGEST_REPORT)
     with tf.io.gfile.GFile(path, "w") as f:
         f.write(report_to_json(report))
@@ -805,9 +1188,11 @@ def run_ingest(config, pipeline_args=()):
         raise SkipFractionExceededError(
             f"{report['rows_skipped']} of {report['rows_read']} rows skipped "
             f"({report['skip_fraction']:.2%}), more than max_skip_fraction="
-            f"{config.max_skip_fraction}: {report['skipped_by_reason']}. "
-            f"Every skipped row is listed in {path}.",
+            f"{config.max_skip_fraction}: {report['skipped_by_reason']}",
             report,
+            path,
+            "every skipped row is listed there with its reason; fix the data or "
+            "raise --max_skip_fraction",
         )
     return report
 
@@ -830,7 +1215,41 @@ def report_to_json(report):
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
-def _report(config, tables, plan, written, skipped, box_notes, corrected, work):
+def _box_accounts(plan, work, written_ids, skipped, box_skipped):
+    """Returns (boxes written, every box row skipped with its reason)."""
+    refused = {b["row"] for b in box_skipped}
+    skip_of = {}
+    for entry in skipped:
+        skip_of.setdefault(entry["image_id"], entry)
+    box_skipped = list(plan["box_skipped"]) + list(box_skipped)
+    boxes_written = 0
+    for item in work:
+        if item["image_id"] in written_ids:
+            boxes_written += sum(1 for r in item["box_rows"] if r not in refused)
+            continue
+        entry = skip_of.get(item["image_id"], {"row": item["row"], "reason": "?"})
+        box_skipped.extend(
+            {
+                "row": row,
+                "image_id": item["image_id"],
+                "reason": f"image not ingested: Data_Entry row {entry['row']} "
+                f"skipped ({entry['reason']})",
+            }
+            for row in item["box_rows"]
+        )
+    box_skipped.sort(key=lambda b: (b["row"], b["image_id"]))
+    if boxes_written + len(box_skipped) != plan["box_rows_read"]:
+        raise RuntimeError(
+            f"Ingest box accounting is off: {plan['box_rows_read']} box rows read "
+            f"but {boxes_written} written + {len(box_skipped)} skipped. This is a "
+            "bug in cxr_tf."
+        )
+    return boxes_written, box_skipped
+
+
+def _report(
+    config, tables, plan, written, skipped, box_notes, box_skipped, corrected, work
+):
     patients = plan["patients"]
     rows_written = sum(len(ids) for ids in written.values())
     skipped = sorted(skipped, key=lambda s: (s["row"], s["image_id"]))
@@ -841,8 +1260,8 @@ def _report(config, tables, plan, written, skipped, box_notes, corrected, work):
             f"written + {len(skipped)} skipped. This is a bug in cxr_tf."
         )
     written_ids = {i for ids in written.values() for i in ids}
-    boxes_written = sum(
-        len(it["boxes"]) for it in work if it["image_id"] in written_ids
+    boxes_written, box_skipped = _box_accounts(
+        plan, work, written_ids, skipped, box_skipped
     )
     patients_per_split = {
         split: len({patients[i] for i in ids}) for split, ids in written.items()
@@ -864,12 +1283,13 @@ def _report(config, tables, plan, written, skipped, box_notes, corrected, work):
         "metadata_warnings": plan["metadata_warnings"],
         "box_rows_read": plan["box_rows_read"],
         "boxes_written": boxes_written,
-        "box_problems": sorted(
-            plan["box_problems"] + box_notes, key=lambda b: (b["row"], b["image_id"])
-        ),
+        "box_rows_skipped": len(box_skipped),
+        "box_skipped": box_skipped,
+        "box_notes": sorted(box_notes, key=lambda b: (b["row"], b["image_id"])),
         "orientation_corrected": sorted(
             corrected, key=lambda c: (c["row"], c["image_id"])
         ),
         "unlisted_image_files": plan["unlisted_image_files"],
         "duplicate_image_files": plan["duplicate_image_files"],
+        "skipped_folders": plan["skipped_folders"],
     }

@@ -1,7 +1,9 @@
 """tf.data input pipeline: ingested TFRecords -> normalised, augmented batches."""
 
+import contextlib
 import dataclasses
 import math
+import re
 
 import tensorflow as tf
 
@@ -438,3 +440,103 @@ def build_dataset(
     if config.private_threadpool_size:
         options.threading.private_threadpool_size = config.private_threadpool_size
     return dataset.with_options(options)
+
+
+# ---------------------------------------------------------------------------
+# Damaged record files.
+#
+# tf.data reports a truncated or corrupted `.tfrecord.gz` as a DataLossError
+# that names no file. Checking every shard before each run would cost a full
+# read of the data set; instead the error is caught where a dataset is
+# iterated (fit, a Python loop) and only then are the split's files read one
+# by one to find the damaged ones.
+
+
+def _tf_error_text(error):
+    """The useful part of a TF runtime error message (no node, no op name)."""
+    text = getattr(error, "message", None) or str(error)
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
+    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S)
+    text = text.replace("' failed with", " failed with")  # TF's stray quote.
+    return " ".join(text.split())
+
+
+def find_damaged_files(files):
+    """Reads each record file to its end; returns the ones TF cannot read.
+
+    Args:
+      files: paths of GZIP TFRecord files.
+
+    Returns:
+      List of (path, reason) for every file that fails to read, in order.
+    """
+    damaged = []
+    for path in files:
+        records = tf.data.TFRecordDataset(path, compression_type="GZIP")
+        try:
+            records.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1)
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+            damaged.append((path, _tf_error_text(e)))
+    return damaged
+
+
+def damaged_records_error(data_dir, splits, error):
+    """The `UserFileError` for a DataLossError met while reading `splits`.
+
+    Args:
+      data_dir: folder of the record files.
+      splits: the splits that were being read.
+      error: the `tf.errors.DataLossError` raised by the iterator.
+
+    Returns:
+      A `cxr_tf.errors.UserFileError` naming the damaged files, or the
+      original error when no file of `splits` fails a read on its own.
+    """
+    from cxr_tf import errors
+
+    files = []
+    for split in splits:
+        try:
+            files += tfrecord.record_files(data_dir, split)
+        except FileNotFoundError:
+            continue
+    damaged = find_damaged_files(files)
+    if not damaged:
+        return error
+    path, reason = damaged[0]
+    more = ""
+    if len(damaged) > 1:
+        more = f" and {len(damaged) - 1} more: " + ", ".join(p for p, _ in damaged[1:])
+    return errors.UserFileError(
+        f"damaged TFRecord file: {reason}{more}",
+        path,
+        "the file is truncated or corrupt; rerun ingest (python -m "
+        "pipeline.ingest, or the pipeline, which checks its cached outputs) "
+        "to write it again",
+    )
+
+
+@contextlib.contextmanager
+def naming_damaged_files(data_dir, splits):
+    """Turns a DataLossError raised inside the block into an error naming the file.
+
+    Args:
+      data_dir: folder of the record files read inside the block.
+      splits: the splits read inside the block.
+
+    Raises:
+      cxr_tf.errors.UserFileError: a record file of `splits` is damaged.
+    """
+    try:
+        yield
+    except tf.errors.DataLossError as e:
+        found = damaged_records_error(data_dir, splits, e)
+        if found is e:
+            raise
+        raise found from e
+
+
+def iterate_naming_damaged_files(dataset, data_dir, split):
+    """Iterates `dataset` (built from `split`), naming a damaged file on failure."""
+    with naming_damaged_files(data_dir, (split,)):
+        yield from dataset

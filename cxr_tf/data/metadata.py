@@ -1,4 +1,7 @@
-"""ChestX-ray14 metadata: Data_Entry table, box list, official lists, patient splits."""
+"""ChestX-ray14 metadata: Data_Entry table, box list, official lists, patient splits.
+
+The file formats and their quirks: docs/DATA_AND_METRICS.md, sections 3-5.
+"""
 
 import csv
 import io
@@ -8,6 +11,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from cxr_tf import errors
 from cxr_tf.data import schema
 
 # Header names (lower-cased, spaces collapsed) accepted for each column.
@@ -21,6 +25,12 @@ _ENTRY_COLUMNS = {
     "view_position": ("view position", "view_position", "view"),
 }
 _REQUIRED_ENTRY_COLUMNS = ("image_id", "finding_labels", "patient_id")
+# The NIH table's spelling of each required column, for messages.
+_ENTRY_COLUMN_TITLES = {
+    "image_id": "Image Index",
+    "finding_labels": "Finding Labels",
+    "patient_id": "Patient ID",
+}
 ENTRY_COLUMNS = (
     "image_id",
     "patient_id",
@@ -48,35 +58,106 @@ _IMAGE_LIST_HEADERS = (
 _AGE_UNITS = {"": 1.0, "Y": 1.0, "M": 1.0 / 12.0, "W": 7.0 / 365.25, "D": 1.0 / 365.25}
 
 
-def _read_rows(path):
-    """Returns (header, rows, line numbers) of a CSV file; blank lines skipped."""
+def _read_text(path, what):
+    """Returns `(text, any_bad)`: bytes of `path` that are not UTF-8 become surrogates.
+
+    `surrogateescape` keeps every other byte of a file with one bad byte, so
+    the rows around it still parse; `_bad_bytes` finds the bad ones again.
+    """
     path = pathlib.Path(path)
     try:
-        # utf-8-sig drops a BOM that spreadsheet software may add.
-        text = path.read_text(encoding="utf-8-sig")
+        data = path.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(f"Metadata file not found: {str(path)!r}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not a UTF-8 text file ({e}).") from None
+        raise errors.UserFileError(
+            f"{what} not found", str(path), "check the path"
+        ) from None
+    except IsADirectoryError:
+        raise errors.UserFileError(
+            f"{what} is a folder, not a file", str(path), "pass the file's path"
+        ) from None
+    # A BOM that spreadsheet software may add.
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="surrogateescape"), True
+
+
+# What `surrogateescape` makes of the bytes 0x80-0xff that are not UTF-8.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _bad_bytes(text):
+    """Describes the non-UTF-8 bytes of `text` ("" when there are none)."""
+    found = [f"0x{ord(c) - 0xDC00:02x}" for c in _ESCAPED_BYTE.findall(text)]
+    if not found:
+        return ""
+    return "byte(s) " + ", ".join(found[:5]) + (" ..." if len(found) > 5 else "")
+
+
+def _replace_bad(text):
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _read_rows(path):
+    """Reads a CSV file: header, rows, line numbers and undecodable rows.
+
+    Returns:
+      `(header, rows, lines, bad)`: `header` the first non-blank row (bytes
+      that are not UTF-8 replaced by U+FFFD), `rows` the later rows and
+      `lines` their 1-based line numbers (blank lines skipped), `bad` a list
+      of `(line, reason, fields)` for rows holding bytes that are not UTF-8
+      (left out of `rows`; `fields` with those bytes replaced by U+FFFD).
+
+    Raises:
+      UserFileError: the file does not exist.
+      UserValueError: the file is empty, or not CSV the reader can split.
+    """
+    text, any_bad = _read_text(path, "Metadata file")
     reader = csv.reader(io.StringIO(text, newline=""))
     header = None
-    rows = []
-    lines = []
-    for fields in reader:
-        if not fields or all(not f.strip() for f in fields):
-            continue
-        if header is None:
-            header = fields
-            continue
-        rows.append(fields)
-        lines.append(reader.line_num)
+    rows, lines, bad = [], [], []
+    try:
+        for fields in reader:
+            if not fields or all(not f.strip() for f in fields):
+                continue
+            if header is None:
+                header = [_replace_bad(f) for f in fields]
+                continue
+            undecodable = any_bad and _bad_bytes("".join(fields))
+            if undecodable:
+                where = [i for i, f in enumerate(fields) if _bad_bytes(f)]
+                bad.append(
+                    (
+                        reader.line_num,
+                        f"not UTF-8 text: {undecodable} in field "
+                        f"{', '.join(str(i + 1) for i in where)}; row left out",
+                        [_replace_bad(f) for f in fields],
+                    )
+                )
+                continue
+            rows.append(fields)
+            lines.append(reader.line_num)
+    except csv.Error as e:
+        raise errors.UserValueError(
+            f"unreadable CSV: {e}",
+            f"{path}, line {reader.line_num}",
+            "fix or remove that line",
+        ) from None
     if header is None:
-        raise ValueError(f"{path}: the file is empty (no header row).")
-    return header, rows, lines
+        raise errors.UserValueError(
+            "the file is empty (no header row)", str(path), "pass the full table"
+        )
+    return header, rows, lines, bad
 
 
 def _norm_name(name):
     return " ".join(name.strip().lower().split())
+
+
+class PatientLeakError(errors.UserValueError):
+    """A patient has images in two splits (e.g. in both official lists)."""
 
 
 # `kind` of a problem: a stable code next to the human-readable `reason`.
@@ -124,15 +205,17 @@ def read_data_entry(path):
       dicts `{"file", "row", "image_id", "reason", "dropped", "kind"}` (`kind`
       one of `PROBLEM_KINDS`): rows that were
       left out (`dropped=True`: unknown or empty label, duplicate or malformed
-      image id, malformed patient id, wrong field count) or kept with a field
+      image id, malformed patient id, wrong field count, bytes that are not
+      UTF-8) or kept with a field
       blanked (`dropped=False`: malformed or implausible age, malformed
       follow-up number).
 
     Raises:
-      FileNotFoundError: the file does not exist.
-      ValueError: the file is empty or lacks a required column.
+      UserFileError: the file does not exist.
+      UserValueError: the file is empty or lacks a required column (one
+        line naming the file and the column).
     """
-    header, rows, lines = _read_rows(path)
+    header, rows, lines, undecodable = _read_rows(path)
     names = [_norm_name(h) for h in header]
     col_index = {}
     for key, aliases in _ENTRY_COLUMNS.items():
@@ -142,12 +225,22 @@ def read_data_entry(path):
                 break
     missing = [k for k in _REQUIRED_ENTRY_COLUMNS if k not in col_index]
     if missing:
-        raise ValueError(
-            f"{path}: header lacks the column(s) {missing} (expected e.g. "
-            f"'Image Index', 'Finding Labels', 'Patient ID'). Received: "
-            f"header={header!r}"
+        wanted = ", ".join(repr(_ENTRY_COLUMN_TITLES[k]) for k in missing)
+        needed = ", ".join(repr(t) for t in _ENTRY_COLUMN_TITLES.values())
+        raise errors.UserValueError(
+            f"the header lacks the required column(s) {wanted}",
+            f"{path}, line 1",
+            f"a Data_Entry table needs the columns {needed}; this header has "
+            + ", ".join(repr(h) for h in header),
         )
     problems = []
+    for line, reason, fields in undecodable:
+        image_id = ""
+        if len(fields) > col_index["image_id"]:
+            image_id = fields[col_index["image_id"]].strip()
+        if "\ufffd" in image_id:
+            image_id = ""
+        problems.append(_problem(path, line, image_id, reason, True, "malformed_row"))
     n_fields = max(col_index.values()) + 1
     # A trailing comma in the header adds an empty column the rows lack.
     n_header = len(header)
@@ -399,6 +492,31 @@ def label_matrix(entries):
     return np.stack(entries["labels"].to_list()).astype(np.int8, copy=False)
 
 
+def _is_box_header(fields):
+    """Whether the first row of a box list is its header, not a box.
+
+    A known first column name ("Image Index") is a header; so is a row whose
+    first field is not an image file name and whose four box fields are all
+    non-numeric ("Image_Idx,Label,x,y,w,h"), so a renamed header is not
+    counted as a bad box row.
+    """
+    if not fields:
+        return False
+    if _norm_name(fields[0]) in _IMAGE_LIST_HEADERS:
+        return True
+    if re.search(r"\.(png|jpe?g|dcm|dicom)$", fields[0].strip().lower()):
+        return False
+
+    def numeric(text):
+        try:
+            float(text)
+        except ValueError:
+            return False
+        return True
+
+    return len(fields) >= 6 and not any(numeric(f) for f in fields[2:6])
+
+
 def read_bbox_list(path, problems=None):
     """Reads a ChestX-ray14 box list (`BBox_List_2017.csv` and its variants).
 
@@ -419,18 +537,24 @@ def read_bbox_list(path, problems=None):
       the top-left corner) and `row` (1-based line of the file).
 
     Raises:
-      FileNotFoundError: the file does not exist.
-      ValueError: the file is empty, or (with `problems=None`) a row has an
+      UserFileError: the file does not exist.
+      UserValueError: the file is empty, or (with `problems=None`) a row has an
         unknown finding, a non-numeric or non-positive size, or a wrong
         number of fields; the message names the file and row.
     """
-    header, rows, lines = _read_rows(path)
-    if not header or _norm_name(header[0]) not in _IMAGE_LIST_HEADERS:
+    header, rows, lines, undecodable = _read_rows(path)
+    if not _is_box_header(header):
         # No header: the first line is a box.
         rows.insert(0, header)
         lines.insert(0, 1)
     out = []
-    bad = []
+    bad = [
+        _problem(
+            path, line, "" if "\ufffd" in f[0] else f[0].strip(), reason, True,
+            "malformed_row",
+        )
+        for line, reason, f in undecodable
+    ]
     for fields, line in zip(rows, lines):
         image_id = fields[0].strip()
         reason = None
@@ -466,11 +590,13 @@ def read_bbox_list(path, problems=None):
             continue
         out.append((image_id, finding, x, y, w, h, line))
     if bad:
+        bad.sort(key=lambda p: p["row"])
         if problems is None:
             first = bad[0]
-            raise ValueError(
+            raise errors.UserValueError(
                 f"{path}: {len(bad)} bad box row(s); first at row {first['row']}: "
-                f"{first['reason']} (image {first['image_id']!r})."
+                f"{first['reason']} (image {first['image_id']!r})",
+                fix="fix or remove those rows",
             )
         problems.extend(bad)
     df = pd.DataFrame(out, columns=list(BBOX_COLUMNS))
@@ -492,26 +618,34 @@ def read_image_list(path):
       The image ids, in file order.
 
     Raises:
-      FileNotFoundError: the file does not exist.
-      ValueError: an image id is listed twice (names the file and rows).
+      UserFileError: the file does not exist.
+      UserValueError: an image id is listed twice, or a line is not UTF-8
+        (names the file and rows).
     """
-    path = pathlib.Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Image list not found: {str(path)!r}") from None
+    text, _ = _read_text(path, "Image list")
     ids = []
     seen = {}
     for line_no, line in enumerate(text.splitlines(), start=1):
         image_id = line.split(",", 1)[0].strip()
         if not image_id:
             continue
+        undecodable = _bad_bytes(line)
+        if undecodable:
+            # Dropping the line could move an official test image into
+            # training, so a damaged list stops the job.
+            raise errors.UserValueError(
+                f"not UTF-8 text ({undecodable}): {_replace_bad(line)!r}",
+                f"{path}, line {line_no}",
+                "fix the image id on that line (the list decides the splits)",
+            )
         if not ids and not seen and _norm_name(image_id) in _IMAGE_LIST_HEADERS:
             continue
         if image_id in seen:
-            raise ValueError(
-                f"{path}: image id {image_id!r} is listed twice (rows "
-                f"{seen[image_id]} and {line_no})."
+            raise errors.UserValueError(
+                f"image id {image_id!r} is listed twice (rows "
+                f"{seen[image_id]} and {line_no})",
+                str(path),
+                "list each image once",
             )
         seen[image_id] = line_no
         ids.append(image_id)
@@ -579,8 +713,9 @@ def split_by_patient(
       order of `entries`.
 
     Raises:
-      ValueError: a fraction is outside [0, 1), or the split puts a patient
-        in two splits (names the patients and splits).
+      ValueError: a fraction is outside [0, 1).
+      PatientLeakError: the split puts a patient in two splits (the lists
+        given disagree; names the patients and splits).
     """
     for name, value in (
         ("val_fraction", val_fraction),
@@ -624,9 +759,9 @@ def check_patient_disjoint(entries, splits, max_listed=10):
       max_listed: how many offending patients the message lists.
 
     Raises:
-      ValueError: a split names an image missing from `entries`, or a
-        patient's images are in two or more splits; the message names the
-        patients, their splits and images.
+      ValueError: a split names an image missing from `entries`.
+      PatientLeakError: a patient's images are in two or more splits; the
+        message names the patients, their splits and images.
     """
     patient_of = _patients_of(entries)
     frames = []
@@ -673,7 +808,8 @@ def check_patient_disjoint(entries, splits, max_listed=10):
             f"patient {patient} in {' and '.join(sorted(set(rows['split'])))} ({'; '.join(parts)})"
         )
     more = f" and {len(leaked) - max_listed} more" if len(leaked) > max_listed else ""
-    raise ValueError(
+    raise PatientLeakError(
         f"{len(leaked)} patient(s) appear in more than one split (patient-wise "
-        f"splits are required): " + "; ".join(described) + more + "."
+        f"splits are required): " + "; ".join(described) + more,
+        fix="list each patient's images in one split only",
     )

@@ -2,23 +2,11 @@
 
 import dataclasses
 
+from serving import contract
+
 # Canonical order of Wang et al. 2017; the first 8 have ground-truth boxes.
-FINDINGS = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
+# Written once, in the serving contract, which a client carries alone.
+FINDINGS = contract.FINDINGS
 NUM_FINDINGS = len(FINDINGS)
 BOXED_FINDINGS = FINDINGS[:8]
 NO_FINDING = "No Finding"
@@ -52,7 +40,7 @@ KEY_PATIENT_AGE = "patient/age"
 KEY_PATIENT_SEX = "patient/sex"
 
 # File name endings read as films (PNG, JPEG, DICOM), case-insensitive.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+IMAGE_EXTENSIONS = contract.IMAGE_EXTENSIONS
 TFRECORD_PATTERN = "{split}-*.tfrecord.gz"
 INGEST_REPORT = "ingest_report.json"
 

@@ -30,7 +30,7 @@ from cxr_tf.data import schema
 
 Lesion = _phantom.Lesion
 
-# Per-image prevalence of the v2020 table (DOMAIN.md).
+# Per-image prevalence of the v2020 table (docs/DATA_AND_METRICS.md, "Prevalence").
 REAL_PREVALENCE = {
     "Atelectasis": 0.103,
     "Cardiomegaly": 0.025,

@@ -1,4 +1,7 @@
-"""Classification metrics: per-class AUROC and ROC curves (scikit-learn)."""
+"""Classification metrics: per-class AUROC and ROC curves (scikit-learn).
+
+The definition, in words: docs/DATA_AND_METRICS.md, section 11.
+"""
 
 import numpy as np
 from sklearn import metrics as sk_metrics

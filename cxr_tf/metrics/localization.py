@@ -1,4 +1,7 @@
-"""Localization metrics: IoBB / IoU accuracy, false positives, pixelwise IoP."""
+"""Localization metrics: IoBB / IoU accuracy, false positives, pixelwise IoP.
+
+The definitions, in words: docs/DATA_AND_METRICS.md, sections 12-13.
+"""
 
 import numpy as np
 

@@ -167,14 +167,17 @@ def test_every_row_is_written_or_skipped_with_its_reason(tiny):
 
 def test_box_rows_and_unlisted_files_are_reported(tiny):
     _, _, _, report = tiny
-    problems = {
-        (p["image_id"], p["reason"].split(" ")[0]) for p in report["box_problems"]
-    }
-    assert ("00000099_000.png", "image") in problems  # not in Data_Entry
-    assert ("00000002_000.png", "box") in problems  # clipped
+    assert report["box_skipped"] == [
+        {"row": 4, "image_id": "00000099_000.png", "reason": "image not in Data_Entry"}
+    ]
+    [clipped] = report["box_notes"]
+    assert (clipped["row"], clipped["image_id"]) == (3, "00000002_000.png")
+    assert "clipped" in clipped["reason"]
     assert report["unlisted_image_files"] == 1
     assert report["box_rows_read"] == 4
     assert report["boxes_written"] == 3
+    assert report["box_rows_skipped"] == 1
+    assert report["skipped_folders"] == []
 
 
 def test_records_hold_labels_boxes_and_resized_images(tiny):
@@ -463,6 +466,8 @@ def test_cli_runs_on_tiny_data(tmp_path):
     assert summary["rows_read"] == 12
     report = json.loads((tmp_path / "out" / schema.INGEST_REPORT).read_text())
     assert report["rows_skipped"] == 8
+    # Counted in the two worker processes, logged by the driver.
+    assert "ingest: 8/8 films in " in result.stderr
 
     # Too many skipped rows: exit status 1, the report still written.
     failing = command[:4] + [

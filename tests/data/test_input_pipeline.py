@@ -322,3 +322,77 @@ def test_xla_warp_matches_image_projective_transform():
         np.clip(expected * gain + mean * (1 - gain) + 5.0, 0.0, 255.0),
         atol=1e-2,
     )
+
+
+def _noise_records(folder, split, shards, per_file, size=SIZE):
+    """Shards of noise films (incompressible: a cut lands inside a record)."""
+    rng = np.random.RandomState(0)
+    options = tf.io.TFRecordOptions(compression_type="GZIP")
+    paths = []
+    for shard in range(shards):
+        path = folder / f"{split}-{shard:05d}-of-{shards:05d}.tfrecord.gz"
+        with tf.io.TFRecordWriter(str(path), options) as writer:
+            for i in range(per_file):
+                pixels = rng.randint(0, 255, (size, size, 1)).astype(np.uint8)
+                writer.write(
+                    tfrecord.make_example(
+                        tf.io.encode_png(pixels).numpy(),
+                        image_id=f"{split}{shard}_{i}.png",
+                        labels=np.zeros(schema.NUM_FINDINGS, np.int64),
+                        height=size,
+                        width=size,
+                    ).SerializeToString()
+                )
+        paths.append(path)
+    return paths
+
+
+def _cut(path, fraction=1 / 3):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_cut_shard_is_named_when_read(tmp_path, training):
+    from cxr_tf import errors
+
+    paths = _noise_records(tmp_path, "train", shards=3, per_file=12)
+    _cut(paths[1])
+    ds = input_pipeline.build_dataset(tmp_path, "train", _config(), training=training)
+    with pytest.raises(errors.UserFileError) as info:
+        with input_pipeline.naming_damaged_files(tmp_path, ["train"]):
+            for _ in ds.take(100):
+                pass
+    message = str(info.value)
+    assert str(paths[1]) in message
+    assert "truncated" in message and "\n" not in message
+    # Only the cut shard is blamed.
+    assert str(paths[0]) not in message and str(paths[2]) not in message
+    assert isinstance(info.value.__cause__, tf.errors.DataLossError)
+
+
+def test_iteration_of_intact_shards_loses_nothing(tmp_path):
+    _noise_records(tmp_path, "test", shards=2, per_file=5)
+    ds = input_pipeline.build_dataset(
+        tmp_path, "test", _config(), training=False, with_info=True
+    )
+    ids = [
+        i.decode()
+        for features, _ in input_pipeline.iterate_naming_damaged_files(
+            ds, tmp_path, "test"
+        )
+        for i in features["image_id"].numpy()
+    ]
+    assert sorted(ids) == sorted(f"test{s}_{i}.png" for s in range(2) for i in range(5))
+    assert input_pipeline.find_damaged_files(sorted(tmp_path.glob("*.gz"))) == []
+
+
+def test_damaged_file_named_in_evaluation_loop(tmp_path):
+    from cxr_tf import errors
+
+    (path,) = _noise_records(tmp_path, "test", shards=1, per_file=12)
+    _cut(path, 0.5)
+    ds = input_pipeline.build_dataset(tmp_path, "test", _config(), training=False)
+    with pytest.raises(errors.UserFileError, match="damaged TFRecord file") as info:
+        list(input_pipeline.iterate_naming_damaged_files(ds, tmp_path, "test"))
+    assert info.value.where == str(path)

@@ -115,7 +115,7 @@ def test_labels_in_canonical_order(entries_v2020):
     for finding_labels, row in zip(entries["finding_labels"][:2000], labels[:2000]):
         names = [] if finding_labels == schema.NO_FINDING else finding_labels.split("|")
         assert sorted(schema.FINDINGS[i] for i in np.flatnonzero(row)) == sorted(names)
-    # Prevalence of the v2020 table (DOMAIN.md): No Finding 53.8 %,
+    # Prevalence of the v2020 table (docs/DATA_AND_METRICS.md): No Finding 53.8 %,
     # Infiltration 17.7 %, Hernia 0.2 %.
     prevalence = labels.mean(axis=0) * 100
     assert no_finding.mean() * 100 == pytest.approx(53.8, abs=0.1)

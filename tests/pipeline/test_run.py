@@ -74,6 +74,64 @@ def flags_value(flags, name):
     return next(f.split("=", 1)[1] for f in flags if f.startswith(f"--{name}="))
 
 
+def _config(tmp_path, data):
+    from pipeline import run
+
+    return run.PipelineConfig(
+        pipeline_root=str(tmp_path / "root"),
+        serving_model_dir=str(tmp_path / "serving"),
+        train_flagfile=str(REPO / "configs" / "demo.flags"),
+        data_dir=str(data),
+    )
+
+
+def test_last_run_reflects_a_failed_run_and_times_each_step(
+    tmp_path, monkeypatch, caplog
+):
+    from cxr_tf import errors
+    from pipeline import run
+
+    data = tmp_path / "raw"
+    data.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "last_run.json").write_text(json.dumps({"status": "succeeded"}))
+    shard = str(data / "train-00001-of-00002.tfrecord.gz")
+
+    def ingest_fails(module, args, log_path=None):
+        raise errors.UserFileError("damaged TFRecord file: truncated record", shard)
+
+    monkeypatch.setattr(run._subprocess, "run_module", ingest_fails)
+    caplog.set_level("INFO")
+    with pytest.raises(base.StepUserError, match="train-00001-of-00002"):
+        run.run_pipeline(_config(tmp_path, data))
+    report = json.loads((root / "last_run.json").read_text())
+    assert report["status"] == "failed" and report["failed_step"] == "ingest"
+    assert shard in report["error"] and "\n" not in report["error"]
+    assert report["runs"]["ingest"]["action"] == "failed"
+    assert "pipeline step 1/5: ingest" in caplog.text
+
+    # Ingest now works; statistics fails: ingest is timed, statistics named.
+    monkeypatch.setattr(run._subprocess, "run_module", lambda *a, **k: None)
+
+    def statistics_fails(*args):
+        raise base.AnomaliesFoundError("label_domain: value 2 in train")
+
+    monkeypatch.setattr(run.statistics, "run_statistics", statistics_fails)
+    with pytest.raises(base.StepFailedError, match="label_domain"):
+        run.run_pipeline(_config(tmp_path, data))
+    report = json.loads((root / "last_run.json").read_text())
+    assert report["failed_step"] == "statistics"
+    assert report["runs"]["ingest"]["action"] == "ran"
+    assert report["runs"]["ingest"]["seconds"] >= 0
+    assert set(report["steps"]) == {"ingest"}
+    assert "AnomaliesFoundError: label_domain" in report["error"]
+    # The summary table names every step with what it did.
+    table = caplog.text[caplog.text.rindex("steps:") :]
+    for line in ("ingest       ran", "statistics   failed", "train        not run"):
+        assert line in table, table
+
+
 @pytest.mark.slow
 def test_pipeline_runs_caches_and_reruns_what_changed(tmp_path):
     flags = _tiny_flags(tmp_path)
@@ -211,3 +269,39 @@ def test_killed_during_train_resumes_without_redoing_earlier_steps(tmp_path):
         pathlib.Path(report["steps"]["train"]["uri"]) / "train.log"
     ).read_text()
     assert "Finished 40 steps" in train_log
+
+
+@pytest.mark.slow
+def test_corrupted_cache_entries_are_rerun_not_reused(tmp_path):
+    # The attack: after a finished run, cut a train shard and the cached model
+    # to a third, then rerun the unchanged command.
+    flags = _tiny_flags(tmp_path)
+    first = _run(flags, tmp_path)
+    assert first["status"] == "succeeded" and first["failed_step"] is None
+    shard = sorted(
+        pathlib.Path(first["steps"]["ingest"]["uri"]).glob("train-*.tfrecord.gz")
+    )[0]
+    model = pathlib.Path(first["steps"]["train"]["uri"]) / "model.keras"
+    sizes = {}
+    for path in (shard, model):
+        data = path.read_bytes()
+        sizes[path] = len(data)
+        path.write_bytes(data[: len(data) // 3])
+
+    second = _run(flags, tmp_path)
+    runs = second["runs"]
+    assert second["status"] == "succeeded"
+    assert runs["ingest"]["action"] == "reran" and str(shard) in runs["ingest"]["reason"]
+    assert runs["train"]["action"] == "reran" and str(model) in runs["train"]["reason"]
+    for step in ("synthetic", "statistics", "evaluate", "push"):
+        assert runs[step]["action"] == "reused", (step, runs[step])
+    # Written again whole; training resumed from its intact backup.
+    from cxr_tf.data import input_pipeline  # pylint: disable=import-outside-toplevel
+
+    assert input_pipeline.find_damaged_files([str(shard)]) == []
+    assert model.stat().st_size > sizes[model] // 3
+    train_log = (model.parent / "train.log").read_text()
+    assert "Finished 2 steps (0 this run)" in train_log
+    assert "sha256" in json.dumps(
+        json.loads((model.parent / base.RECORD_FILE).read_text())["checksums"]
+    )

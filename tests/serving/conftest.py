@@ -3,7 +3,9 @@
 import json
 import os
 import shutil
+import struct
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -160,3 +162,92 @@ def wait_for(condition, timeout=20.0, interval=0.02):
             return True
         time.sleep(interval)
     return bool(condition())
+
+
+def png_zeros(width, height):
+    """A valid all-zero 8-bit gray PNG, compressed row by row (a bomb when large).
+
+    16000x16000 comes to about 240 KB and decodes to 256 MB.
+    """
+    from cxr_tf.data import image_header  # pylint: disable=g-import-not-at-top
+
+    def chunk(kind, data):
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)  # Filter byte 0, then the row.
+    body = b"".join(compressor.compress(row) for _ in range(height))
+    body += compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        image_header.PNG_SIGNATURE
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", body)
+        + chunk(b"IEND", b"")
+    )
+
+
+def export_keras_model(root, image_size=SIZE, box_work_size=256):
+    """A small conv + PCAM Keras model exported by `export_lib` (real graph).
+
+    Boxes are found at `box_work_size` (as benchmarks/serving_load.py): with
+    exact boxes (None) a 6000x6000 film costs gigabytes in box extraction.
+
+    Returns:
+      The model base path (root/serving, holding version 1).
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+
+    from cxr_tf import export_lib  # pylint: disable=g-import-not-at-top
+    from cxr_tf.layers import get_pooling  # pylint: disable=g-import-not-at-top
+    from cxr_tf.models import ModelConfig  # pylint: disable=g-import-not-at-top
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((image_size, image_size, 1), name="image")
+    x = keras.layers.Conv2D(4, 3, strides=4, padding="same", activation="relu")(inputs)
+    logits, maps = get_pooling("pcam", len(FINDINGS))(x)
+    model = keras.Model(
+        inputs,
+        {
+            "logits": logits,
+            "probabilities": keras.layers.Activation("sigmoid")(logits),
+            "localization_maps": maps,
+        },
+    )
+    model_dir = os.path.join(root, "model")
+    os.makedirs(model_dir)
+    model.save(os.path.join(model_dir, "model.keras"))
+    config = ModelConfig(image_size=image_size, pooling="pcam")
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(
+            {
+                "model": config.to_dict(),
+                "findings": list(FINDINGS),
+                "map_kind": "probability",
+            },
+            f,
+        )
+    base = os.path.join(root, "serving")
+    export_lib.export_saved_model(
+        export_lib.ExportConfig(
+            model_dir,
+            base,
+            version=1,
+            threshold=0.5,
+            max_boxes=2,
+            box_work_size=box_work_size,
+        )
+    )
+    return base
+
+
+@pytest.fixture(scope="session")
+def exported_model_dir(tmp_path_factory):
+    """A model base path exported by export_lib under umask 077 (read-only use)."""
+    root = tmp_path_factory.mktemp("exported")
+    old = os.umask(0o077)
+    try:
+        return export_keras_model(str(root))
+    finally:
+        os.umask(old)

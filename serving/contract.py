@@ -2,11 +2,11 @@
 
 The exported SavedModel (`cxr_tf.export_lib`), the local PredictionService
 (`serving.local_server`) and the client (`serving/client.py`) all import
-these names from here. The module imports no TensorFlow, so the client can
-use it without paying TensorFlow's import.
+these names from here. The module imports nothing, neither TensorFlow nor
+cxr_tf, so the client (copied alone to a machine without cxr_tf) carries the
+contract with it; `cxr_tf.data.schema` takes the finding names and the film
+extensions from here.
 """
-
-from cxr_tf.data import schema
 
 # Signatures of the exported SavedModel.
 SERVING_SIGNATURE = "serving_default"  # encoded PNG/JPEG bytes -> outputs
@@ -26,5 +26,24 @@ OUTPUT_KEYS = ("probabilities", "localization_maps", "boxes", "box_scores", "num
 # float32, and two JSON strings (preprocessing, training data).
 MODEL_INFO_KEYS = ("findings", "thresholds", "preprocessing", "training_data")
 
-# The finding names, in the order of a model trained on all 14.
-FINDINGS = schema.FINDINGS
+# The 14 ChestX-ray14 finding names, in the order of the model outputs of a
+# model trained on all of them (and of the records' label vectors).
+FINDINGS = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+
+# File name endings read as films (PNG, JPEG, DICOM), case-insensitive.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
