@@ -21,8 +21,9 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
+
+from cxr_tf import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _SAMPLE = flags.DEFINE_string(
@@ -62,6 +63,7 @@ def _make_data(root, sample_dir, copies):
 
 def main(argv):
     del argv
+    cli.check_dir(_SAMPLE, contains=bool, hint="give a folder of PNG films")
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
         films = _make_data(root / "data", _SAMPLE.value, _COPIES.value)
@@ -118,4 +120,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -16,9 +16,10 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
+
+from cxr_tf import cli
 
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Network input side S.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size.")
@@ -106,6 +107,10 @@ def _make_records(work_dir, image_size, num_patients):
 
 def main(argv):
     del argv
+    if _DATA_DIR.value:
+        cli.check_dir(_DATA_DIR, contains=bool, hint="run pipeline.ingest first")
+    if _WORK_DIR.value:
+        cli.check_writable_dir(_WORK_DIR)
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     from cxr_tf.data import input_pipeline  # pylint: disable=import-outside-toplevel
@@ -158,4 +163,4 @@ def main(argv):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-    app.run(main)
+    cli.run(main)

@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
     # Runs from a checkout without `pip install -e .`.
     sys.path.insert(0, str(ROOT))
 
+from cxr_tf import cli  # noqa: E402 pylint: disable=g-import-not-at-top
 from cxr_tf.data import schema  # noqa: E402 pylint: disable=g-import-not-at-top
 
 # The layers package imports Keras; the names are fixed by the team contract.
@@ -1580,6 +1581,9 @@ def _command(argv):
 
 
 def main(argv):
+    if not _REPORT_ONLY.value:
+        cli.check_writable_dir(_OUTPUT_DIR)
+        cli.check_writable_dir(_WORK_DIR)
     output_dir = pathlib.Path(_OUTPUT_DIR.value)
     md_path = _RESULTS_MD.value or str(output_dir.parent / "RESULTS.md")
     if _REPORT_ONLY.value:
@@ -1706,4 +1710,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("output_dir")
-    app.run(main)
+    cli.run(main)

@@ -42,9 +42,16 @@ from absl import flags
 from absl import logging
 
 import _common  # The script's own directory is on sys.path.
+from cxr_tf import choices
+from cxr_tf import cli
+from cxr_tf import errors
 
-_BACKBONE = flags.DEFINE_string("backbone", "densenet121", "ModelConfig.backbone.")
-_POOLING = flags.DEFINE_string("pooling", "pcam", "ModelConfig.pooling.")
+_BACKBONE = flags.DEFINE_enum(
+    "backbone", "densenet121", list(choices.BACKBONES), "ModelConfig.backbone."
+)
+_POOLING = flags.DEFINE_enum(
+    "pooling", "pcam", list(choices.POOLING_NAMES), "ModelConfig.pooling."
+)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 512, "Input side S (multiple of 32).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Images per step.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (training and inference).")
@@ -127,7 +134,10 @@ def _check_flags():
         ("channels", _CHANNELS.value, 1),
     ):
         if value < low:
-            raise app.UsageError(f"--{name} must be >= {low}. Received: {value}")
+            raise errors.UserValueError(
+                f"--{name} must be >= {low}", f"--{name}={value}", "give a larger value"
+            )
+    cli.check_image_size(_IMAGE_SIZE, _BACKBONE.value)
 
 
 def _build(pooling, jit_compile):
@@ -262,4 +272,4 @@ if __name__ == "__main__":
     # Run as a script from anywhere: the package is the checkout's.
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(main)
+    cli.run(main)

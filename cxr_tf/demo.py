@@ -17,6 +17,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from cxr_tf import cli
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "demo_output", "Output directory.")
@@ -270,8 +272,8 @@ def run_demo(output_dir):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not os.path.isfile(_TRAIN_FLAGFILE.value):
-        raise app.UsageError(f"--train_flagfile not found: {_TRAIN_FLAGFILE.value}")
+    cli.check_file(_TRAIN_FLAGFILE)
+    cli.check_writable_dir(_OUTPUT_DIR)
     summary = run_demo(_OUTPUT_DIR.value)
     pcam, lse = summary["pcam"], summary["lse"]
 
@@ -290,4 +292,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

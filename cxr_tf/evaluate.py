@@ -6,20 +6,27 @@ roc.png, localization_accuracy.png and localization_accuracy_iou.png (and,
 for a model, predictions.jsonl and overlays/ of boxed films with their truth).
 """
 
+import fnmatch
 import json
 
 from absl import app
 from absl import flags
 
-from cxr_tf import evaluate_lib
-from cxr_tf import predict_lib
+from cxr_tf import choices
+from cxr_tf import cli
+from cxr_tf import errors
+from cxr_tf import model_dir
+from cxr_tf.data import schema
+
+# evaluate_lib.IOBB_THRESHOLDS, repeated so --help needs no SciPy import.
+_DEFAULT_IOBB_THRESHOLDS = ("0.1", "0.25", "0.5", "0.75", "0.9")
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Trained model directory.")
 _CHECKPOINT = flags.DEFINE_enum(
-    "checkpoint", "best", ["best", "final", "latest"], "Which model of model_dir."
+    "checkpoint", "best", list(model_dir.CHECKPOINTS), "Which model of model_dir."
 )
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Ingested TFRecords.")
-_SPLIT = flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split.")
+_SPLIT = flags.DEFINE_enum("split", "test", list(schema.SPLITS), "Split.")
 _VAL_SPLIT = flags.DEFINE_string(
     "val_split", "val", "Split that chooses the IoP mask threshold ('' to skip)."
 )
@@ -32,7 +39,7 @@ _DATA_ENTRY = flags.DEFINE_string(
     "data_entry", None, "Label table CSV (predictions; enables AUROC)."
 )
 _MAP = flags.DEFINE_enum(
-    "map", "model", list(predict_lib.MAP_SOURCES), "Localization map source."
+    "map", "model", list(choices.MAP_SOURCES), "Localization map source."
 )
 _BOX_THRESHOLDS = flags.DEFINE_list(
     "box_thresholds",
@@ -41,7 +48,7 @@ _BOX_THRESHOLDS = flags.DEFINE_list(
 )
 _IOBB_THRESHOLDS = flags.DEFINE_list(
     "iobb_thresholds",
-    [str(t) for t in evaluate_lib.IOBB_THRESHOLDS],
+    list(_DEFAULT_IOBB_THRESHOLDS),
     "T of the localization accuracy (IoBB > T, IoU > T).",
 )
 _MASK_THRESHOLDS = flags.DEFINE_list(
@@ -54,9 +61,48 @@ _NUM_OVERLAYS = flags.DEFINE_integer(
 )
 
 
+def _floats(holder):
+    try:
+        return tuple(float(t) for t in holder.value)
+    except ValueError:
+        raise errors.UserValueError(
+            f"not a number in {holder.value}", f"--{holder.name}", "give numbers"
+        ) from None
+
+
+def check_paths():
+    """Checks the model or predictions and the folders before TF loads."""
+    cli.check_writable_dir(_OUTPUT_DIR)
+    if _PREDICTIONS.value:
+        cli.check_file(_PREDICTIONS)
+        cli.require(_BBOX_LIST)
+        cli.check_file(_BBOX_LIST)
+        cli.check_file(_DATA_ENTRY)
+        return
+    if not _MODEL_DIR.value:
+        raise errors.UserValueError(
+            "nothing to evaluate",
+            "--model_dir",
+            "give --model_dir and --data_dir, or --predictions and --bbox_list",
+        )
+    cli.check_model(_MODEL_DIR, _CHECKPOINT.value, "checkpoint")
+    pattern = schema.TFRECORD_PATTERN.format(split=_SPLIT.value)
+    cli.check_dir(
+        _DATA_DIR,
+        contains=lambda names: any(fnmatch.fnmatch(n, pattern) for n in names),
+        hint=f"expected {pattern} files; run `python -m pipeline.ingest` first",
+    )
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    check_paths()
+    box_thresholds = _floats(_BOX_THRESHOLDS)
+    iobb_thresholds = _floats(_IOBB_THRESHOLDS)
+    mask_thresholds = _floats(_MASK_THRESHOLDS)
+    from cxr_tf import evaluate_lib  # pylint: disable=import-outside-toplevel
+
     try:
         config = evaluate_lib.EvalConfig(
             output_dir=_OUTPUT_DIR.value,
@@ -69,19 +115,19 @@ def main(argv):
             bbox_list=_BBOX_LIST.value,
             data_entry=_DATA_ENTRY.value,
             map_source=_MAP.value,
-            box_thresholds=tuple(float(t) for t in _BOX_THRESHOLDS.value),
-            iobb_thresholds=tuple(float(t) for t in _IOBB_THRESHOLDS.value),
-            mask_thresholds=tuple(float(t) for t in _MASK_THRESHOLDS.value),
+            box_thresholds=box_thresholds,
+            iobb_thresholds=iobb_thresholds,
+            mask_thresholds=mask_thresholds,
             batch_size=_BATCH_SIZE.value,
             max_images=_MAX_IMAGES.value,
             num_overlays=_NUM_OVERLAYS.value,
         )
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        raise errors.UserValueError(str(e), "flags", "see --helpfull") from None
     metrics = evaluate_lib.evaluate(config)
     print(json.dumps(evaluate_lib.headline(metrics), indent=2))
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["output_dir"])
-    app.run(main)
+    cli.run(main)

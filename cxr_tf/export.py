@@ -8,14 +8,16 @@ temporary name, then renamed), so a server watching E never loads half of it.
 """
 
 import json
-import sys
+import os
 
 from absl import app
 from absl import flags
 from absl import logging
 
-from cxr_tf import export_lib
+from cxr_tf import cli
+from cxr_tf import errors
 from cxr_tf import localization
+from cxr_tf import model_dir
 
 _MODEL = flags.DEFINE_string(
     "model",
@@ -51,7 +53,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing version.
 _CHECKPOINT = flags.DEFINE_enum(
     "checkpoint",
     "final",
-    ["final", "best", "latest"],
+    list(model_dir.CHECKPOINTS),
     "Which model of a model directory (the evaluated one: give the same "
     "--checkpoint as to cxr_tf.evaluate, or --model=<its .keras file>).",
 )
@@ -72,22 +74,43 @@ def _class_thresholds(values):
         except ValueError:
             sep = ""
         if not sep:
-            raise app.UsageError(
-                f"--class_threshold must be FINDING=NUMBER. Received: {item!r}"
+            raise errors.UserValueError(
+                f"not FINDING=NUMBER: {item!r}",
+                "--class_threshold",
+                "write e.g. --class_threshold=Effusion=0.8",
             )
     return pairs
+
+
+def check_paths():
+    """Checks the model and the export folder before TF loads."""
+    path = cli.require(_MODEL)
+    if not os.path.exists(path):
+        raise errors.UserFileError(
+            "no such model", f"--model={path}", "give a folder written by `cxr_tf.train`"
+        )
+    if _MODEL_CONFIG.value:
+        cli.check_file(_MODEL_CONFIG)
+    else:
+        cli.check_model(_MODEL, _CHECKPOINT.value, "checkpoint")
+    cli.check_file(_METRICS)
+    cli.check_writable_dir(_EXPORT_DIR)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    class_thresholds = _class_thresholds(_CLASS_THRESHOLD.value)
+    check_paths()
+    from cxr_tf import export_lib  # pylint: disable=import-outside-toplevel
+
     try:
         config = export_lib.ExportConfig(
             model_path=_MODEL.value,
             export_dir=_EXPORT_DIR.value,
             version=_VERSION.value,
             threshold=_THRESHOLD.value,
-            class_thresholds=_class_thresholds(_CLASS_THRESHOLD.value),
+            class_thresholds=class_thresholds,
             max_boxes=_MAX_BOXES.value,
             box_work_size=_BOX_WORK_SIZE.value or None,
             model_config_path=_MODEL_CONFIG.value,
@@ -96,18 +119,24 @@ def main(argv):
             overwrite=_OVERWRITE.value,
         )
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        raise errors.UserValueError(str(e), "flags", "see --helpfull") from None
     logging.info("Export config: %s", json.dumps(config.to_dict(), sort_keys=True))
     try:
         path = export_lib.export_saved_model(config)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except FileExistsError as e:
+        raise errors.UserFileError(
+            str(e), f"--export_dir={_EXPORT_DIR.value}", "pass --overwrite or another --version"
+        ) from None
+    except (FileNotFoundError, ValueError) as e:
+        if isinstance(e, errors.UserError):
+            raise
+        raise errors.UserFileError(
+            str(e), f"--model={_MODEL.value}", "give a folder written by `cxr_tf.train`"
+        ) from None
     print(path)
     return 0
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["model", "export_dir"])
-    app.run(main)
+    cli.run(main)

@@ -390,6 +390,7 @@ def load(path, checkpoint="final", config_path=None):
 
     import cxr_tf.layers  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
     from cxr_tf import models  # pylint: disable=g-import-not-at-top
+    import cxr_tf.models.localizer  # noqa: F401  (registers the model's layers)
 
     if config_path is not None:
         if not os.path.isfile(config_path):

@@ -8,23 +8,25 @@ JPEG and DICOM are read; a file that cannot be read is reported and skipped.
 import json
 import sys
 
-from absl import app
 from absl import flags
 
-from cxr_tf import predict_lib
+from cxr_tf import choices
+from cxr_tf import cli
+from cxr_tf import errors
+from cxr_tf import model_dir
 
 _MODEL = flags.DEFINE_string("model", None, "Model directory or .keras file.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory.")
 _CHECKPOINT = flags.DEFINE_enum(
     "checkpoint",
     "final",
-    ["final", "best", "latest"],
+    list(model_dir.CHECKPOINTS),
     "Which model of a model directory.",
 )
 _MAP = flags.DEFINE_enum(
     "map",
     "model",
-    list(predict_lib.MAP_SOURCES),
+    list(choices.MAP_SOURCES),
     "model: the model's own maps; gradcam: Grad-CAM at the backbone features.",
 )
 _POSITIVE_THRESHOLD = flags.DEFINE_float(
@@ -60,26 +62,36 @@ _BBOX_LIST = flags.DEFINE_string(
 
 
 def main(argv):
-    inputs = argv[1:]
-    if not inputs:
-        raise app.UsageError("Give at least one image file or directory.")
-    config = predict_lib.PredictConfig(
-        model=_MODEL.value,
-        output_dir=_OUTPUT_DIR.value,
-        checkpoint=_CHECKPOINT.value,
-        map_source=_MAP.value,
-        positive_threshold=_POSITIVE_THRESHOLD.value,
-        box_threshold=_BOX_THRESHOLD.value,
-        box_findings=_BOX_FINDINGS.value,
-        batch_size=_BATCH_SIZE.value,
-        overlays=_OVERLAYS.value,
-        dicom_orientation=_DICOM_ORIENTATION.value,
-        bbox_list=_BBOX_LIST.value,
-    )
+    inputs = cli.check_inputs(argv[1:])
+    cli.check_model(_MODEL, _CHECKPOINT.value, "checkpoint")
+    cli.check_writable_dir(_OUTPUT_DIR)
+    cli.check_file(_BBOX_LIST)
+    from cxr_tf import predict_lib  # pylint: disable=import-outside-toplevel
+
+    try:
+        config = predict_lib.PredictConfig(
+            model=_MODEL.value,
+            output_dir=_OUTPUT_DIR.value,
+            checkpoint=_CHECKPOINT.value,
+            map_source=_MAP.value,
+            positive_threshold=_POSITIVE_THRESHOLD.value,
+            box_threshold=_BOX_THRESHOLD.value,
+            box_findings=_BOX_FINDINGS.value,
+            batch_size=_BATCH_SIZE.value,
+            overlays=_OVERLAYS.value,
+            dicom_orientation=_DICOM_ORIENTATION.value,
+            bbox_list=_BBOX_LIST.value,
+        )
+    except ValueError as e:
+        raise errors.UserValueError(str(e), "flags", "see --helpfull") from None
     try:
         summary = predict_lib.predict(config, inputs)
     except FileNotFoundError as e:
-        raise app.UsageError(str(e)) from None
+        if isinstance(e, errors.UserError):
+            raise
+        raise errors.UserFileError(
+            str(e), " ".join(inputs), "give PNG, JPEG or DICOM files or folders"
+        ) from None
     for item in summary["failed"]:
         print(f"SKIPPED {item['image']}: {item['reason']}", file=sys.stderr)
     print(json.dumps({k: summary[k] for k in ("predicted", "predictions")}))
@@ -87,4 +99,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["model", "output_dir"])
-    app.run(main)
+    cli.run(main)

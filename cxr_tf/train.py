@@ -5,6 +5,7 @@ override earlier ones. Rerunning the same command after an interruption
 resumes from the last backup and stops at the same total number of steps.
 """
 
+import fnmatch
 import json
 import os
 import sys
@@ -13,7 +14,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from cxr_tf import train_lib
+from cxr_tf import choices
+from cxr_tf import cli
+from cxr_tf import errors
 from cxr_tf.data import schema
 
 _CPU_TUNING = flags.DEFINE_bool(
@@ -31,15 +34,10 @@ _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, "Output directory: config, checkpoints, logs, model."
 )
 _BACKBONE = flags.DEFINE_enum(
-    "backbone",
-    "resnet34",
-    ["resnet34", "densenet121", "resnet50", "infomask", "compact"],
-    "Backbone network.",
+    "backbone", "resnet34", list(choices.BACKBONES), "Backbone network."
 )
-_POOLING = flags.DEFINE_string(
-    "pooling",
-    "pcam",
-    "Global pooling: pcam, avg, max, linear, exp, lse, lse_lba, attention.",
+_POOLING = flags.DEFINE_enum(
+    "pooling", "pcam", list(choices.POOLING_NAMES), "Global pooling."
 )
 _POOLING_OPTIONS = flags.DEFINE_list(
     "pooling_options", [], "Pooling keyword options as name=value (e.g. gamma=10)."
@@ -60,11 +58,11 @@ _VALIDATION_STEPS = flags.DEFINE_integer(
     "validation_steps", None, "Validation batches per epoch (default: all)."
 )
 _OPTIMIZER = flags.DEFINE_enum(
-    "optimizer", "adam", list(train_lib.OPTIMIZERS), "Optimizer."
+    "optimizer", "adam", list(choices.OPTIMIZERS), "Optimizer."
 )
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-4, "Peak learning rate.")
 _LR_SCHEDULE = flags.DEFINE_enum(
-    "lr_schedule", "constant", list(train_lib.LR_SCHEDULES), "Learning-rate schedule."
+    "lr_schedule", "constant", list(choices.LR_SCHEDULES), "Learning-rate schedule."
 )
 _LR_WARMUP_STEPS = flags.DEFINE_integer(
     "lr_warmup_steps", 0, "Linear warm-up steps (cosine)."
@@ -81,13 +79,13 @@ _LOSS = flags.DEFINE_enum(
     "loss", "balanced_bce", ["balanced_bce", "bce"], "Classification loss."
 )
 _MIXED_PRECISION = flags.DEFINE_enum(
-    "mixed_precision", "none", list(train_lib.MIXED_PRECISION), "Dtype policy."
+    "mixed_precision", "none", list(choices.MIXED_PRECISION), "Dtype policy."
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _STRATEGY = flags.DEFINE_enum(
     "strategy",
     "mirrored",
-    list(train_lib.STRATEGIES),
+    list(choices.STRATEGIES),
     "mirrored: all local GPUs (or --num_cpu_devices logical CPUs); "
     "multi_worker: MultiWorkerMirroredStrategy from TF_CONFIG; default: none.",
 )
@@ -97,7 +95,7 @@ _NUM_CPU_DEVICES = flags.DEFINE_integer(
 _JIT_COMPILE = flags.DEFINE_enum(
     "jit_compile",
     "auto",
-    list(train_lib.JIT_COMPILE),
+    list(choices.JIT_COMPILE),
     "XLA: auto (on where Keras supports it, not on CPU-only machines), true, false.",
 )
 _AUGMENT = flags.DEFINE_bool("augment", True, "Augment training images.")
@@ -112,7 +110,7 @@ _NUM_OVERLAY_IMAGES = flags.DEFINE_integer(
 _INFOMASK_VARIANT = flags.DEFINE_enum(
     "infomask_variant",
     "infomask",
-    ["infomask", "featuremask", "regl1"],
+    list(choices.INFOMASK_VARIANTS),
     "InfoMask variant (backbone=infomask).",
 )
 _INFOMASK_ALPHA = flags.DEFINE_float("infomask_alpha", 0.5, "InfoMask KL weight.")
@@ -133,6 +131,8 @@ _VERBOSE = flags.DEFINE_integer(
 
 def config_from_flags():
     """Builds the `TrainConfig` from the parsed flags."""
+    from cxr_tf import train_lib  # pylint: disable=import-outside-toplevel
+
     return train_lib.TrainConfig(
         data_dir=_DATA_DIR.value,
         model_dir=_MODEL_DIR.value,
@@ -195,22 +195,60 @@ def tune_for_cpu(config):
         logging.warning("Inter-op threads left as they are: %s", e)
 
 
+def check_flags():
+    """Checks what the flags alone can tell; raises `errors.UserError`."""
+    cli.check_image_size(_IMAGE_SIZE, _BACKBONE.value)
+    if _WEIGHTS.value == "imagenet" and _BACKBONE.value not in choices.IMAGENET_BACKBONES:
+        raise errors.UserValueError(
+            f"no ImageNet weights for backbone {_BACKBONE.value!r}",
+            "--weights=imagenet",
+            f"use --backbone={' or --backbone='.join(choices.IMAGENET_BACKBONES)} "
+            "or --weights=none",
+        )
+    unknown = [f for f in _FINDINGS.value if f not in schema.FINDINGS]
+    if unknown:
+        raise errors.UserValueError(
+            f"unknown finding(s) {unknown}",
+            "--findings",
+            f"use names of {', '.join(schema.FINDINGS)}",
+        )
+
+
+def check_paths():
+    """Checks the input records and the output folder before TF loads."""
+    pattern = schema.TFRECORD_PATTERN.format(split="train")
+    cli.check_dir(
+        _DATA_DIR,
+        contains=lambda names: any(fnmatch.fnmatch(n, pattern) for n in names),
+        hint=f"expected {pattern} files; run `python -m pipeline.ingest` first",
+    )
+    cli.check_writable_dir(_MODEL_DIR)
+
+
+def build_config():
+    """The `TrainConfig`; its own checks become `errors.UserValueError`."""
+    try:
+        return config_from_flags()
+    except ValueError as e:
+        raise errors.UserValueError(str(e), "flags", "see --helpfull") from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        config = config_from_flags()
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
+    check_flags()
+    if not _DRY_RUN.value:
+        check_paths()
+    config = build_config()
     if _DRY_RUN.value:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return
-    if not os.path.isdir(_DATA_DIR.value):
-        raise app.UsageError(f"--data_dir is not a directory: {_DATA_DIR.value}")
     logging.info("Train config: %s", config.to_dict())
     if _CPU_TUNING.value:
         tune_for_cpu(config)
     try:
+        from cxr_tf import train_lib  # pylint: disable=import-outside-toplevel
+
         result = train_lib.train(config)
     except FloatingPointError as e:
         logging.error("%s", e)
@@ -225,4 +263,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["data_dir", "model_dir"])
-    app.run(main)
+    cli.run(main)

@@ -10,7 +10,9 @@ than the model pushed last.
 import json
 import pathlib
 
-from absl import app, flags
+from absl import flags
+
+from cxr_tf import cli
 
 from pipeline import _subprocess, base
 
@@ -162,6 +164,9 @@ def run_evaluate(
 
 
 def main(argv):
+    cli.check_dir(_MODEL_DIR, contains=bool, hint="run the train step first")
+    cli.check_dir(_EXAMPLES_DIR, contains=bool, hint="run pipeline.ingest first")
+    cli.check_writable_dir(_OUTPUT_DIR)
     out = run_evaluate(
         _OUTPUT_DIR.value,
         _MODEL_DIR.value,
@@ -182,4 +187,4 @@ if __name__ == "__main__":
     _MIN_AUC = flags.DEFINE_float("min_mean_auc", None, "Mean AUC floor.")
     _MIN_LOC = flags.DEFINE_float("min_localization_accuracy", None, "Loc. floor.")
     flags.mark_flags_as_required(["model_dir", "examples_dir", "output_dir"])
-    app.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
+    cli.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))

@@ -12,11 +12,12 @@ Exits with status 1 (after writing ingest_report.json) when more than
 
 import json
 import os
-import sys
 
-from absl import app
 from absl import flags
 from absl import logging
+
+from cxr_tf import cli
+from cxr_tf import errors
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Folder with the tables and images (any layout)."
@@ -120,23 +121,42 @@ def _parse_flags(argv):
     return flags.FLAGS(argv, known_only=True)
 
 
+def check_paths():
+    """Checks the input tables and folders before Beam and TF load."""
+    cli.check_dir(
+        _DATA_DIR,
+        contains=bool,
+        hint="give the folder holding Data_Entry_2017.csv and the images",
+    )
+    for holder in (_DATA_ENTRY, _BBOX_LIST, _TRAIN_VAL_LIST, _TEST_LIST):
+        cli.check_file(holder)
+    cli.check_writable_dir(_OUTPUT_DIR)
+
+
 def main(argv):
-    # TensorFlow and Beam are imported late so --helpfull stays fast.
+    check_paths()
+    # TensorFlow and Beam are imported late so mistakes are answered fast.
     from cxr_tf.data import ingest  # pylint: disable=import-outside-toplevel
 
     pipeline_args = argv[1:]
-    for path_flag in (_DATA_DIR, _DATA_ENTRY, _BBOX_LIST, _TRAIN_VAL_LIST, _TEST_LIST):
-        value = path_flag.value
-        if value and "://" not in value and not os.path.exists(value):
-            sys.exit(f"--{path_flag.name}: no such file or folder: {value!r}")
-    config = config_from_flags()
+    try:
+        config = config_from_flags()
+    except ValueError as e:
+        raise errors.UserValueError(str(e), "flags", "see --helpfull") from None
     logging.info("Beam pipeline options: %s", pipeline_args)
     try:
         report = ingest.run_ingest(config, pipeline_args=pipeline_args)
     except ingest.SkipFractionExceededError as e:
-        sys.exit(f"ingest failed: {e}")
+        raise errors.UserValueError(
+            f"ingest failed: {e}",
+            os.path.join(_OUTPUT_DIR.value, "ingest_report.json"),
+            "see the report's skipped rows, or raise --max_skip_fraction",
+        ) from None
     except (ingest.AmbiguousTableError, FileNotFoundError, FileExistsError) as e:
-        sys.exit(f"ingest: {e}")
+        if isinstance(e, errors.UserError):
+            raise
+        fix = "pass --overwrite" if isinstance(e, FileExistsError) else "check the tables"
+        raise errors.UserFileError(str(e), f"--data_dir={_DATA_DIR.value}", fix) from None
     summary = {
         key: report[key]
         for key in (
@@ -151,4 +171,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main, flags_parser=_parse_flags)

@@ -6,7 +6,9 @@ python -m pipeline.push --model_dir=M --blessing=B --serving_model_dir=S
 import json
 import pathlib
 
-from absl import app, flags
+from absl import flags
+
+from cxr_tf import cli
 
 from pipeline import _subprocess
 
@@ -70,6 +72,9 @@ def run_push(output_dir, model, evaluation, serving_model_dir, export_args=()):
 
 
 def main(argv):
+    cli.check_dir(_MODEL_DIR, contains=bool, hint="run the train step first")
+    cli.check_file(_BLESSING)
+    cli.check_writable_dir(_SERVING_MODEL_DIR)
     with open(_BLESSING.value, encoding="utf-8") as f:
         blessing = json.load(f)
     evaluation = {
@@ -98,4 +103,4 @@ if __name__ == "__main__":
     _SERVING_MODEL_DIR = flags.DEFINE_string("serving_model_dir", None, "Base path.")
     _OUTPUT_DIR = flags.DEFINE_string("output_dir", ".", "Where to write logs.")
     flags.mark_flags_as_required(["model_dir", "blessing", "serving_model_dir"])
-    app.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
+    cli.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))

@@ -16,9 +16,10 @@ import os
 import pathlib
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from cxr_tf import errors as cxr_errors
+from cxr_tf import cli
+from cxr_tf import errors
 from pipeline import _subprocess, base, evaluate, push, statistics, train
 
 # The code each step runs, found from its imports (`base.module_sources`):
@@ -166,7 +167,7 @@ def run_pipeline(config):
             failed_step=failed[0] if failed else None,
             error=(
                 str(e)
-                if isinstance(e, cxr_errors.UserError)
+                if isinstance(e, errors.UserError)
                 else f"{type(e).__name__}: {e}"
             ),
         )
@@ -408,11 +409,41 @@ _FORCE_STEPS = flags.DEFINE_list(
 )
 
 
+def check_flags():
+    """Checks flags and paths before any step runs."""
+    flagfile = _TRAIN_FLAGFILE.value
+    if not pathlib.Path(flagfile).is_file():
+        raise errors.UserFileError(
+            "no such flagfile", f"--train_flagfile={flagfile}", "check the path"
+        )
+    if _SYNTHETIC_PATIENTS.value <= 0:
+        if not _DATA_DIR.value:
+            raise errors.UserValueError(
+                "no data to ingest",
+                "--data_dir",
+                "give --data_dir (ChestX-ray14 layout) or --synthetic_patients > 0",
+            )
+        cli.check_dir(_DATA_DIR, contains=bool, hint="give the ChestX-ray14 folder")
+    cli.check_file(_SCHEMA)
+    unknown = sorted(set(_FORCE_STEPS.value) - set(SOURCES))
+    if unknown:
+        raise errors.UserValueError(
+            f"unknown step(s) {unknown}",
+            "--force_steps",
+            f"use some of {', '.join(SOURCES)}",
+        )
+    cli.check_writable_dir(_PIPELINE_ROOT)
+    cli.check_writable_dir(_SERVING_MODEL_DIR)
+
+
 def main(argv):
     beam_args = tuple(argv[1:])
     for arg in beam_args:
         if not arg.startswith("--"):
-            raise app.UsageError(f"Unexpected argument {arg!r}")
+            raise errors.UserValueError(
+                f"unexpected argument {arg!r}", "arguments", "flags start with --"
+            )
+    check_flags()
     config = PipelineConfig(
         pipeline_root=_PIPELINE_ROOT.value,
         serving_model_dir=_SERVING_MODEL_DIR.value,
@@ -436,10 +467,16 @@ def main(argv):
         beam_args=beam_args,
     )
     logging.info("pipeline config: %s", json.dumps(dataclasses.asdict(config)))
-    if not pathlib.Path(config.train_flagfile).is_file():
-        raise app.UsageError(f"--train_flagfile not found: {config.train_flagfile}")
-    run_pipeline(config)
-
+    try:
+        run_pipeline(config)
+    except base.AnomaliesFoundError as e:
+        if isinstance(e, errors.UserError):
+            raise
+        raise errors.UserValueError(
+            str(e), _PIPELINE_ROOT.value, "fix the data or pass a curated --schema"
+        ) from None
+    # A step the user can fix raises base.StepUserError, a UserError: one
+    # line. Any other step failure is a bug and keeps its traceback.
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
+    cli.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))

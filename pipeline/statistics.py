@@ -13,7 +13,9 @@ import os
 import pathlib
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
+
+from cxr_tf import cli
 
 from cxr_tf.data import schema
 from pipeline import base
@@ -478,6 +480,9 @@ def run_statistics(
 
 
 def main(argv):
+    cli.check_dir(_EXAMPLES_DIR, contains=bool, hint="run pipeline.ingest first")
+    cli.check_file(_SCHEMA)
+    cli.check_writable_dir(_OUTPUT_DIR)
     run_statistics(
         _OUTPUT_DIR.value,
         _EXAMPLES_DIR.value,
@@ -493,4 +498,4 @@ if __name__ == "__main__":
     _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Expected longer side.")
     _SCHEMA = flags.DEFINE_string("schema", None, "A curated schema JSON.")
     flags.mark_flags_as_required(["examples_dir", "output_dir"])
-    app.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
+    cli.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))

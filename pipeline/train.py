@@ -5,7 +5,9 @@ python -m pipeline.train --examples_dir=T --flagfile_train=F --output_dir=M
 
 import pathlib
 
-from absl import app, flags
+from absl import flags
+
+from cxr_tf import cli
 
 from pipeline import _subprocess
 
@@ -56,6 +58,9 @@ def run_train(output_dir, examples, flagfile, overrides=()):
 
 
 def main(argv):
+    cli.check_dir(_EXAMPLES_DIR, contains=bool, hint="run pipeline.ingest first")
+    cli.check_file(_FLAGFILE_TRAIN)
+    cli.check_writable_dir(_OUTPUT_DIR)
     run_train(
         _OUTPUT_DIR.value,
         _EXAMPLES_DIR.value,
@@ -69,4 +74,4 @@ if __name__ == "__main__":
     _FLAGFILE_TRAIN = flags.DEFINE_string("flagfile_train", None, "Training flagfile.")
     _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Model dir.")
     flags.mark_flags_as_required(["examples_dir", "flagfile_train", "output_dir"])
-    app.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
+    cli.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))

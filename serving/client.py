@@ -20,10 +20,17 @@ the built-in list when cxr_tf is not installed). UNAVAILABLE is retried with
 exponential backoff until the deadline (`--timeout`, per batch). DICOM files
 are decoded locally (needs cxr_tf and pydicom) and sent as PNG.
 
+Flags are absl flags (`--flagfile=F`, `--helpfull`), checked before any
+connection; a mistake or an unreachable server ends in one line on stderr,
+`error: <what> (<where>): <how to fix>`. TensorFlow itself is not imported
+(the protos load on their own), so `--timeout=3` against a stopped server
+answers in about 3 s.
+
 Importable: `from serving.client import CxrClient`.
 """
 
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -31,16 +38,17 @@ import ssl
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 
 import grpc
 import numpy as np
-from tensorflow_serving.apis import get_model_metadata_pb2
-from tensorflow_serving.apis import predict_pb2
-from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from serving import contract as serving_contract
+
+# The TF Serving protos, loaded by `_load_apis` (not at import: see there).
+get_model_metadata_pb2 = predict_pb2 = prediction_service_pb2_grpc = None
 
 DEFAULT_FINDINGS = tuple(serving_contract.FINDINGS)
 IMAGE_EXTENSIONS = serving_contract.IMAGE_EXTENSIONS
@@ -149,16 +157,89 @@ def _signature_dict(signature_map):
     }
 
 
-def _make_tensor_proto(array):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+def _load_apis():
+    """Imports the TF Serving protos without running `tensorflow/__init__.py`.
 
-    return tf.make_tensor_proto(np.asarray(array))
+    tensorflow_serving.apis imports `tensorflow.core.framework.*_pb2`, plain
+    protobuf modules; importing them the usual way first imports all of
+    TensorFlow (10-30 s). Unless TensorFlow is already loaded, a bare package
+    stands in for `tensorflow` while they load, and is removed afterwards so
+    a later `import tensorflow` (predict_pixels) gets the real one.
+    """
+    global get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+    if predict_pb2 is not None:
+        return
+    shim = None
+    if "tensorflow" not in sys.modules:
+        spec = importlib.util.find_spec("tensorflow")
+        if spec is not None and spec.submodule_search_locations:
+            shim = types.ModuleType("tensorflow")
+            shim.__path__ = list(spec.submodule_search_locations)
+            sys.modules["tensorflow"] = shim
+    try:
+        # pylint: disable=g-import-not-at-top,redefined-outer-name
+        from tensorflow_serving.apis import get_model_metadata_pb2
+        from tensorflow_serving.apis import predict_pb2
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+    finally:
+        if shim is not None and sys.modules.get("tensorflow") is shim:
+            del sys.modules["tensorflow"]
+
+
+# numpy dtype <-> tensorflow.core.framework.types_pb2.DataType numbers.
+_NP_TO_DT = {
+    np.dtype(np.float32): 1,
+    np.dtype(np.float64): 2,
+    np.dtype(np.int32): 3,
+    np.dtype(np.uint8): 4,
+    np.dtype(np.int16): 5,
+    np.dtype(np.int8): 6,
+    np.dtype(np.int64): 9,
+    np.dtype(np.bool_): 10,
+}
+_DT_TO_NP = {v: k for k, v in _NP_TO_DT.items()}
+_DT_STRING = 7
+_DT_VALUE_FIELD = {1: "float_val", 2: "double_val", 9: "int64_val", 10: "bool_val"}
+
+
+def _make_tensor_proto(array):
+    """`tf.make_tensor_proto` for numeric and bytes arrays, without TensorFlow."""
+    from tensorflow.core.framework import tensor_pb2  # pylint: disable=g-import-not-at-top
+
+    array = np.asarray(array)
+    proto = tensor_pb2.TensorProto()
+    for size in array.shape:
+        proto.tensor_shape.dim.add(size=size)
+    if array.dtype.kind in "SUO":
+        proto.dtype = _DT_STRING
+        proto.string_val.extend(
+            v if isinstance(v, bytes) else str(v).encode() for v in array.ravel()
+        )
+        return proto
+    if array.dtype not in _NP_TO_DT:
+        raise ValueError(f"Unsupported tensor dtype {array.dtype}")
+    proto.dtype = _NP_TO_DT[array.dtype]
+    proto.tensor_content = np.ascontiguousarray(array).tobytes()
+    return proto
 
 
 def _make_ndarray(proto):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-    return tf.make_ndarray(proto)
+    """`tf.make_ndarray` for the dtypes the model returns, without TensorFlow."""
+    shape = [d.size for d in proto.tensor_shape.dim]
+    count = int(np.prod(shape)) if shape else 1
+    if proto.dtype == _DT_STRING:
+        return np.array(list(proto.string_val), dtype=object).reshape(shape)
+    if proto.dtype not in _DT_TO_NP:
+        raise ValueError(f"Unsupported tensor dtype number {proto.dtype}")
+    dtype = _DT_TO_NP[proto.dtype]
+    if proto.tensor_content:
+        return np.frombuffer(proto.tensor_content, dtype).copy().reshape(shape)
+    values = list(getattr(proto, _DT_VALUE_FIELD.get(proto.dtype, "int_val")))
+    if not values:
+        return np.zeros(shape, dtype)
+    # A short value list repeats its last entry (TensorProto's convention).
+    values += [values[-1]] * (count - len(values))
+    return np.array(values[:count], dtype).reshape(shape)
 
 
 def _to_original(x, y, w, h, geometry):
@@ -246,6 +327,7 @@ class CxrClient:
         Raises:
           ValueError: inconsistent arguments.
         """
+        _load_apis()
         if bool(server) == bool(rest):
             raise ValueError(
                 "Give exactly one of `server` (gRPC) and `rest`. Received: "
@@ -784,87 +866,155 @@ def write_overlay(path, image_bytes, result, findings, positive_threshold=0.5):
     return path
 
 
-def main(argv=None):
-    """The CLI; returns the exit status (0, or 1 when any image failed)."""
-    import argparse  # pylint: disable=g-import-not-at-top
+def _define_flags(flag_values):
+    """The CLI's flags, in their own `FlagValues` (importers keep theirs clean)."""
+    from absl import flags  # pylint: disable=g-import-not-at-top
 
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n", 1)[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
-    parser.add_argument("--server", help="gRPC host:port (TF Serving: 8500)")
-    parser.add_argument("--rest", help="REST host:port instead of gRPC (8501)")
-    parser.add_argument("--model_name", default="cxr")
-    parser.add_argument("--signature", default="serving_default")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--version", type=int)
-    group.add_argument("--version_label")
-    parser.add_argument("--tls", action="store_true")
-    parser.add_argument("--ca_cert", help="PEM CA file to trust (implies --tls)")
-    parser.add_argument("--tls_server_name", help="Name to check in the cert")
-    parser.add_argument("--timeout", type=float, default=30.0, help="Seconds/batch")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--overlay_dir", help="Write overlay PNGs here")
-    args = parser.parse_args(argv)
-    if bool(args.server) == bool(args.rest):
-        parser.error("give exactly one of --server and --rest")
+    fv = flag_values
+    flags.DEFINE_string("server", None, "gRPC host:port (TF Serving: 8500).", flag_values=fv)
+    flags.DEFINE_string("rest", None, "REST host:port instead of gRPC (8501).", flag_values=fv)
+    flags.DEFINE_string("model_name", "cxr", "Served model name.", flag_values=fv)
+    flags.DEFINE_string("signature", "serving_default", "Signature.", flag_values=fv)
+    flags.DEFINE_integer("version", None, "Model version.", lower_bound=0, flag_values=fv)
+    flags.DEFINE_string("version_label", None, "Model version label.", flag_values=fv)
+    flags.DEFINE_bool("tls", False, "Use TLS.", flag_values=fv)
+    flags.DEFINE_string("ca_cert", None, "PEM CA file to trust (implies --tls).", flag_values=fv)
+    flags.DEFINE_string("tls_server_name", None, "Name to check in the cert.", flag_values=fv)
+    flags.DEFINE_float("timeout", 30.0, "Seconds per batch.", lower_bound=0.0, flag_values=fv)
+    flags.DEFINE_integer("batch_size", 8, "Images per request.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("overlay_dir", None, "Write overlay PNGs here.", flag_values=fv)
+    flags.DEFINE_bool("debug", False, "Print the traceback of any error.", flag_values=fv)
+    flags.DEFINE_bool("help", False, "Show this help.", short_name="?", flag_values=fv)
+    flags.DEFINE_bool("helpfull", False, "Show this help.", flag_values=fv)
+    flags.DEFINE_bool("helpshort", False, "Show this help.", flag_values=fv)
+    return fv
+
+
+class _UsageError(Exception):
+    """A mistake in the command line: `error: <what> (<where>): <fix>`."""
+
+    def __init__(self, what, where, fix):
+        super().__init__(f"{what} ({where}): {fix}")
+
+
+def _parse_argv(argv):
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    fv = _define_flags(flags.FlagValues())
     try:
-        client = CxrClient(
-            server=args.server,
-            rest=args.rest,
-            model_name=args.model_name,
-            signature_name=args.signature,
-            version=args.version,
-            version_label=args.version_label,
-            tls=args.tls,
-            ca_cert=args.ca_cert,
-            tls_server_name=args.tls_server_name,
-            timeout=args.timeout,
-            batch_size=args.batch_size,
+        images = fv(["client"] + list(argv))[1:]
+    except flags.CantOpenFlagFileError as e:
+        raise _UsageError(
+            "cannot open the flagfile",
+            "--flagfile=" + str(e).rsplit(": ", 1)[-1].strip("'"),
+            "check the path",
+        ) from None
+    except flags.Error as e:
+        raise _UsageError(str(e), "flags", "see --helpfull") from None
+    if fv.help or fv.helpfull or fv.helpshort:
+        print(__doc__ + "\n" + fv.main_module_help())
+        return fv, None
+    if bool(fv.server) == bool(fv.rest):
+        raise _UsageError(
+            "give exactly one of --server and --rest", "--server/--rest", "e.g. --server=localhost:8500"
         )
-        paths = expand_paths(args.images)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+    if fv.version is not None and fv.version_label:
+        raise _UsageError(
+            "--version and --version_label exclude each other",
+            "--version/--version_label",
+            "give one",
+        )
+    if fv.ca_cert and not os.path.isfile(fv.ca_cert):
+        raise _UsageError("no such file", f"--ca_cert={fv.ca_cert}", "check the path")
+    if fv.timeout <= 0:
+        raise _UsageError("must be > 0 seconds", f"--timeout={fv.timeout}", "give a positive number")
+    if not images:
+        raise _UsageError("no image given", "arguments", "give image files or folders")
+    try:
+        paths = expand_paths(images)
+    except FileNotFoundError as e:
+        raise _UsageError(str(e), images[0], "check the path") from None
     if not paths:
-        parser.error(f"no image files found in {args.images}")
+        raise _UsageError(
+            "no PNG, JPEG or DICOM files", " ".join(images), "give image files or folders"
+        )
+    return fv, paths
+
+
+def main(argv=None):
+    """The CLI; returns the exit status (0; 1 when any image failed or a mistake
+    in the command line; 2 when the server failed).
+
+    Args:
+      argv: the arguments after the program name (default: `sys.argv[1:]`).
+        absl flags: `--flagfile`, `--helpfull` work as in every cxr_tf command.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        fv, paths = _parse_argv(argv)
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if paths is None:
+        return 0
+    try:
+        return _run(fv, paths)
+    except ServingError as e:
+        if fv.debug:
+            import traceback  # pylint: disable=g-import-not-at-top
+
+            traceback.print_exc()
+        where = f"--server={fv.server}" if fv.server else f"--rest={fv.rest}"
+        print(
+            f"error: {e} ({where}): check that the server runs and serves "
+            f"--model_name={fv.model_name}; --timeout={fv.timeout:g} s per batch",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _run(args, paths):
+    client = CxrClient(
+        server=args.server,
+        rest=args.rest,
+        model_name=args.model_name,
+        signature_name=args.signature,
+        version=args.version,
+        version_label=args.version_label,
+        tls=args.tls,
+        ca_cert=args.ca_cert,
+        tls_server_name=args.tls_server_name,
+        timeout=args.timeout,
+        batch_size=args.batch_size,
+    )
     if args.overlay_dir:
         os.makedirs(args.overlay_dir, exist_ok=True)
     status = 0
-    try:
-        with client:
-            for start in range(0, len(paths), args.batch_size):
-                chunk = paths[start : start + args.batch_size]
-                items = []
-                for path in chunk:
-                    with open(path, "rb") as f:
-                        items.append((os.path.basename(path), f.read()))
-                results = client.predict_bytes(
-                    items, return_maps=bool(args.overlay_dir)
-                )
-                for (name, data), result in zip(items, results):
-                    if "error" in result:
-                        status = 1
-                    elif args.overlay_dir:
-                        written = write_overlay(
-                            os.path.join(
-                                args.overlay_dir, os.path.splitext(name)[0] + ".png"
-                            ),
-                            data,
-                            result,
-                            list(client.model_info()["findings"]),
+    with client:
+        for start in range(0, len(paths), args.batch_size):
+            chunk = paths[start : start + args.batch_size]
+            items = []
+            for path in chunk:
+                with open(path, "rb") as f:
+                    items.append((os.path.basename(path), f.read()))
+            results = client.predict_bytes(items, return_maps=bool(args.overlay_dir))
+            for (name, data), result in zip(items, results):
+                if "error" in result:
+                    status = 1
+                elif args.overlay_dir:
+                    written = write_overlay(
+                        os.path.join(args.overlay_dir, os.path.splitext(name)[0] + ".png"),
+                        data,
+                        result,
+                        list(client.model_info()["findings"]),
+                    )
+                    if written is None:
+                        print(
+                            "--overlay_dir needs cxr_tf.visualize; no overlay written",
+                            file=sys.stderr,
                         )
-                        if written is None:
-                            print(
-                                "--overlay_dir needs cxr_tf.visualize; "
-                                "no overlay written",
-                                file=sys.stderr,
-                            )
-                    result.pop("localization_maps", None)
-                    print(json.dumps(result), flush=True)
-    except ServingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+                result.pop("localization_maps", None)
+                print(json.dumps(result), flush=True)
     return status
 
 

@@ -26,7 +26,65 @@ import re
 import sys
 import threading
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _define_flags():
+    """The CLI's flags (defined only when run as a program)."""
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    if "model_base_path" in flags.FLAGS:
+        return
+    flags.DEFINE_string("model_base_path", None, "Directory of numeric versions.")
+    flags.DEFINE_integer("port", 8500, "gRPC port.", lower_bound=0)
+    flags.DEFINE_string("model_name", "cxr", "Model name requests must use.")
+    flags.DEFINE_string("host", "127.0.0.1", "Interface to bind.")
+    flags.DEFINE_integer("max_batch_size", 64, "Largest batch accepted.", lower_bound=1)
+    flags.DEFINE_float("poll_seconds", 1.0, "How often to look for new versions.")
+    flags.DEFINE_string("ssl_cert", None, "PEM certificate (TLS, with --ssl_key).")
+    flags.DEFINE_string("ssl_key", None, "PEM private key.")
+    flags.DEFINE_integer("rest_api_port", None, "Also serve the REST subset here.")
+    flags.DEFINE_multi_string("version_label", [], "LABEL=VERSION, repeatable.")
+    flags.mark_flag_as_required("model_base_path")
+
+
+def _check_flags():
+    """Checks the command line without TensorFlow; raises `errors.UserError`."""
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    from cxr_tf import cli  # pylint: disable=g-import-not-at-top
+    from cxr_tf import errors  # pylint: disable=g-import-not-at-top
+
+    f = flags.FLAGS
+    holder = f["model_base_path"]
+    path = cli.check_dir(holder)
+    if "://" not in path:
+        versions = [
+            n
+            for n in os.listdir(path)
+            if n.isdigit() and os.path.isfile(os.path.join(path, n, "saved_model.pb"))
+        ]
+        if not versions:
+            raise errors.UserFileError(
+                "no model versions (<number>/saved_model.pb)",
+                f"--model_base_path={path}",
+                "export one: python -m cxr_tf.export --model=M --export_dir="
+                + path,
+            )
+    for name in ("ssl_cert", "ssl_key"):
+        cli.check_file(f[name])
+    if bool(f.ssl_cert) != bool(f.ssl_key):
+        raise errors.UserValueError(
+            "TLS needs both files", "--ssl_cert/--ssl_key", "give both or neither"
+        )
+
+
+if __name__ == "__main__":
+    # Answer a mistake in the command line before TensorFlow loads.
+    from cxr_tf import cli as _cli  # pylint: disable=g-import-not-at-top
+
+    _define_flags()
+    _cli.precheck(_check_flags)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Importers: quiet TF.
 
 import grpc  # pylint: disable=g-import-not-at-top
 import numpy as np
@@ -948,26 +1006,16 @@ def _parse_labels(values):
 
 def main(argv=None):
     """The CLI (flags are defined here so importing this module defines none)."""
-    from absl import app, flags  # pylint: disable=g-import-not-at-top
+    from absl import flags  # pylint: disable=g-import-not-at-top
 
-    flags.DEFINE_string("model_base_path", None, "Directory of numeric versions.")
-    flags.DEFINE_integer("port", 8500, "gRPC port.")
-    flags.DEFINE_string("model_name", "cxr", "Model name requests must use.")
-    flags.DEFINE_string("host", "127.0.0.1", "Interface to bind.")
-    flags.DEFINE_integer("max_batch_size", 64, "Largest batch accepted.")
-    flags.DEFINE_float("poll_seconds", 1.0, "How often to look for new versions.")
-    flags.DEFINE_string("ssl_cert", None, "PEM certificate (TLS, with --ssl_key).")
-    flags.DEFINE_string("ssl_key", None, "PEM private key.")
-    flags.DEFINE_integer("rest_api_port", None, "Also serve the REST subset here.")
-    flags.DEFINE_multi_string("version_label", [], "LABEL=VERSION, repeatable.")
-    flags.mark_flag_as_required("model_base_path")
+    from cxr_tf import cli  # pylint: disable=g-import-not-at-top
+    from cxr_tf import errors  # pylint: disable=g-import-not-at-top
+
+    _define_flags()
 
     def run(_):
+        _check_flags()
         f = flags.FLAGS
-        if not tf.io.gfile.isdir(f.model_base_path):
-            raise app.UsageError(
-                f"--model_base_path is not a directory: {f.model_base_path}"
-            )
         server = LocalServer(
             f.model_base_path,
             port=f.port,
@@ -978,7 +1026,7 @@ def main(argv=None):
             ssl_cert=f.ssl_cert,
             ssl_key=f.ssl_key,
             rest_api_port=f.rest_api_port,
-            version_labels=_parse_labels(f.version_label),
+            version_labels=_labels(f.version_label),
         ).start()
         # A machine-readable line so that a parent process can wait on it.
         print(
@@ -998,7 +1046,17 @@ def main(argv=None):
         except KeyboardInterrupt:
             server.stop(grace=1)
 
-    app.run(run, argv=argv or sys.argv)
+    def _labels(values):
+        try:
+            return _parse_labels(values)
+        except ValueError as e:
+            raise errors.UserValueError(
+                str(e), "--version_label", "write LABEL=VERSION, e.g. stable=1"
+            ) from None
+
+    if argv is not None:
+        sys.argv = list(argv)
+    cli.run(run)
 
 
 if __name__ == "__main__":

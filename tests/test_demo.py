@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ def test_demo_runs_every_step_and_leaves_its_outputs(tmp_path):
     env = dict(
         os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
     )
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # What a user sees (conftest sets it).
     run = subprocess.run(
         [
             sys.executable,
@@ -35,6 +37,10 @@ def test_demo_runs_every_step_and_leaves_its_outputs(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "PCAM beats LSE on localization" in run.stdout
+    # Issue 17: no third-party noise in the demo's output (docs/design/cli.md).
+    noise = re.compile(r"apitools|bigquery|semi_persistent|cuInit|unsupported characters")
+    noisy = [l for l in (run.stdout + run.stderr).splitlines() if noise.search(l)]
+    assert not noisy, noisy[:5]
     with open(out / "summary.json") as f:
         summary = json.load(f)
     for name in ("pcam", "lse"):

@@ -936,6 +936,8 @@ if __name__ == "__main__":
     from absl import app  # pylint: disable=g-import-not-at-top
     from absl import flags  # pylint: disable=g-import-not-at-top
 
+    from cxr_tf import cli  # pylint: disable=g-import-not-at-top
+
     _OUTPUT_DIR = flags.DEFINE_string(
         "output_dir",
         None,
@@ -1002,6 +1004,7 @@ if __name__ == "__main__":
             return
         if not _OUTPUT_DIR.value:
             raise app.UsageError("--output_dir is required (or give --contact_sheet).")
+        cli.check_writable_dir(_OUTPUT_DIR)
         config = lib.SyntheticConfig(
             output_dir=_OUTPUT_DIR.value,
             num_patients=_NUM_PATIENTS.value,
@@ -1016,4 +1019,4 @@ if __name__ == "__main__":
         logging.info("Config: %s", config)
         print(json.dumps(lib.generate_dataset(config), indent=2))
 
-    app.run(main)
+    cli.run(main)

@@ -3,9 +3,8 @@
 import dataclasses
 import json
 
+from cxr_tf.choices import BACKBONES  # One home for the names (TF-free).
 from cxr_tf.data import schema
-
-BACKBONES = ("resnet34", "densenet121", "resnet50", "infomask", "compact")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -335,3 +335,50 @@ def test_client_runs_without_cxr_tf(tiny_server, tmp_path):
     (line,) = [json.loads(l) for l in result.stdout.splitlines()]
     assert line["image"] == name
     assert tuple(line["probabilities"]) == FINDINGS
+
+
+def test_cli_reads_a_flagfile_and_shows_helpfull(tiny_server, tmp_path, capsys):
+    name, data = _images()[0]
+    (tmp_path / name).write_bytes(data)
+    flagfile = tmp_path / "client.flags"
+    flagfile.write_text(f"--server=127.0.0.1:{tiny_server.port}\n--timeout=30\n")
+    status = client_lib.main([f"--flagfile={flagfile}", str(tmp_path / name)])
+    (line,) = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert status == 0 and line["image"] == name
+    assert client_lib.main(["--helpfull"]) == 0
+    assert "--flagfile" in capsys.readouterr().out
+    assert client_lib.main([f"--flagfile={tmp_path / 'missing.flags'}", "x.png"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot open the flagfile") and "missing.flags" in err
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(6, dtype=np.float32).reshape(2, 3) / 7,
+        np.array([[1, -2], [3, 4]], np.int32),
+        np.array([True, False]),
+        np.array([b"\x89PNG", b""], dtype=object),
+        np.float32(2.5),
+    ],
+    ids=["float32", "int32", "bool", "bytes", "scalar"],
+)
+def test_tensor_protos_match_tensorflow(array):
+    ours = client_lib._make_tensor_proto(array)  # pylint: disable=protected-access
+    theirs = tf.make_tensor_proto(array)
+    assert ours.dtype == theirs.dtype
+    assert ours.tensor_shape == theirs.tensor_shape
+    expected = tf.make_ndarray(theirs)
+    for proto in (ours, theirs):
+        got = client_lib._make_ndarray(proto)  # pylint: disable=protected-access
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        assert got.tolist() == expected.tolist()
+
+
+def test_short_value_lists_repeat_their_last_entry():
+    proto = tf.make_tensor_proto(np.zeros((2, 2), np.float32))
+    proto.ClearField("tensor_content")
+    proto.float_val.extend([1.5])
+    expected = tf.make_ndarray(proto)
+    got = client_lib._make_ndarray(proto)  # pylint: disable=protected-access
+    assert got.tolist() == expected.tolist() == [[1.5, 1.5], [1.5, 1.5]]
