@@ -15,8 +15,18 @@ def _conv_params(layout, channels):
     return total
 
 
+def _bn_params(layout, channels):
+    # Conv without bias, then batch norm (gamma, beta, moving mean, variance).
+    total = 0
+    for entry in layout:
+        if entry != "pool":
+            total += 3 * 3 * channels * entry + 4 * entry
+            channels = entry
+    return total
+
+
 def test_encoder_shape_and_parameters():
-    model = infomask_net.InfoMaskEncoder((64, 64, 1))
+    model = infomask_net.InfoMaskEncoder((64, 64, 1), batch_norm=False)
     assert model.output.shape == (None, 16, 16, 16)
     # conv(64) conv(64) pool conv(128) conv(128) pool conv(256) conv(16).
     assert model.count_params() == _conv_params((64, 64, 128, 128, 256, 16), 1)
@@ -25,14 +35,29 @@ def test_encoder_shape_and_parameters():
     assert np.all(features >= 0.0)
 
 
+def test_batch_norm_encoder_shape_and_parameters():
+    model = infomask_net.InfoMaskEncoder((64, 64, 1))
+    assert model.output.shape == (None, 16, 16, 16)
+    assert model.count_params() == _bn_params((64, 64, 128, 128, 256, 16), 1)
+    names = [layer.name for layer in model.layers]
+    assert names[1:4] == ["encoder_conv1", "encoder_bn1", "encoder_relu1"]
+    rng = np.random.default_rng(0)
+    features = np.asarray(model(rng.normal(size=(2, 64, 64, 1)), training=True))
+    assert np.all(features >= 0.0)
+    # Normalised before each ReLU: the features do not shrink with depth.
+    assert 0.3 < np.sqrt(np.mean(features**2)) < 1.5
+
+
 def test_classifier_shape_and_parameters():
-    model = infomask_net.InfoMaskClassifier((64, 64, 1))
+    model = infomask_net.InfoMaskClassifier((64, 64, 1), batch_norm=False)
     assert model.output.shape == (None, 16, 16, 64)
     assert model.count_params() == _conv_params((128, 64, 64), 1)
     # The paper: about 700,000 parameters in all; encoder + classifier convs
     # are 703,056 before the mask and output layers.
-    encoder = infomask_net.InfoMaskEncoder((64, 64, 1))
+    encoder = infomask_net.InfoMaskEncoder((64, 64, 1), batch_norm=False)
     assert 650_000 < model.count_params() + encoder.count_params() < 750_000
+    stable = infomask_net.InfoMaskClassifier((64, 64, 1))
+    assert stable.count_params() == _bn_params((128, 64, 64), 1)
 
 
 @pytest.mark.parametrize(
