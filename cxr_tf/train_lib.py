@@ -113,7 +113,7 @@ class TrainConfig:
     backup_every_steps: int = 50
     num_overlay_images: int = 4
     infomask_variant: str = "infomask"
-    infomask_alpha: float = 0.5
+    infomask_alpha: float = 0.01  # As ModelConfig (docs/design/infomask.md).
     infomask_tau: float = 0.2
     allow_upscale: bool = False
     verbose: int = 1

@@ -20,38 +20,52 @@ class Recipe:
     """What the paper leaves open in the network around the mask.
 
     Attributes:
-      batch_norm: conv -> batch norm -> ReLU with He-initialised kernels and
-        no bias (True), or the paper's bare conv(n, 3x3, relu) (False).
+      normalization: "group" (conv -> group norm -> ReLU, He-initialised
+        kernels, no bias), "batch" (the same with batch norm) or "none"
+        (the paper's bare conv(n, 3x3, relu)).
       attention_activation: the `InfoMask` attention, "relu" or "softplus".
       clip_gradient_leak: the `InfoMask` clip's backward leak.
       attention_bias: start value of the `InfoMask` attention conv's bias.
     """
 
-    batch_norm: bool
+    normalization: str
     attention_activation: str
     clip_gradient_leak: float
     attention_bias: float = 0.0
 
 
 # The paper's text, read literally (Keras defaults where it says nothing).
-PAPER = Recipe(batch_norm=False, attention_activation="relu", clip_gradient_leak=0.0)
+PAPER = Recipe(
+    normalization="none", attention_activation="relu", clip_gradient_leak=0.0
+)
 # What `build_model` builds: the changes that let it train, measured in
 # docs/design/infomask.md with benchmarks/infomask_probe.py.
 STABLE = Recipe(
-    batch_norm=True,
+    normalization="group",
     attention_activation="softplus",
     clip_gradient_leak=0.1,
     attention_bias=1.0,
 )
-# Batch-norm statistics must settle within the few dozen steps of a CPU run:
-# with Keras's 0.99 the moving averages still hold the initial statistics
-# after 30 steps and inference accuracy was at chance (0.5) where training
-# AUC was 1.0 (docs/design/infomask.md).
+NORMALIZATIONS = ("none", "batch", "group")
+# Batch-norm statistics must settle within the few dozen steps of a CPU run
+# (Keras's 0.99 left inference accuracy at chance after 30 steps); group norm
+# has no statistics to settle: the same in training and inference.
 BATCH_NORM_MOMENTUM = 0.9
-BATCH_NORM = STABLE.batch_norm
+GROUPS = 8
 
 
-def _conv_stack(inputs, layout, prefix, batch_norm):
+def _norm_layer(normalization, name):
+    if normalization == "batch":
+        return keras.layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM, name=name)
+    return keras.layers.GroupNormalization(GROUPS, name=name)
+
+
+def _conv_stack(inputs, layout, prefix, normalization):
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"`normalization` must be one of {NORMALIZATIONS}. "
+            f"Received: normalization={normalization!r}"
+        )
     x = inputs
     conv_index = pool_index = 0
     for entry in layout:
@@ -62,7 +76,7 @@ def _conv_stack(inputs, layout, prefix, batch_norm):
         conv_index += 1
         # "same" padding (the paper gives none) keeps the grid at exactly
         # H/4 so the mask's upsampling and the maps line up with pixels.
-        if not batch_norm:  # The paper's conv(n, 3x3, relu), Keras defaults.
+        if normalization == "none":  # The paper's conv(n, 3x3, relu).
             x = keras.layers.Conv2D(
                 entry,
                 3,
@@ -79,9 +93,7 @@ def _conv_stack(inputs, layout, prefix, batch_norm):
             kernel_initializer="he_normal",
             name=f"{prefix}_conv{conv_index}",
         )(x)
-        x = keras.layers.BatchNormalization(
-            momentum=BATCH_NORM_MOMENTUM, name=f"{prefix}_bn{conv_index}"
-        )(x)
+        x = _norm_layer(normalization, f"{prefix}_norm{conv_index}")(x)
         x = keras.layers.ReLU(name=f"{prefix}_relu{conv_index}")(x)
     return x
 
@@ -95,7 +107,7 @@ def _check_input_shape(input_shape):
 
 
 def InfoMaskEncoder(  # noqa: N802
-    input_shape=(None, None, 1), name="encoder", batch_norm=BATCH_NORM
+    input_shape=(None, None, 1), name="encoder", normalization=STABLE.normalization
 ):
     """Builds the encoder whose features parameterise the InfoMask mask.
 
@@ -103,8 +115,7 @@ def InfoMaskEncoder(  # noqa: N802
       input_shape: `(height, width, channels)`; height and width multiples of
         4 (None allowed).
       name: name of the returned model.
-      batch_norm: conv -> batch norm -> ReLU (True), or the paper's bare
-        conv(n, 3x3, relu) (False).
+      normalization: "group", "batch" or "none" (see `Recipe`).
 
     Returns:
       A functional `keras.Model` mapping images `(B, H, W, C)` to features
@@ -115,11 +126,11 @@ def InfoMaskEncoder(  # noqa: N802
     """
     _check_input_shape(input_shape)
     inputs = keras.Input(shape=tuple(input_shape), name="image")
-    return keras.Model(inputs, encoder_trunk(inputs, batch_norm), name=name)
+    return keras.Model(inputs, encoder_trunk(inputs, normalization), name=name)
 
 
 def InfoMaskClassifier(  # noqa: N802
-    input_shape=(None, None, 1), name="classifier", batch_norm=BATCH_NORM
+    input_shape=(None, None, 1), name="classifier", normalization=STABLE.normalization
 ):
     """Builds the convolutional part of the InfoMask classification block.
 
@@ -131,7 +142,7 @@ def InfoMaskClassifier(  # noqa: N802
     Args:
       input_shape: `(height, width, channels)` of the masked image.
       name: name of the returned model.
-      batch_norm: as in `InfoMaskEncoder`.
+      normalization: as in `InfoMaskEncoder`.
 
     Returns:
       A functional `keras.Model` mapping masked images `(B, H, W, C)` to
@@ -142,30 +153,30 @@ def InfoMaskClassifier(  # noqa: N802
     """
     _check_input_shape(input_shape)
     inputs = keras.Input(shape=tuple(input_shape), name="masked_image")
-    return keras.Model(inputs, classifier_trunk(inputs, batch_norm), name=name)
+    return keras.Model(inputs, classifier_trunk(inputs, normalization), name=name)
 
 
-def encoder_trunk(inputs, batch_norm=BATCH_NORM):
+def encoder_trunk(inputs, normalization=STABLE.normalization):
     """Applies the `InfoMaskEncoder` layers to a symbolic tensor, in place.
 
     Args:
       inputs: a symbolic `(B, H, W, C)` image tensor.
-      batch_norm: as in `InfoMaskEncoder`.
+      normalization: as in `InfoMaskEncoder`.
 
     Returns:
       The `(B, H/4, W/4, 16)` feature tensor (layers named "encoder_*").
     """
-    return _conv_stack(inputs, ENCODER_LAYOUT, "encoder", batch_norm)
+    return _conv_stack(inputs, ENCODER_LAYOUT, "encoder", normalization)
 
 
-def classifier_trunk(inputs, batch_norm=BATCH_NORM):
+def classifier_trunk(inputs, normalization=STABLE.normalization):
     """Applies the `InfoMaskClassifier` layers to a symbolic tensor, in place.
 
     Args:
       inputs: a symbolic `(B, H, W, C)` masked-image tensor.
-      batch_norm: as in `InfoMaskEncoder`.
+      normalization: as in `InfoMaskEncoder`.
 
     Returns:
       The `(B, H/4, W/4, 64)` feature tensor (layers named "classifier_*").
     """
-    return _conv_stack(inputs, CLASSIFIER_LAYOUT, "classifier", batch_norm)
+    return _conv_stack(inputs, CLASSIFIER_LAYOUT, "classifier", normalization)

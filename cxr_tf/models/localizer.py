@@ -137,7 +137,7 @@ def _build_pooling_model(config, inputs):
 
 
 def _build_infomask_model(config, inputs, recipe):
-    features = infomask_net.encoder_trunk(inputs, recipe.batch_norm)
+    features = infomask_net.encoder_trunk(inputs, recipe.normalization)
     masked, mask = cxr_layers.InfoMask(
         variant=config.infomask_variant,
         alpha=config.infomask_alpha,
@@ -148,7 +148,7 @@ def _build_infomask_model(config, inputs, recipe):
         name="infomask",
     )([features, inputs])
     class_features = keras.layers.Identity(name=FEATURES_LAYER)(
-        infomask_net.classifier_trunk(masked, recipe.batch_norm)
+        infomask_net.classifier_trunk(masked, recipe.normalization)
     )
     pooled = keras.layers.GlobalAveragePooling2D(name="classifier_gap")(class_features)
     logits = keras.layers.Dense(config.num_classes, name="classifier_dense")(pooled)
