@@ -10,7 +10,8 @@ setting of the PCAM toy test; they are already "normalised" (zero mean).
 Model: `build_infomask_model(ModelConfig(backbone="infomask", ...), recipe)`
 with one output: "paper" is the paper's text read literally
 (`infomask_net.PAPER`), "stable" what `build_model` builds
-(`infomask_net.STABLE`), "stable_batch_norm" the same with batch norm. Training: Adam at --learning_rate (linear warm-up
+(`infomask_net.STABLE`), "stable_batch_norm" the same with batch norm.
+Training: Adam at --learning_rate (linear warm-up
 over --warmup_steps), BCE on the logit plus the mask's KL / L1 term, batches
 of --batch_size drawn from --train_films films.
 
@@ -75,7 +76,8 @@ def square_contrast(masks, labels, corners, square):
         if label:
             inside = np.zeros(mask.shape[:2], bool)
             inside[y : y + square, x : x + square] = True
-            values.append(float(mask[..., 0][inside].mean() - mask[..., 0][~inside].mean()))
+            m = mask[..., 0]
+            values.append(float(m[inside].mean() - m[~inside].mean()))
     return float(np.mean(values))
 
 
@@ -83,7 +85,8 @@ def auc(scores, labels):
     """Rank AUC (ties count one half)."""
     scores, labels = np.asarray(scores), np.asarray(labels).astype(bool)
     pos, neg = scores[labels], scores[~labels]
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    greater = (pos[:, None] > neg[None, :]).sum()
+    greater += 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(greater / (len(pos) * len(neg)))
 
 
@@ -223,7 +226,9 @@ def run(recipe_name, variant, image_size, square, steps, batch_size, learning_ra
             order, cursor = rng.permutation(train_films), 0
         idx = order[cursor : cursor + batch_size]
         cursor += batch_size
-        rate = learning_rate * min(1.0, (i + 1) / warmup_steps) if warmup_steps else learning_rate
+        rate = learning_rate
+        if warmup_steps:
+            rate *= min(1.0, (i + 1) / warmup_steps)
         loss, grads = step(train_x[idx], train_y[idx], np.float32(rate))
         if record is not None:
             norms = {}
@@ -232,7 +237,9 @@ def run(recipe_name, variant, image_size, square, steps, batch_size, learning_ra
                 value = 0.0 if g is None else float(np.sum(np.asarray(g) ** 2))
                 norms[block] = norms.get(block, 0.0) + value
             record["loss"] = round(float(loss), 5)
-            record["grad_norm"] = {b: float(f"{np.sqrt(v):.3g}") for b, v in norms.items()}
+            record["grad_norm"] = {
+                b: float(f"{np.sqrt(v):.3g}") for b, v in norms.items()
+            }
             history.append(record)
     seconds = time.time() - start
     out = model.predict(test_x, batch_size=64, verbose=0)

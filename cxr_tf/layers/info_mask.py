@@ -14,9 +14,10 @@ class InfoMask(keras.layers.Layer):
     """Learned mask M that keeps the discriminative pixels of the input.
 
     From the encoder features: attention A = ReLU(1x1 conv) (or softplus,
-    `attention_activation`), one channel, upsampled bilinearly to the image size; mu = 1x1 conv(A) and
-    log-variance = 1x1 conv(A); sigma = exp(logvar / 2); z = mu + sigma * eps
-    with eps ~ N(0, 1) drawn only when training (z = mu otherwise);
+    `attention_activation`), one channel, upsampled bilinearly to the image
+    size; mu = 1x1 conv(A) and log-variance = 1x1 conv(A);
+    sigma = exp(logvar / 2); z = mu + sigma * eps with eps ~ N(0, 1) drawn
+    only when training (z = mu otherwise);
     M = clip(sigmoid(z) - tau, 0, 1) (eq. 4) and the output is images * M.
 
     Regulariser, added with `self.add_loss` on every call:
