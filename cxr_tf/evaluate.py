@@ -44,7 +44,8 @@ _MAP = flags.DEFINE_enum(
 _BOX_THRESHOLDS = flags.DEFINE_list(
     "box_thresholds",
     [],
-    "Map thresholds for boxes (default: 0.9 probability maps; 180,60 CAMs).",
+    "Map thresholds for boxes (default: the model's own, chosen on validation "
+    "at training; else 0.9 probability maps, 180,60 CAMs).",
 )
 _IOBB_THRESHOLDS = flags.DEFINE_list(
     "iobb_thresholds",

@@ -504,7 +504,9 @@ def evaluate(config):
         computer = predict_lib.MapComputer(loaded, config.map_source)
         findings = list(loaded.findings)
         map_kind = computer.map_kind
-        box_thresholds = config.box_thresholds or DEFAULT_BOX_THRESHOLDS[map_kind]
+        box_thresholds = config.box_thresholds or default_box_thresholds(
+            loaded, map_kind
+        )
         results = _run_on_split(
             loaded,
             computer,
@@ -628,7 +630,7 @@ def write_overlays(
         shown = [f for f in findings if f in r.gt_boxes or probs[f] >= min_prob]
         maps = {
             f: predict_lib.crop_map_to_image(
-                r.maps[..., findings.index(f)], r.original_hw, image_size
+                r.maps[..., findings.index(f)], r.original_hw, image_size, r.ingest_size
             )
             for f in shown
         }
@@ -646,6 +648,97 @@ def write_overlays(
         )
         written.append(names[r.image_id])
     return {"dir": directory, "images": written}
+
+
+def default_box_thresholds(loaded, map_kind):
+    """The model's own box threshold (chosen on validation) or the kind's defaults."""
+    if map_kind == loaded.map_kind and loaded.box_threshold is not None:
+        return (loaded.box_threshold,)
+    return DEFAULT_BOX_THRESHOLDS[map_kind]
+
+
+def choose_box_threshold(loaded, data_dir, split="val", batch_size=8, max_images=None):
+    """Box threshold of a model's own maps, chosen on a split with boxes.
+
+    The InfoMask paper's rule for its thresholded masks (and evaluate's for
+    the IoP threshold): the candidate of `DEFAULT_MASK_THRESHOLDS` with the
+    least localization error, mean (FPR + FNR) / 2 over the split's boxed
+    (image, finding) pairs (`metrics.localization.choose_mask_threshold`).
+
+    Args:
+      loaded: a `model_dir.LoadedModel`.
+      data_dir: ingested TFRecords.
+      split: the split to choose on.
+      batch_size: images per forward pass.
+      max_images: read at most this many images of the split (None: all).
+
+    Returns:
+      {"threshold", "error", "pairs", "split"}, or None when the split has
+      no boxed image of the model's findings (or no records).
+    """
+    computer = predict_lib.MapComputer(loaded, "model")
+    config = EvalConfig(
+        output_dir=".",
+        model_dir=loaded.path,
+        data_dir=data_dir,
+        batch_size=batch_size,
+        max_images=max_images,
+    )
+    try:
+        results = _run_on_split(
+            loaded, computer, data_dir, split, (), config, keep_all=False
+        )
+    except FileNotFoundError:
+        return None
+    findings = list(loaded.findings)
+    wanted = [f for f in findings if f in schema.BOXED_FINDINGS]
+    masks = soft_masks(results, findings, loaded.image_size, computer.map_kind, wanted)
+    if not masks:
+        return None
+    choice = loc_metrics.choose_mask_threshold(
+        [m for _, m, _ in masks],
+        [g for _, _, g in masks],
+        DEFAULT_MASK_THRESHOLDS[computer.map_kind],
+    )
+    return {
+        "threshold": choice["threshold"],
+        "error": choice["error"],
+        "pairs": len(masks),
+        "split": split,
+    }
+
+
+def store_box_threshold(directory, data_dir, split="val", checkpoint="final",
+                        batch_size=8, max_images=None):
+    """Chooses a mask model's box threshold on `split` and writes it to config.json.
+
+    Args:
+      directory: the model directory.
+      data_dir: ingested TFRecords with `split`.
+      split: the split to choose on.
+      checkpoint: the model of `directory` to choose for ("final": the one
+        predict and export use by default).
+      batch_size, max_images: as in `choose_box_threshold`.
+
+    Returns:
+      The choice (see `choose_box_threshold`), or None when nothing was
+      written (no boxed image in `split`).
+    """
+    loaded = model_dir.load(directory, checkpoint)
+    choice = choose_box_threshold(loaded, data_dir, split, batch_size, max_images)
+    if choice is None:
+        logging.warning(
+            "No boxed %s image in %s: no box threshold chosen for %s; the "
+            "%s default %s applies.", split, data_dir, directory, loaded.map_kind,
+            localization.DEFAULT_THRESHOLDS[loaded.map_kind],
+        )
+        return None
+    model_dir.write_box_thresholds(directory, {loaded.map_kind: choice["threshold"]})
+    logging.info(
+        "Box threshold %.2f chosen on %d boxed %s pairs (error %.4f), in %s",
+        choice["threshold"], choice["pairs"], split, choice["error"], directory,
+    )
+    return choice
 
 
 def _mask_section(config, loaded, computer, results, boxed):

@@ -33,8 +33,9 @@ _VERSION = flags.DEFINE_integer(
 _THRESHOLD = flags.DEFINE_float(
     "threshold",
     None,
-    "Map threshold for boxes, every finding (default 0.9 for probability maps, "
-    "180 on the 0..255 scale for CAMs).",
+    "Map threshold for boxes, every finding (default: the model's own, chosen "
+    "on validation at training, else 0.9 for probability maps, 180 on the "
+    "0..255 scale for CAMs).",
 )
 _CLASS_THRESHOLD = flags.DEFINE_multi_string(
     "class_threshold", [], "FINDING=VALUE, a per-finding threshold (repeatable)."

@@ -60,7 +60,8 @@ class ExportConfig:
       version: positive int; None = one more than the newest existing version
         (1 for an empty directory).
       threshold: map threshold for every finding (probability scale for
-        "probability" maps, 0..255 for "cam"); None =
+        "probability" maps, 0..255 for "cam"); None = the model's own
+        (config.json `box_thresholds`), else
         `localization.DEFAULT_THRESHOLDS[map_kind]`.
       class_thresholds: (finding, threshold) pairs overriding `threshold`.
       max_boxes: boxes kept per finding (N of the padded outputs).
@@ -644,8 +645,10 @@ def export_saved_model(config):
     trained = model_dir.load(
         config.model_path, config.checkpoint, config.model_config_path
     )
+    # No --threshold: the model's own, chosen on validation at training.
+    threshold = trained.box_threshold if config.threshold is None else config.threshold
     thresholds = resolve_thresholds(
-        trained.findings, trained.map_kind, config.threshold, config.class_thresholds
+        trained.findings, trained.map_kind, threshold, config.class_thresholds
     )
     version = config.version or next_version(config.export_dir)
     final = os.path.join(config.export_dir, str(version))

@@ -21,6 +21,9 @@ config.json holds:
   training_data: where the training films came from: {"source", "synthetic",
     "films": {split: count}, "ingest_image_size", "data_dir"}.
   train: the `TrainConfig` dict of the run, or None.
+  box_thresholds (optional): {map kind: map threshold} chosen for this
+    model on its validation split (`write_box_thresholds`); evaluate,
+    predict and export use it instead of the kind's default.
 
 Which checkpoint: `resolve` is the one rule. "final" falls back to "best",
 then "latest", when training did not finish; "best" and "latest" are strict.
@@ -206,6 +209,44 @@ def write_config(
     return path
 
 
+def write_box_thresholds(directory, thresholds):
+    """Adds (or replaces) the `box_thresholds` of a model directory's config.json.
+
+    Args:
+      directory: the model directory (its config.json must exist).
+      thresholds: {map kind: finite float}, e.g. {"probability": 0.45}.
+
+    Returns:
+      The path written.
+
+    Raises:
+      UserFileError: no config.json; ValueError: an unknown map kind or a
+        non-finite threshold.
+    """
+    clean = {}
+    for kind, value in dict(thresholds).items():
+        if kind not in MAP_KINDS:
+            raise ValueError(
+                f"box threshold map kind must be one of {MAP_KINDS}. Received: {kind!r}"
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            float("-inf") < float(value) < float("inf")
+        ):
+            raise ValueError(
+                f"box threshold must be a finite number. Received: {kind}={value!r}"
+            )
+        clean[kind] = float(value)
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise errors.UserFileError(
+            f"no {CONFIG_FILE} to add box thresholds to", path, "train the model first"
+        )
+    payload = read_config(path)
+    payload["box_thresholds"] = clean
+    _atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+    return path
+
+
 def read_config(path):
     """Reads and checks a config.json (the training bundle or a bare ModelConfig).
 
@@ -356,6 +397,12 @@ class LoadedModel:
         """Longer side the training films were stored at (None: the network size)."""
         size = self.payload.get("ingest_image_size")
         return int(size) if size else None
+
+    @property
+    def box_threshold(self):
+        """Box threshold of the model's own map kind chosen on validation, or None."""
+        value = (self.payload.get("box_thresholds") or {}).get(self.map_kind)
+        return None if value is None else float(value)
 
     @property
     def training_data(self):

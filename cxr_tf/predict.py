@@ -35,7 +35,8 @@ _POSITIVE_THRESHOLD = flags.DEFINE_float(
 _BOX_THRESHOLD = flags.DEFINE_float(
     "box_threshold",
     None,
-    "Map threshold for boxes (default 0.9 for probability maps, 180 for CAMs).",
+    "Map threshold for boxes (default: the model's own, chosen on validation at "
+    "training, else 0.9 for probability maps, 180 for CAMs).",
 )
 _BOX_FINDINGS = flags.DEFINE_enum(
     "box_findings",

@@ -303,8 +303,10 @@ class PredictConfig:
       map_source: "model" or "gradcam".
       positive_threshold: probability from which a finding counts as present
         (gets boxes and an overlay panel).
-      box_threshold: map threshold for boxes; None: 0.9 for probability
-        maps, 180 for CAM / Grad-CAM maps.
+      box_threshold: map threshold for boxes; None: the model's own
+        (config.json `box_thresholds`, chosen on validation at training)
+        for its own maps, else 0.9 for probability maps, 180 for CAM /
+        Grad-CAM maps.
       box_findings: "positive" (boxes only for present findings) or "all".
       batch_size: images per forward pass.
       overlays: write an overlay PNG per image.
@@ -541,6 +543,11 @@ def predict(config, inputs):
     computer = MapComputer(loaded, config.map_source)
     findings = list(loaded.findings)
     size = loaded.image_size
+    # The model's own threshold, chosen on validation at training, when the
+    # maps are its own; else the kind's default (None).
+    box_threshold = config.box_threshold
+    if box_threshold is None and computer.map_kind == loaded.map_kind:
+        box_threshold = loaded.box_threshold
     os.makedirs(config.output_dir, exist_ok=True)
     if config.overlays:
         os.makedirs(os.path.join(config.output_dir, OVERLAY_DIR), exist_ok=True)
@@ -580,7 +587,7 @@ def predict(config, inputs):
                     findings,
                     size,
                     computer.map_kind,
-                    config.box_threshold,
+                    box_threshold,
                     config.positive_threshold,
                     config.box_findings,
                     config.work_size,

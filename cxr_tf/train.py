@@ -113,7 +113,9 @@ _INFOMASK_VARIANT = flags.DEFINE_enum(
     list(choices.INFOMASK_VARIANTS),
     "InfoMask variant (backbone=infomask).",
 )
-_INFOMASK_ALPHA = flags.DEFINE_float("infomask_alpha", 0.5, "InfoMask KL weight.")
+_INFOMASK_ALPHA = flags.DEFINE_float(
+    "infomask_alpha", 0.01, "InfoMask KL (or L1) weight (docs/design/infomask.md)."
+)
 _INFOMASK_TAU = flags.DEFINE_float("infomask_tau", 0.2, "InfoMask mask offset.")
 _ALLOW_UPSCALE = flags.DEFINE_bool(
     "allow_upscale",

@@ -112,7 +112,7 @@ class TrainConfig:
     backup_every_steps: int = 50
     num_overlay_images: int = 4
     infomask_variant: str = "infomask"
-    infomask_alpha: float = 0.5
+    infomask_alpha: float = 0.01  # As ModelConfig (docs/design/infomask.md).
     infomask_tau: float = 0.2
     allow_upscale: bool = False
     verbose: int = 1
@@ -1043,6 +1043,14 @@ def _train(config):
         scratch = tempfile.mkdtemp()
         save_model_atomic(model, os.path.join(scratch, FINAL_MODEL))
         shutil.rmtree(scratch, ignore_errors=True)
+    if chief and model_config.backbone == "infomask":
+        # A mask's values end at 1 - tau, so no fixed threshold fits every
+        # model: choose its box threshold on val, as evaluate does for IoP.
+        from cxr_tf import evaluate_lib  # pylint: disable=g-import-not-at-top
+
+        evaluate_lib.store_box_threshold(
+            model_dir, config.data_dir, "val", batch_size=config.batch_size
+        )
     best = None
     best_state = os.path.join(model_dir, "checkpoints", "best.json")
     if os.path.isfile(best_state):

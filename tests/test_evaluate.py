@@ -255,3 +255,34 @@ def test_model_on_records_writes_metrics_and_plots(
         for b in record["boxes"]:
             assert b["x"] >= 0 and b["x"] + b["w"] <= record["width"] + 1e-6
             assert b["y"] >= 0 and b["y"] + b["h"] <= record["height"] + 1e-6
+
+
+def test_box_threshold_is_chosen_on_val_and_becomes_the_default(tmp_path):
+    from cxr_tf import model_dir as model_dir_lib
+    from cxr_tf.models import ModelConfig
+    from cxr_tf.models import build_model
+    from tests.test_train import write_tiny_records
+
+    data = tmp_path / "data"
+    write_tiny_records(str(data), counts={"val": 4})
+    directory = str(tmp_path / "model")
+    config = ModelConfig(image_size=64, backbone="infomask")
+    model_dir_lib.write_config(directory, config, schema.FINDINGS)
+    build_model(config).save(os.path.join(directory, "model.keras"))
+
+    choice = evaluate_lib.store_box_threshold(directory, str(data), "val")
+    grid = evaluate_lib.DEFAULT_MASK_THRESHOLDS["probability"]
+    assert choice["threshold"] in grid and choice["pairs"] > 0
+    loaded = model_dir_lib.load(directory)
+    assert loaded.box_threshold == choice["threshold"]
+    assert evaluate_lib.default_box_thresholds(loaded, "probability") == (
+        choice["threshold"],
+    )
+    # Grad-CAM maps of the same model keep the CAM defaults.
+    assert evaluate_lib.default_box_thresholds(loaded, "cam") == (180.0, 60.0)
+    # The rule is evaluate's IoP rule: the same masks give the same choice.
+    again = evaluate_lib.choose_box_threshold(loaded, str(data), "val")
+    assert again["threshold"] == choice["threshold"]
+    # No such split: nothing chosen, nothing written.
+    assert evaluate_lib.store_box_threshold(directory, str(data), "test") is None
+    assert model_dir_lib.load(directory).box_threshold == choice["threshold"]

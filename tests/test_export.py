@@ -388,3 +388,27 @@ def test_bad_arguments(tmp_path):
     (tmp_path / "lonely" / "model.keras").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="config.json"):
         model_dir_lib.load(str(tmp_path / "lonely"))
+
+
+def test_box_threshold_chosen_at_training_is_the_export_default(tmp_path):
+    # A mask model's threshold chosen on validation (config.json
+    # `box_thresholds`) reaches thresholds.json and the served boxes.
+    model = _tiny_model("pcam", seed=2)
+    model_dir = _save(model, str(tmp_path / "m"), "pcam")
+    model_dir_lib.write_box_thresholds(model_dir, {"probability": 0.35})
+    path = export_lib.export_saved_model(
+        export_lib.ExportConfig(model_dir, str(tmp_path / "e"), max_boxes=10)
+    )
+    with open(os.path.join(path, "assets", "thresholds.json")) as f:
+        assert set(json.load(f)["thresholds"].values()) == {0.35}
+    loaded = tf.saved_model.load(path)
+    data = _png(np.random.default_rng(3).integers(0, 256, (64, 64), np.uint8))
+    out = loaded.signatures["serving_default"](image_bytes=tf.constant([data]))
+    maps = out["localization_maps"].numpy()[0]
+    for k in range(14):
+        want = localization.extract_boxes(
+            maps[k], (64, 64), "probability", threshold=0.35, max_boxes=10
+        )
+        assert int(out["num_boxes"][0, k]) == len(want), k
+    # Maps of an untrained PCAM are near 0.5: boxes at 0.35, none at 0.9.
+    assert int(np.sum(out["num_boxes"])) > 0

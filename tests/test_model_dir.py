@@ -139,3 +139,46 @@ def test_config_json_records_the_layer_map_kind(tmp_path):
         )
         with open(path) as f:
             assert json.load(f)["map_kind"] == kind
+
+
+def test_box_thresholds_are_stored_and_read_for_the_model_map_kind(tmp_path):
+    from cxr_tf.models import ModelConfig
+
+    directory = str(tmp_path / "m")
+    config = ModelConfig(image_size=64, backbone="infomask")
+    path = model_dir.write_config(directory, config, schema.FINDINGS)
+    model_dir.write_box_thresholds(directory, {"probability": 0.35})
+    payload = model_dir.read_config(path)
+    assert payload["box_thresholds"] == {"probability": 0.35}
+    # The rest of config.json is untouched.
+    assert payload["map_kind"] == "probability"
+    assert payload["model"]["backbone"] == "infomask"
+
+    def loaded(kind, data):
+        return model_dir.LoadedModel(
+            model=None, model_config=config, findings=tuple(schema.FINDINGS),
+            map_kind=kind, path="", payload=data,
+        )
+
+    assert loaded("probability", payload).box_threshold == 0.35
+    assert loaded("cam", payload).box_threshold is None
+    assert loaded("probability", {}).box_threshold is None
+
+
+@pytest.mark.parametrize(
+    "thresholds, text",
+    [({"heat": 0.5}, "'heat'"), ({"probability": float("nan")}, "nan"),
+     ({"probability": "0.5"}, "'0.5'")],
+)
+def test_bad_box_thresholds_are_named(tmp_path, thresholds, text):
+    from cxr_tf.models import ModelConfig
+
+    directory = str(tmp_path / "m")
+    model_dir.write_config(directory, ModelConfig(image_size=64), schema.FINDINGS)
+    with pytest.raises(ValueError, match=text):
+        model_dir.write_box_thresholds(directory, thresholds)
+
+
+def test_box_thresholds_need_a_config(tmp_path):
+    with pytest.raises(errors.UserFileError, match="train the model first"):
+        model_dir.write_box_thresholds(str(tmp_path), {"probability": 0.5})

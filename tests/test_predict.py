@@ -417,3 +417,37 @@ def test_cli_warns_once_for_a_synthetic_model_on_the_real_sample(
     assert len(lines) == 1, output[-3000:]
     films = len(os.listdir(cxr14_sample / "images"))
     assert f"{films} of {films} films" in lines[0]
+
+
+def test_infomask_boxes_use_the_threshold_stored_at_training(tiny_model_dir, tmp_path):
+    # The mask ends at 1 - tau = 0.8, under the probability default 0.9:
+    # boxes come only from the threshold training chose and stored.
+    import shutil
+
+    import tensorflow as tf
+
+    directory = str(tmp_path / "model")
+    shutil.copytree(tiny_model_dir, directory)
+    film = tmp_path / "films" / "film.png"
+    film.parent.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (96, 80, 1), np.uint8)
+    film.write_bytes(tf.io.encode_png(pixels).numpy())
+
+    def boxes():
+        out = tmp_path / f"out{len(os.listdir(tmp_path))}"
+        predict_lib.predict(
+            predict_lib.PredictConfig(
+                model=directory, output_dir=str(out), box_findings="all",
+                overlays=False,
+            ),
+            [str(film)],
+        )
+        with open(out / predict_lib.PREDICTIONS_FILE) as f:
+            return json.loads(f.readline())["boxes"]
+
+    assert boxes() == []
+    model_dir_lib.write_box_thresholds(directory, {"probability": 0.0})
+    found = boxes()
+    # Every map value is >= 0: one box per finding, over most of the film.
+    assert len(found) == schema.NUM_FINDINGS
+    assert all(b["w"] > 40 and b["h"] > 48 for b in found), found

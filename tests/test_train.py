@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from cxr_tf import evaluate_lib
 from cxr_tf import model_dir as model_dir_lib
 from cxr_tf import train_lib
 from cxr_tf.data import schema
@@ -468,3 +469,27 @@ def test_cpu_tuning_sets_onednn_and_one_inter_op_thread_for_one_device(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-2:] == ["1", str(inter_op)]
+
+
+@pytest.mark.slow
+def test_infomask_training_stores_a_box_threshold_chosen_on_val(tiny_data, tmp_path):
+    model_dir = str(tmp_path / "model")
+    run = subprocess.run(
+        _train_cmd(
+            tiny_data,
+            model_dir,
+            "--backbone=infomask",
+            "--epochs=1",
+            "--steps_per_epoch=2",
+            "--num_overlay_images=0",
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = _load(model_dir)
+    # Chosen on val by evaluate's IoP rule, from its candidate grid: predict
+    # and export use it with no flag.
+    assert loaded.box_threshold in evaluate_lib.DEFAULT_MASK_THRESHOLDS["probability"]

@@ -4,16 +4,20 @@ import keras
 from keras import ops
 
 VARIANTS = ("infomask", "featuremask", "regl1")
+# "relu" is the paper's; "softplus" keeps a gradient for every pixel (see
+# docs/design/infomask.md: a one-channel ReLU attention dies in 2-3 steps).
+ATTENTION_ACTIVATIONS = ("relu", "softplus")
 
 
 @keras.saving.register_keras_serializable(package="cxr_tf")
 class InfoMask(keras.layers.Layer):
     """Learned mask M that keeps the discriminative pixels of the input.
 
-    From the encoder features: attention A = ReLU(1x1 conv), one channel,
-    upsampled bilinearly to the image size; mu = 1x1 conv(A) and
-    log-variance = 1x1 conv(A); sigma = exp(logvar / 2); z = mu + sigma * eps
-    with eps ~ N(0, 1) drawn only when training (z = mu otherwise);
+    From the encoder features: attention A = ReLU(1x1 conv) (or softplus,
+    `attention_activation`), one channel, upsampled bilinearly to the image
+    size; mu = 1x1 conv(A) and log-variance = 1x1 conv(A);
+    sigma = exp(logvar / 2); z = mu + sigma * eps with eps ~ N(0, 1) drawn
+    only when training (z = mu otherwise);
     M = clip(sigmoid(z) - tau, 0, 1) (eq. 4) and the output is images * M.
 
     Regulariser, added with `self.add_loss` on every call:
@@ -25,6 +29,13 @@ class InfoMask(keras.layers.Layer):
       still sampled in training.
     The mask parameters and the regulariser run in float32.
 
+    Gradient of the clip: with `clip_gradient_leak` = 0 (the default) the
+    clip's exact gradient, zero wherever sigmoid(z) - tau is outside [0, 1].
+    With a leak g > 0 the forward value is still exactly eq. 4, and only the
+    backward pass lets g times the gradient through the clipped pixels
+    (a leaky straight-through clip), so a mask driven to M = 0 (RegL1) can be
+    raised again by the classification loss. The L1 term itself has gradient
+    0 at M = 0 (sign(0) = 0), so the leak never pushes a zero mask lower.
     Input shape:
       A list `[encoder_features, images]`: (B, h, w, C) and (B, H, W, Ci).
 
@@ -43,11 +54,18 @@ class InfoMask(keras.layers.Layer):
       seed: int or None, seed of the noise eps.
       kernel_initializer: initializer of the three 1x1 conv kernels.
       bias_initializer: initializer of the three 1x1 conv biases.
+      attention_activation: "relu" (the paper) or "softplus".
+      clip_gradient_leak: float in [0, 1], the fraction of the gradient
+        passed through clipped pixels in the backward pass (0: exact).
+      attention_bias_initializer: initializer of the attention conv's bias
+        (None: `bias_initializer`); a positive start keeps the attention in
+        its linear range, where its spatial variation reaches the mask.
       **kwargs: base `keras.layers.Layer` arguments.
 
     Raises:
-      ValueError: on an unknown `variant`, a negative `alpha`, `tau` outside
-        [0, 1) or a non-int `seed`.
+      ValueError: on an unknown `variant` or `attention_activation`, a
+        negative `alpha`, `tau` outside [0, 1), `clip_gradient_leak` outside
+        [0, 1] or a non-int `seed`.
     """
 
     # The mask M is in [0, 1]: the model's localization map is a probability.
@@ -61,6 +79,9 @@ class InfoMask(keras.layers.Layer):
         seed=None,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
+        attention_activation="relu",
+        clip_gradient_leak=0.0,
+        attention_bias_initializer=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -84,12 +105,33 @@ class InfoMask(keras.layers.Layer):
             raise ValueError(f"`tau` must be a float in [0, 1). Received: tau={tau!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"`seed` must be an int or None. Received: seed={seed!r}")
+        if attention_activation not in ATTENTION_ACTIVATIONS:
+            raise ValueError(
+                f"`attention_activation` must be one of {ATTENTION_ACTIVATIONS}. "
+                f"Received: attention_activation={attention_activation!r}"
+            )
+        if (
+            isinstance(clip_gradient_leak, bool)
+            or not isinstance(clip_gradient_leak, (int, float))
+            or not 0 <= clip_gradient_leak <= 1
+        ):
+            raise ValueError(
+                "`clip_gradient_leak` must be a float in [0, 1]. "
+                f"Received: clip_gradient_leak={clip_gradient_leak!r}"
+            )
         self.variant = variant
+        self.attention_activation = attention_activation
+        self.clip_gradient_leak = clip_gradient_leak
         self.alpha = alpha
         self.tau = tau
         self.seed = seed
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.attention_bias_initializer = (
+            None
+            if attention_bias_initializer is None
+            else keras.initializers.get(attention_bias_initializer)
+        )
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def build(self, input_shape):
@@ -110,7 +152,9 @@ class InfoMask(keras.layers.Layer):
                 f"features. Received: input_shape={input_shape}"
             )
         self.attention_kernel = self._kernel("attention_kernel", features_shape[-1])
-        self.attention_bias = self._bias("attention_bias")
+        self.attention_bias = self._bias(
+            "attention_bias", self.attention_bias_initializer
+        )
         self.mu_kernel = self._kernel("mu_kernel", 1)
         self.mu_bias = self._bias("mu_bias")
         self.logvar_kernel = self._kernel("logvar_kernel", 1)
@@ -124,9 +168,12 @@ class InfoMask(keras.layers.Layer):
             autocast=False,
         )
 
-    def _bias(self, name):
+    def _bias(self, name, initializer=None):
         return self.add_weight(
-            name=name, shape=(1,), initializer=self.bias_initializer, autocast=False
+            name=name,
+            shape=(1,),
+            initializer=initializer or self.bias_initializer,
+            autocast=False,
         )
 
     @property
@@ -135,10 +182,14 @@ class InfoMask(keras.layers.Layer):
         return "float64" if self.compute_dtype == "float64" else "float32"
 
     def attention(self, features, height, width):
-        """A = ReLU(1x1 conv(features)) upsampled bilinearly, (B, H, W, 1)."""
+        """A = ReLU (or softplus) of a 1x1 conv, upsampled bilinearly, (B, H, W, 1)."""
         dtype = self.compute_dtype
         attention = ops.matmul(features, ops.cast(self.attention_kernel, dtype))
-        attention = ops.relu(attention + ops.cast(self.attention_bias, dtype))
+        attention = attention + ops.cast(self.attention_bias, dtype)
+        if self.attention_activation == "softplus":
+            attention = ops.softplus(attention)
+        else:
+            attention = ops.relu(attention)
         return ops.image.resize(
             attention, (height, width), interpolation="bilinear", antialias=False
         )
@@ -155,7 +206,7 @@ class InfoMask(keras.layers.Layer):
                 ops.shape(mu), dtype=self.pool_dtype, seed=self.seed_generator
             )
             z = mu + ops.exp(0.5 * logvar) * eps
-        mask = ops.clip(ops.sigmoid(z) - ops.cast(self.tau, self.pool_dtype), 0.0, 1.0)
+        mask = self.clip(ops.sigmoid(z) - ops.cast(self.tau, self.pool_dtype))
         alpha = ops.cast(self.alpha, self.pool_dtype)
         if self.variant == "infomask":
             kl = 0.5 * (ops.square(mu) + ops.exp(logvar) - 1.0 - logvar)
@@ -164,6 +215,18 @@ class InfoMask(keras.layers.Layer):
             self.add_loss(alpha * ops.mean(ops.abs(mask)))
         mask = ops.cast(mask, self.compute_dtype)
         return images * mask, mask
+
+    def clip(self, values):
+        """clip(values, 0, 1); the backward pass leaks `clip_gradient_leak` outside."""
+        clipped = ops.clip(values, 0.0, 1.0)
+        if not self.clip_gradient_leak:
+            return clipped
+        # Forward: clipped + (y - stop(y)) = clipped exactly. Backward:
+        # d clipped + g * (1 - d clipped): 1 inside [0, 1], g outside.
+        outside = values - clipped
+        leak = ops.cast(self.clip_gradient_leak, values.dtype) * outside
+        # (leak - stop(leak)) is exactly 0 forward, so the sum is exact.
+        return clipped + (leak - ops.stop_gradient(leak))
 
     def compute_output_shape(self, input_shape):
         images_shape = tuple(input_shape[1])
@@ -181,6 +244,13 @@ class InfoMask(keras.layers.Layer):
                     self.kernel_initializer
                 ),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+                "attention_activation": self.attention_activation,
+                "clip_gradient_leak": self.clip_gradient_leak,
+                "attention_bias_initializer": (
+                    None
+                    if self.attention_bias_initializer is None
+                    else keras.initializers.serialize(self.attention_bias_initializer)
+                ),
             }
         )
         return config

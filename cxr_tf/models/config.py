@@ -34,7 +34,9 @@ class ModelConfig:
     weights: str | None = None
     pooling_options: tuple = ()
     infomask_variant: str = "infomask"
-    infomask_alpha: float = 0.5
+    # 0.5 (the author's later code) let the KL flatten the mask on every
+    # probe; 0.01 kept it on the lesion (docs/design/infomask.md).
+    infomask_alpha: float = 0.01
     infomask_tau: float = 0.2
 
     def __post_init__(self):

@@ -136,16 +136,19 @@ def _build_pooling_model(config, inputs):
     )
 
 
-def _build_infomask_model(config, inputs):
-    features = infomask_net.encoder_trunk(inputs)
+def _build_infomask_model(config, inputs, recipe):
+    features = infomask_net.encoder_trunk(inputs, recipe.normalization)
     masked, mask = cxr_layers.InfoMask(
         variant=config.infomask_variant,
         alpha=config.infomask_alpha,
         tau=config.infomask_tau,
+        attention_activation=recipe.attention_activation,
+        clip_gradient_leak=recipe.clip_gradient_leak,
+        attention_bias_initializer=keras.initializers.Constant(recipe.attention_bias),
         name="infomask",
     )([features, inputs])
     class_features = keras.layers.Identity(name=FEATURES_LAYER)(
-        infomask_net.classifier_trunk(masked)
+        infomask_net.classifier_trunk(masked, recipe.normalization)
     )
     pooled = keras.layers.GlobalAveragePooling2D(name="classifier_gap")(class_features)
     logits = keras.layers.Dense(config.num_classes, name="classifier_dense")(pooled)
@@ -194,8 +197,35 @@ def build_model(config):
         shape=(config.image_size, config.image_size, config.channels), name="image"
     )
     if config.backbone == "infomask":
-        return _build_infomask_model(config, inputs)
+        return _build_infomask_model(config, inputs, infomask_net.STABLE)
     return _build_pooling_model(config, inputs)
+
+
+def build_infomask_model(config, recipe=infomask_net.STABLE):
+    """`build_model` for the InfoMask backbone with a chosen `Recipe`.
+
+    Args:
+      config: a `ModelConfig` with `backbone="infomask"`.
+      recipe: an `infomask_net.Recipe`; `infomask_net.PAPER` builds the
+        paper's text read literally, for measurements (it does not train:
+        docs/design/infomask.md).
+
+    Returns:
+      The model, as `build_model` returns it.
+
+    Raises:
+      ValueError: `config` is not an InfoMask config (and as `build_model`).
+    """
+    _check_config(config)
+    if config.backbone != "infomask":
+        raise ValueError(
+            "`build_infomask_model` needs backbone='infomask'. "
+            f"Received: backbone={config.backbone!r}"
+        )
+    inputs = keras.Input(
+        shape=(config.image_size, config.image_size, config.channels), name="image"
+    )
+    return _build_infomask_model(config, inputs, recipe)
 
 
 def gradcam_target_layer(model):

@@ -184,10 +184,76 @@ def test_model_loss_includes_the_kl_term():
     assert np.all(np.isfinite(history.history["loss"]))
 
 
+def test_softplus_attention_matches_numpy_reference():
+    layer = _layer("featuremask", attention_activation="softplus")
+    features, images = _inputs(8)
+    kernel = np.asarray(layer.attention_kernel, np.float64)
+    pre = features @ kernel + np.asarray(layer.attention_bias, np.float64)
+    a = _resize_bilinear(np.log1p(np.exp(pre)), H, W)
+    mu = a * float(layer.mu_kernel[0, 0]) + float(layer.mu_bias[0])
+    expected = np.clip(_sigmoid(mu) - layer.tau, 0.0, 1.0)
+    _, mask = layer([features, images], training=False)
+    np.testing.assert_allclose(np.asarray(mask), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.1])
+def test_clip_leaks_gradient_only_in_the_backward_pass(leak):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    layer = InfoMask(clip_gradient_leak=leak)
+    values = tf.constant([-0.3, 0.0001, 0.5, 1.4])
+    with tf.GradientTape() as tape:
+        tape.watch(values)
+        clipped = layer.clip(values)
+    # Forward: eq. 4's clip exactly, whatever the leak.
+    np.testing.assert_array_equal(np.asarray(clipped), np.clip(values, 0.0, 1.0))
+    grad = np.asarray(tape.gradient(clipped, values))
+    np.testing.assert_allclose(grad, [leak, 1.0, 1.0, leak], rtol=1e-6)
+
+
+def test_regl1_mask_at_zero_still_gets_the_classifier_gradient():
+    # All of sigmoid(z) below tau: M = 0 everywhere. The exact clip passes no
+    # gradient to the attention; the leaky clip does, and the L1 term adds
+    # none at M = 0 (it cannot push the mask lower).
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    features, images = _inputs(9)
+    grads = {}
+    for leak in (0.0, 0.1):
+        layer = _layer("regl1", clip_gradient_leak=leak)
+        layer.mu_bias.assign([-3.0])
+        layer.mu_kernel.assign([[0.0]])
+        with tf.GradientTape() as tape:
+            masked, mask = layer([features, images], training=False)
+            loss = -tf.reduce_sum(masked * images) + tf.add_n(layer.losses)
+        assert float(np.max(np.asarray(mask))) == 0.0
+        grad = tape.gradient(loss, layer.mu_bias)
+        grads[leak] = float(np.asarray(grad)[0])
+    assert grads[0.0] == 0.0
+    # Raising the mask lowers this loss: the leaked gradient says so.
+    assert grads[0.1] < 0.0
+
+
 def test_config_round_trip():
-    layer = InfoMask(variant="regl1", alpha=0.1, tau=0.3, seed=7, name="mask")
+    layer = InfoMask(
+        variant="regl1",
+        alpha=0.1,
+        tau=0.3,
+        seed=7,
+        attention_activation="softplus",
+        clip_gradient_leak=0.2,
+        name="mask",
+    )
     config = layer.get_config()
-    for key, value in {"variant": "regl1", "alpha": 0.1, "tau": 0.3, "seed": 7}.items():
+    expected = {
+        "variant": "regl1",
+        "alpha": 0.1,
+        "tau": 0.3,
+        "seed": 7,
+        "attention_activation": "softplus",
+        "clip_gradient_leak": 0.2,
+    }
+    for key, value in expected.items():
         assert config[key] == value
     assert InfoMask.from_config(config).get_config() == config
 
@@ -218,6 +284,9 @@ def test_compute_output_shape():
         ({"tau": 1.0}, "tau=1.0"),
         ({"tau": -0.2}, "tau=-0.2"),
         ({"seed": 1.5}, "seed=1.5"),
+        ({"attention_activation": "tanh"}, "attention_activation='tanh'"),
+        ({"clip_gradient_leak": 1.5}, "clip_gradient_leak=1.5"),
+        ({"clip_gradient_leak": -0.1}, "clip_gradient_leak=-0.1"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, text):
