@@ -15,6 +15,7 @@ import traceback
 from absl import logging
 
 import cxr_tf
+from cxr_tf import model_dir
 from cxr_tf import errors
 
 RECORD_FILE = "record.json"
@@ -193,13 +194,8 @@ def _output_files(step_dir):
     return sorted(found)
 
 
-def file_sha256(path):
-    """The sha256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+# One streamed sha256 for the whole project: the model directory's.
+file_sha256 = model_dir.file_sha256
 
 
 def checksum_outputs(step_dir):
