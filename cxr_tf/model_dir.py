@@ -243,7 +243,7 @@ def write_box_thresholds(directory, thresholds):
         )
     payload = read_config(path)
     payload["box_thresholds"] = clean
-    _atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
     return path
 
 

@@ -126,10 +126,16 @@ def test_predict_marks_a_dicom_whose_header_was_wrong(
     auto, header = by_mode["auto"], by_mode["header"]
     # Same pixels once the wrong header is caught: the same prediction.
     assert auto["Fake_MONOHR1.dcm"].pop("orientation_corrected") is True
-    assert auto["Fake_MONOHR1.dcm"]["probabilities"] == auto[siim]["probabilities"]
+    # Equal up to the 6 printed decimals: two films of one batch may differ in
+    # the last float32 bit (oneDNN's blocking depends on the batch position).
+    same = lambda a, b: a.keys() == b.keys() and all(  # noqa: E731
+        abs(a[k] - b[k]) <= 2e-6 for k in a
+    )
+    assert same(auto["Fake_MONOHR1.dcm"]["probabilities"], auto[siim]["probabilities"])
     assert "orientation_corrected" not in auto[siim]
     assert not any("orientation_corrected" in r for r in header.values())
-    assert header[siim] == auto[siim]
+    assert header[siim].keys() == auto[siim].keys()
+    assert same(header[siim]["probabilities"], auto[siim]["probabilities"])
     assert header["Fake_MONOHR1.dcm"]["probabilities"] != auto[siim]["probabilities"]
     with pytest.raises(ValueError, match="`dicom_orientation` must be one of"):
         predict_lib.PredictConfig(model="m", output_dir="o", dicom_orientation="x")

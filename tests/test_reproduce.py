@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cxr_tf.data import schema
+from tests import script_loader
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "reproduce.py"
@@ -17,10 +18,7 @@ SCRIPT = ROOT / "benchmarks" / "reproduce.py"
 
 @pytest.fixture(scope="module")
 def reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_loader.load(SCRIPT, "reproduce")
 
 
 def _evaluation(auc, acc05, afp05, iop, map_kind="probability"):

@@ -1,6 +1,5 @@
 """Tests for cxr_tf.data.metadata on the real NIH tables and on planted bad rows."""
 
-import time
 
 import numpy as np
 import pandas as pd
@@ -19,16 +18,12 @@ def meta_dir(cxr14_sample):
 
 @pytest.fixture(scope="module")
 def entries_v2020(meta_dir):
-    start = time.process_time()
-    entries, problems = metadata.read_data_entry(meta_dir / "Data_Entry_2017_v2020.csv")
-    return entries, problems, time.process_time() - start
+    return metadata.read_data_entry(meta_dir / "Data_Entry_2017_v2020.csv")
 
 
 @pytest.fixture(scope="module")
 def entries_2017(meta_dir):
-    start = time.process_time()
-    entries, problems = metadata.read_data_entry(meta_dir / "Data_Entry_2017.csv")
-    return entries, problems, time.process_time() - start
+    return metadata.read_data_entry(meta_dir / "Data_Entry_2017.csv")
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +38,11 @@ def official_lists(meta_dir):
 
 
 def test_v2020_table_parses(entries_v2020):
-    entries, problems, seconds = entries_v2020
+    entries, problems = entries_v2020
     assert len(entries) == NUM_IMAGES
     assert problems == []
     assert list(entries.columns) == list(metadata.ENTRY_COLUMNS)
     assert entries["image_id"].is_unique
-    # Vectorised parsing: ~1.2 s CPU measured on the dev machine. CPU time,
-    # not wall time, so a machine shared by others does not fail the test.
-    assert seconds < 3.0
     first = entries.iloc[0]
     assert first["image_id"] == "00000001_000.png"
     assert first["patient_id"] == "00000001"
@@ -64,9 +56,8 @@ def test_v2020_table_parses(entries_v2020):
 
 
 def test_2017_table_parses_with_crlf_trailing_comma_and_bad_ages(entries_2017):
-    entries, problems, seconds = entries_2017
+    entries, problems = entries_2017
     assert len(entries) == NUM_IMAGES
-    assert seconds < 3.0
     # The 16 ages over 100 (148..414) are reported, and their rows kept.
     assert len(problems) == 16
     for problem in problems:

@@ -6,15 +6,14 @@ builds (`infomask_net.STABLE`) and measures it as the design note does.
 """
 
 import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
+from tests import script_loader
 
-import infomask_probe  # noqa: E402  pylint: disable=wrong-import-position
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+infomask_probe = script_loader.load(BENCHMARKS / "infomask_probe.py", "infomask_probe")
 
 SIZE, SQUARE, STEPS = 32, 8, 40
 
