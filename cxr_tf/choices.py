@@ -1,27 +1,91 @@
-"""The closed sets of names the CLIs accept, without importing TensorFlow.
+"""The registries of backbones and poolings, and the CLIs' closed sets of names.
 
-The Keras registries (`cxr_tf.layers.POOLING_CLASSES`,
-`cxr_tf.models.config.BACKBONES`, the backbones' `FEATURE_STRIDE`,
-`cxr_tf.layers.info_mask.VARIANTS`) are the implementation; this module
-repeats their names so that a command can refuse a typo in a fraction of a
-second instead of after TensorFlow's import. tests/test_choices.py asserts
-that the two agree, so neither can drift.
+This module is the one home of the names: a backbone or pooling exists when
+it has an entry here, and the Keras side (`cxr_tf.models.localizer`,
+`cxr_tf.layers.get_pooling`, `cxr_tf.data.schema.normalization_for`) looks
+its implementation up from the entry. It imports nothing heavy, so a command
+refuses a typo in a fraction of a second instead of after TensorFlow's
+import. tests/test_choices.py builds every entry and checks it against what
+the entry claims (stride, map kind).
 """
 
-# cxr_tf.layers.POOLING_CLASSES, in its order.
-POOLING_NAMES = ("pcam", "avg", "max", "linear", "exp", "lse", "lse_lba", "attention")
+import dataclasses
+import importlib
 
-# Backbone name -> output stride of its feature map (the models' FEATURE_STRIDE).
-BACKBONE_STRIDES = {
-    "resnet34": 32,
-    "densenet121": 32,
-    "resnet50": 32,
-    "infomask": 4,
-    "compact": 8,
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """What the rest of the package needs to know about one backbone.
+
+    Attributes:
+      trunk: "module:function" of the trunk builder, called as
+        `function(inputs, config)` with a symbolic `(B, S, S, C)` image tensor
+        and the `ModelConfig`; it returns the `(B, S/stride, S/stride, C')`
+        feature map, its layers built into the caller's graph. None for
+        "infomask", whose whole network is built by
+        `cxr_tf.models.localizer` (its mask is not a pooling head).
+      stride: how many times the trunk reduces the image.
+      normalization: the pixel normalisation it is trained with, a name of
+        `cxr_tf.data.schema.NORMALIZATIONS` ("fixed" or "imagenet_gray").
+      imagenet_weights: whether `weights="imagenet"` exists for it.
+      description: a few words for reports and help.
+    """
+
+    trunk: str | None
+    stride: int
+    normalization: str
+    imagenet_weights: bool = False
+    description: str = ""
+
+
+BACKBONE_REGISTRY = {
+    "resnet34": Backbone(
+        "cxr_tf.models.resnet:trunk_features", 32, "fixed",
+        description="ResNet-34 (the PCAM paper's)",
+    ),
+    "densenet121": Backbone(
+        "cxr_tf.models.applications:trunk_features", 32, "imagenet_gray", True,
+        "DenseNet-121 (keras.applications)",
+    ),
+    "resnet50": Backbone(
+        "cxr_tf.models.applications:trunk_features", 32, "imagenet_gray", True,
+        "ResNet-50 (keras.applications)",
+    ),
+    "infomask": Backbone(
+        None, 4, "fixed", description="InfoMask encoder and classification block"
+    ),
+    "compact": Backbone(
+        "cxr_tf.models.compact:trunk_features", 8, "fixed",
+        description="compact stride-8 trunk (the CPU demo's)",
+    ),
 }
-BACKBONES = tuple(BACKBONE_STRIDES)
+BACKBONES = tuple(BACKBONE_REGISTRY)
+# Backbone name -> output stride of its feature map.
+BACKBONE_STRIDES = {name: spec.stride for name, spec in BACKBONE_REGISTRY.items()}
 # Backbones with keras.applications ImageNet weights.
-IMAGENET_BACKBONES = ("densenet121", "resnet50")
+IMAGENET_BACKBONES = tuple(
+    name for name, spec in BACKBONE_REGISTRY.items() if spec.imagenet_weights
+)
+
+# Pooling name -> "module:class" of its layer (`cxr_tf.layers.get_pooling`).
+POOLING_REGISTRY = {
+    "pcam": "cxr_tf.layers.pcam_pooling:PCAMPooling",
+    "avg": "cxr_tf.layers.average_pooling:AveragePooling",
+    "max": "cxr_tf.layers.max_pooling:MaxPooling",
+    "linear": "cxr_tf.layers.linear_pooling:LinearPooling",
+    "exp": "cxr_tf.layers.exponential_pooling:ExponentialPooling",
+    "lse": "cxr_tf.layers.lse_pooling:LSEPooling",
+    "lse_lba": "cxr_tf.layers.lse_lba_pooling:LSELBAPooling",
+    "attention": "cxr_tf.layers.attention_pooling:AttentionPooling",
+}
+POOLING_NAMES = tuple(POOLING_REGISTRY)
+
+
+def load(path):
+    """Imports the object a registry entry names ("package.module:attribute")."""
+    module_name, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
 
 # Every input side is a multiple of this (cxr_tf.models.localizer): the
 # stride-32 trunks need it, and one rule for all keeps a model's input size
@@ -53,9 +117,9 @@ def image_size_problem(backbone, size):
     Returns:
       None when the backbone accepts `size`, else a short description.
     """
-    stride = BACKBONE_STRIDES.get(backbone)
-    if stride is None:
+    if backbone not in BACKBONE_REGISTRY:
         return f"unknown backbone {backbone!r}"
+    stride = BACKBONE_REGISTRY[backbone].stride
     if not isinstance(size, int) or size < MIN_IMAGE_SIZE:
         return f"image size {size!r} is below {MIN_IMAGE_SIZE}"
     if size % IMAGE_SIZE_MULTIPLE:

@@ -15,12 +15,13 @@ from absl import logging
 import numpy as np
 from scipy import special
 
+from cxr_tf import choices
 from cxr_tf import localization
 from cxr_tf.data import preprocess
 from cxr_tf.data import schema
 
 IMAGE_EXTENSIONS = schema.IMAGE_EXTENSIONS
-MAP_SOURCES = ("model", "gradcam")
+MAP_SOURCES = choices.MAP_SOURCES
 PREDICTIONS_FILE = "predictions.jsonl"
 OVERLAY_DIR = "overlays"
 

@@ -11,6 +11,8 @@ import tempfile
 from absl import logging
 import numpy as np
 
+from cxr_tf import choices
+from cxr_tf import config_dict
 from cxr_tf import errors
 from cxr_tf import model_dir as model_dir_lib
 from cxr_tf.data import schema
@@ -21,11 +23,12 @@ LATEST_CHECKPOINT = model_dir_lib.LATEST_CHECKPOINT
 BACKUP_DIR = "backup"
 LOG_DIR = "logs"
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCHEDULES = ("constant", "cosine", "step", "exponential")
-STRATEGIES = ("mirrored", "multi_worker", "default")
-MIXED_PRECISION = ("none", "mixed_float16", "mixed_bfloat16")
-JIT_COMPILE = ("auto", "true", "false")
+# The names live in cxr_tf.choices (the CLI checks them before TF loads).
+OPTIMIZERS = choices.OPTIMIZERS
+LR_SCHEDULES = choices.LR_SCHEDULES
+STRATEGIES = choices.STRATEGIES
+MIXED_PRECISION = choices.MIXED_PRECISION
+JIT_COMPILE = choices.JIT_COMPILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,14 +199,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d):
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ValueError(
-                f"Unknown TrainConfig fields {sorted(unknown)}; "
-                f"expected a subset of {sorted(fields)}"
-            )
-        return cls(**d)
+        return config_dict.from_dict(cls, d)
 
 
 def _check_choice(name, value, choices):

@@ -279,22 +279,16 @@ def test_a_new_probability_map_pooling_is_treated_as_one_everywhere(
 ):
     """A pooling known only to this test: evaluate, predict and export ask
     its layer for the map kind; no name rule elsewhere guesses it."""
-    import keras
-    from keras import ops
-
-    from cxr_tf import layers
+    from cxr_tf import choices
     from cxr_tf.data import schema
     from cxr_tf.models import ModelConfig
     from cxr_tf.models import build_model
 
-    @keras.saving.register_keras_serializable(package="cxr_tf_test")
-    class SigmoidAveragePooling(layers.AveragePooling):
-        map_kind = "probability"
-
-        def output_map(self, cam):
-            return ops.sigmoid(cam)
-
-    monkeypatch.setitem(layers.POOLING_CLASSES, "sigmoid_avg", SigmoidAveragePooling)
+    # A registry entry is all a pooling needs (CONTRIBUTING.md).
+    monkeypatch.setitem(
+        choices.POOLING_REGISTRY, "sigmoid_avg",
+        "tests.test_contributing:SigmoidAveragePooling",
+    )
     config = ModelConfig(image_size=64, pooling="sigmoid_avg", backbone="compact")
     model_dir = tmp_path / "model"
     model_dir_lib.write_config(

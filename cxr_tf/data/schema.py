@@ -2,6 +2,7 @@
 
 import dataclasses
 
+from cxr_tf import choices
 from serving import contract
 
 # Canonical order of Wang et al. 2017; the first 8 have ground-truth boxes.
@@ -84,13 +85,8 @@ IMAGENET_GRAY = Normalization(mean=0.449 * 255.0, std=0.226 * 255.0)
 # Our own backbones use the fixed convention of the public PCAM code.
 FIXED = Normalization(mean=128.0, std=64.0)
 
-_NORMALIZATION = {
-    "resnet34": FIXED,
-    "infomask": FIXED,
-    "compact": FIXED,
-    "densenet121": IMAGENET_GRAY,
-    "resnet50": IMAGENET_GRAY,
-}
+# A backbone's registry entry (`cxr_tf.choices.BACKBONE_REGISTRY`) names one.
+NORMALIZATIONS = {"fixed": FIXED, "imagenet_gray": IMAGENET_GRAY}
 
 
 def normalization_for(backbone):
@@ -99,10 +95,10 @@ def normalization_for(backbone):
     Raises:
       ValueError: unknown backbone.
     """
-    try:
-        return _NORMALIZATION[backbone]
-    except KeyError:
+    spec = choices.BACKBONE_REGISTRY.get(backbone)
+    if spec is None:
         raise ValueError(
             f"Unknown `backbone`. Expected one of "
-            f"{sorted(_NORMALIZATION)}. Received: backbone={backbone!r}"
-        ) from None
+            f"{sorted(choices.BACKBONES)}. Received: backbone={backbone!r}"
+        )
+    return NORMALIZATIONS[spec.normalization]

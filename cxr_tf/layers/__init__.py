@@ -2,6 +2,7 @@
 
 import inspect
 
+from cxr_tf import choices
 from cxr_tf.layers.attention_pooling import AttentionPooling
 from cxr_tf.layers.average_pooling import AveragePooling
 from cxr_tf.layers.exponential_pooling import ExponentialPooling
@@ -12,17 +13,12 @@ from cxr_tf.layers.lse_pooling import LSEPooling
 from cxr_tf.layers.max_pooling import MaxPooling
 from cxr_tf.layers.pcam_pooling import PCAMPooling
 
+# Built from the registry (`cxr_tf.choices.POOLING_REGISTRY`, the one home
+# of the names); the imports above are the package's public names.
 POOLING_CLASSES = {
-    "pcam": PCAMPooling,
-    "avg": AveragePooling,
-    "max": MaxPooling,
-    "linear": LinearPooling,
-    "exp": ExponentialPooling,
-    "lse": LSEPooling,
-    "lse_lba": LSELBAPooling,
-    "attention": AttentionPooling,
+    name: choices.load(path) for name, path in choices.POOLING_REGISTRY.items()
 }
-POOLING_NAMES = tuple(POOLING_CLASSES)
+POOLING_NAMES = choices.POOLING_NAMES
 
 # Base-layer arguments every pooling accepts besides its own.
 _LAYER_OPTIONS = ("name", "dtype", "trainable")
@@ -83,11 +79,14 @@ def get_pooling(name, num_classes, /, **options):
 
 
 def _pooling_class(name):
-    if name not in POOLING_CLASSES:
+    # The registry, read at call time: an entry added to it (a new pooling,
+    # or one a test defines) needs no change here.
+    if name not in choices.POOLING_REGISTRY:
         raise ValueError(
-            f"`name` must be one of {POOLING_NAMES}. Received: name={name!r}"
+            f"`name` must be one of {tuple(choices.POOLING_REGISTRY)}. "
+            f"Received: name={name!r}"
         )
-    return POOLING_CLASSES[name]
+    return choices.load(choices.POOLING_REGISTRY[name])
 
 
 __all__ = [

@@ -3,7 +3,9 @@
 import keras
 from keras import ops
 
-VARIANTS = ("infomask", "featuremask", "regl1")
+from cxr_tf import choices
+
+VARIANTS = choices.INFOMASK_VARIANTS
 # "relu" is the paper's; "softplus" keeps a gradient for every pixel (see
 # docs/design/infomask.md: a one-channel ReLU attention dies in 2-3 steps).
 ATTENTION_ACTIVATIONS = ("relu", "softplus")

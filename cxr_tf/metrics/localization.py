@@ -120,6 +120,14 @@ def _overlap_matrix(preds, gts, overlap):
     ).reshape(len(gts), len(preds))
 
 
+def _boxed_images(predictions, ground_truth, finding):
+    """(predicted boxes, truth boxes) of `finding` on each image with truth."""
+    for image_id, per_image in ground_truth.items():
+        gts = per_image.get(finding, [])
+        if gts:
+            yield predictions.get(image_id, {}).get(finding, []), gts
+
+
 def localization_accuracy(
     predictions,
     ground_truth,
@@ -154,13 +162,9 @@ def localization_accuracy(
     result = {}
     for finding in _findings(ground_truth, findings):
         best = []
-        num_images = 0
-        for image_id, per_image in ground_truth.items():
-            gts = per_image.get(finding, [])
-            if not gts:
-                continue
-            num_images += 1
-            preds = predictions.get(image_id, {}).get(finding, [])
+        images = list(_boxed_images(predictions, ground_truth, finding))
+        num_images = len(images)
+        for preds, gts in images:
             matrix = _overlap_matrix(preds, gts, overlap)
             best.extend(matrix.max(axis=1) if preds else [0.0] * len(gts))
         best = np.asarray(best)
@@ -208,13 +212,9 @@ def average_false_positives(
     result = {}
     for finding in _findings(ground_truth, findings):
         false_positives = {t: 0 for t in thresholds}
-        num_images = 0
-        for image_id, per_image in ground_truth.items():
-            gts = per_image.get(finding, [])
-            if not gts:
-                continue
-            num_images += 1
-            preds = predictions.get(image_id, {}).get(finding, [])
+        images = list(_boxed_images(predictions, ground_truth, finding))
+        num_images = len(images)
+        for preds, gts in images:
             if not preds:
                 continue
             best = _overlap_matrix(preds, gts, overlap).max(axis=0)

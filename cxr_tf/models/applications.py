@@ -156,3 +156,19 @@ def build_application(
         # keras.applications lists the source inputs; one input is simpler.
         model = keras.Model(input_tensor, model.output, name=name)
     return model
+
+
+def trunk_features(inputs, config):
+    """The "densenet121" and "resnet50" entries of the backbone registry.
+
+    Args:
+      inputs: the symbolic `(B, S, S, C)` image tensor of the caller's model.
+      config: the `ModelConfig` (its `backbone` and `weights`).
+
+    Returns:
+      The stride-32 feature map tensor, built into the caller's graph.
+    """
+    return build_application(
+        config.backbone, tuple(inputs.shape[1:]), weights=config.weights,
+        input_tensor=inputs,
+    ).output

@@ -1,6 +1,5 @@
 """The compact trunk of the CPU demo: the `resnet.COMPACT` preset (stride 8)."""
 
-import keras
 
 from cxr_tf.models import resnet
 
@@ -26,6 +25,11 @@ def compact_trunk(inputs):
     return resnet.resnet_trunk(inputs, resnet.COMPACT)
 
 
+def trunk_features(inputs, config):  # pylint: disable=unused-argument
+    """The "compact" entry of `cxr_tf.choices.BACKBONE_REGISTRY`."""
+    return compact_trunk(inputs)
+
+
 def Compact(input_shape=(None, None, 1), name="compact"):  # noqa: N802
     """Builds the compact trunk as a standalone model.
 
@@ -40,10 +44,4 @@ def Compact(input_shape=(None, None, 1), name="compact"):  # noqa: N802
     Raises:
       ValueError: `input_shape` is not a 3-tuple with a positive channel count.
     """
-    if len(input_shape) != 3 or not input_shape[-1] or input_shape[-1] < 1:
-        raise ValueError(
-            "`input_shape` must be (height, width, channels) with channels >= 1. "
-            f"Received: input_shape={input_shape!r}"
-        )
-    inputs = keras.Input(shape=tuple(input_shape), name="image")
-    return keras.Model(inputs, compact_trunk(inputs), name=name)
+    return resnet.standalone(resnet.COMPACT, input_shape, name)

@@ -3,6 +3,8 @@
 import dataclasses
 import json
 
+from cxr_tf import choices
+from cxr_tf import config_dict
 from cxr_tf.choices import BACKBONES  # One home for the names (TF-free).
 from cxr_tf.data import schema
 
@@ -40,9 +42,9 @@ class ModelConfig:
     infomask_tau: float = 0.2
 
     def __post_init__(self):
-        if self.backbone not in BACKBONES:
+        if self.backbone not in choices.BACKBONE_REGISTRY:  # Read at call time.
             raise ValueError(
-                f"`backbone` must be one of {BACKBONES}. "
+                f"`backbone` must be one of {tuple(choices.BACKBONE_REGISTRY)}. "
                 f"Received: backbone={self.backbone!r}"
             )
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
@@ -69,13 +71,13 @@ class ModelConfig:
                 "`weights` must be None or 'imagenet'. "
                 f"Received: weights={self.weights!r}"
             )
-        if self.weights == "imagenet" and self.backbone not in (
-            "densenet121",
-            "resnet50",
+        if (
+            self.weights == "imagenet"
+            and not choices.BACKBONE_REGISTRY[self.backbone].imagenet_weights
         ):
             raise ValueError(
                 "`weights='imagenet'` exists only for the "
-                "keras.applications backbones (densenet121, resnet50). "
+                f"keras.applications backbones {choices.IMAGENET_BACKBONES}. "
                 f"Received: backbone={self.backbone!r}"
             )
         if isinstance(self.pooling_options, dict):
@@ -94,14 +96,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d):
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ValueError(
-                f"Unknown ModelConfig fields {sorted(unknown)}; "
-                f"expected a subset of {sorted(fields)}"
-            )
-        return cls(**d)
+        return config_dict.from_dict(cls, d)
 
     def to_json(self):
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

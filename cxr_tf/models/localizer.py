@@ -3,11 +3,9 @@
 import keras
 from keras import ops
 
+from cxr_tf import choices
 from cxr_tf import layers as cxr_layers
-from cxr_tf.models import applications
-from cxr_tf.models import compact
 from cxr_tf.models import infomask_net
-from cxr_tf.models import resnet
 from cxr_tf.models.config import ModelConfig
 
 # The layer whose output is the feature map Grad-CAM reads: the trunk's
@@ -17,9 +15,9 @@ from cxr_tf.models.config import ModelConfig
 # `model.input`.
 FEATURES_LAYER = "features"
 OUTPUT_KEYS = ("logits", "probabilities", "localization_maps")
-# Every backbone but InfoMask's reduces the image 32 times; requiring a
-# multiple of 32 keeps maps aligned with pixels and shapes static for XLA.
-IMAGE_SIZE_MULTIPLE = 32
+# The largest stride of the registry's backbones; requiring a multiple of it
+# for all keeps maps aligned with pixels and shapes static for XLA.
+IMAGE_SIZE_MULTIPLE = choices.IMAGE_SIZE_MULTIPLE
 
 
 @keras.saving.register_keras_serializable(package="cxr_tf")
@@ -89,24 +87,16 @@ def map_kind_for(config):
     Raises:
       ValueError: unknown pooling name (from `get_pooling`).
     """
-    if config.backbone == "infomask":
+    if choices.BACKBONE_REGISTRY[config.backbone].trunk is None:  # InfoMask
         return cxr_layers.InfoMask.map_kind
     return _make_pooling(config).map_kind
 
 
 def _backbone_features(config, inputs):
-    if config.backbone == "resnet34":
-        features = resnet.resnet34_trunk(inputs)
-    elif config.backbone == "compact":
-        features = compact.compact_trunk(inputs)
-    else:
-        features = applications.build_application(
-            config.backbone,
-            tuple(inputs.shape[1:]),
-            weights=config.weights,
-            input_tensor=inputs,
-        ).output
-    return keras.layers.Identity(name=FEATURES_LAYER)(features)
+    # The registry entry names the trunk builder: a new backbone needs no
+    # change here.
+    trunk = choices.load(choices.BACKBONE_REGISTRY[config.backbone].trunk)
+    return keras.layers.Identity(name=FEATURES_LAYER)(trunk(inputs, config))
 
 
 def _outputs(logits, maps):
@@ -196,7 +186,7 @@ def build_model(config):
     inputs = keras.Input(
         shape=(config.image_size, config.image_size, config.channels), name="image"
     )
-    if config.backbone == "infomask":
+    if choices.BACKBONE_REGISTRY[config.backbone].trunk is None:  # InfoMask
         return _build_infomask_model(config, inputs, infomask_net.STABLE)
     return _build_pooling_model(config, inputs)
 

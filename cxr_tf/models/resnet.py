@@ -142,13 +142,22 @@ def ResNet34(input_shape=(None, None, 1), name="resnet34"):  # noqa: N802
     Raises:
       ValueError: `input_shape` is not a 3-tuple with a positive channel count.
     """
+    return standalone(RESNET34, input_shape, name)
+
+
+def standalone(preset, input_shape, name):
+    """`resnet_trunk(inputs, preset)` as a `keras.Model` on its own input.
+
+    Raises:
+      ValueError: `input_shape` is not a 3-tuple with a positive channel count.
+    """
     if len(input_shape) != 3 or not input_shape[-1] or input_shape[-1] < 1:
         raise ValueError(
             "`input_shape` must be (height, width, channels) with channels >= 1. "
             f"Received: input_shape={input_shape!r}"
         )
     inputs = keras.Input(shape=tuple(input_shape), name="image")
-    return keras.Model(inputs, resnet34_trunk(inputs), name=name)
+    return keras.Model(inputs, resnet_trunk(inputs, preset), name=name)
 
 
 def resnet_trunk(inputs, preset):
@@ -187,3 +196,8 @@ def resnet_trunk(inputs, preset):
 def resnet34_trunk(inputs):
     """`resnet_trunk(inputs, RESNET34)`: the `(B, H/32, W/32, 512)` features."""
     return resnet_trunk(inputs, RESNET34)
+
+
+def trunk_features(inputs, config):  # pylint: disable=unused-argument
+    """The "resnet34" entry of `cxr_tf.choices.BACKBONE_REGISTRY`."""
+    return resnet34_trunk(inputs)

@@ -334,7 +334,7 @@ def test_progress_line_counts_every_process_with_rate_and_eta(tmp_path):
 def test_progress_is_logged_during_the_beam_job(tmp_path, caplog):
     data_dir = tmp_path / "data"
     make_tiny_data_dir(data_dir)
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="absl")  # Whatever absl's verbosity.
     report = ingest.run_ingest(_config(data_dir, tmp_path / "records"))
     lines = [r.getMessage() for r in caplog.records if "films/s" in r.getMessage()]
     # 8 rows have a file and reach Beam: 4 written, 4 corrupt.

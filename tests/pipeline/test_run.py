@@ -102,7 +102,7 @@ def test_last_run_reflects_a_failed_run_and_times_each_step(
         raise errors.UserFileError("damaged TFRecord file: truncated record", shard)
 
     monkeypatch.setattr(run._subprocess, "run_module", ingest_fails)
-    caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="absl")  # Whatever absl's verbosity.
     with pytest.raises(base.StepUserError, match="train-00001-of-00002"):
         run.run_pipeline(_config(tmp_path, data))
     report = json.loads((root / "last_run.json").read_text())
