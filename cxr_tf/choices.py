@@ -96,6 +96,11 @@ MIN_IMAGE_SIZE = 32
 # cxr_tf.layers.info_mask.VARIANTS.
 INFOMASK_VARIANTS = ("infomask", "featuremask", "regl1")
 
+# The longer side above which predict and the served model find box regions
+# on a shrunk copy (cxr_tf.localization.working_hw): exact for films up to
+# 2048 px (NIH films are 1024), a bounded cost for a 7000 px film.
+DEFAULT_BOX_WORK_SIZE = 2048
+
 # Where localization maps come from (cxr_tf.predict_lib.MAP_SOURCES).
 MAP_SOURCES = ("model", "gradcam")
 

@@ -14,9 +14,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from cxr_tf import choices
 from cxr_tf import cli
 from cxr_tf import errors
-from cxr_tf import localization
 from cxr_tf import model_dir
 
 _MODEL = flags.DEFINE_string(
@@ -43,7 +43,7 @@ _CLASS_THRESHOLD = flags.DEFINE_multi_string(
 _MAX_BOXES = flags.DEFINE_integer("max_boxes", 10, "Boxes kept per finding.")
 _BOX_WORK_SIZE = flags.DEFINE_integer(
     "box_work_size",
-    localization.DEFAULT_WORK_SIZE,
+    choices.DEFAULT_BOX_WORK_SIZE,
     "Find regions at this longer side at most (as predict; 0: at the image "
     "size, exact, with a cost that grows with the film).",
 )

@@ -6,6 +6,8 @@ import numbers
 import numpy as np
 from scipy import ndimage
 
+from cxr_tf import choices
+
 Box = collections.namedtuple("Box", ["x", "y", "w", "h", "score"])
 Box.__doc__ = """A predicted box in pixels of the original image.
 
@@ -61,9 +63,9 @@ def _validate_image_hw(image_hw):
 
 
 # The longer side above which predict and the served model find regions on a
-# shrunk copy (boxes scaled back): exact for films up to 2048 px (NIH films
-# are 1024), and a bounded cost for a 7000 px film or a crafted 6000 px PNG.
-DEFAULT_WORK_SIZE = 2048
+# shrunk copy (boxes scaled back); in cxr_tf.choices, where the CLIs' flag
+# defaults read it without importing SciPy.
+DEFAULT_WORK_SIZE = choices.DEFAULT_BOX_WORK_SIZE
 
 
 def working_hw(image_hw, work_size=None):

@@ -238,6 +238,7 @@ def test_mistake_is_one_line_without_traceback(work, recorder, argv, words, flag
     if flag_level:  # Told from flags and files, before TensorFlow loads.
         assert "tensorflow" not in modules, errors[0]
         assert "keras" not in modules, errors[0]
+        assert "scipy" not in modules, errors[0]  # SciPy alone costs seconds.
     # Nothing was written where a mistake was refused.
     for name in ("m", "eval", "pred", "ing", "exp", "root"):
         assert not (work / name).exists()
