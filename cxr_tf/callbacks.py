@@ -15,15 +15,13 @@ import numpy as np
 from scipy import special
 import tensorflow as tf
 
+from cxr_tf.checkpoints import save_backup
+from cxr_tf.checkpoints import save_model_atomic
 from cxr_tf.model_dir import atomic_write_text
-from cxr_tf.train_lib import (
-    current_learning_rate,
-    overlay_grid,
-    save_backup,
-    save_model_atomic,
-    write_images,
-    write_scalar,
-)
+from cxr_tf.summaries import current_learning_rate
+from cxr_tf.summaries import overlay_grid
+from cxr_tf.summaries import write_images
+from cxr_tf.summaries import write_scalar
 
 HISTORY_FILE = "history.json"
 
