@@ -41,6 +41,13 @@ def test_demo_runs_every_step_and_leaves_its_outputs(tmp_path):
     noise = re.compile(r"apitools|bigquery|semi_persistent|cuInit|unsupported characters")
     noisy = [l for l in (run.stdout + run.stderr).splitlines() if noise.search(l)]
     assert not noisy, noisy[:5]
+    # Issue 17: each long phase reports progress (at toy scale, its final
+    # line; the time-based lines are tested in test_synthetic, test_ingest_hostile
+    # and test_callbacks).
+    output = run.stdout + run.stderr
+    assert re.search(r"films (\d+) / \1 \(100%\)", output), "no rendering progress"
+    assert re.search(r"ingest: \d+/\d+ films in ", output), "no ingest progress"
+    assert re.search(r"Epoch 1/1 step \d+/2 .*steps/s", output), "no training progress"
     with open(out / "summary.json") as f:
         summary = json.load(f)
     for name in ("pcam", "lse"):
