@@ -321,8 +321,8 @@ class PredictConfig:
         on the overlays of the films whose file name is its `Image Index`.
       resume: keep the films already in output_dir's predictions.jsonl and
         predict only the others (a torn last line is dropped and redone).
-      num_workers: threads per stage (loading; boxes and overlays); 0: one
-        per CPU core.
+      num_workers: threads per stage (loading films; boxes and overlays);
+        0: one per CPU core.
     """
 
     model: str
@@ -512,6 +512,64 @@ def write_overlay(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _FinishSettings:
+    """What `_finish_film` needs besides the film (sent once per film)."""
+
+    findings: tuple
+    image_size: int
+    map_kind: str
+    box_threshold: float | None
+    positive_threshold: float
+    box_findings: str
+    work_size: int | None
+    ingest_size: int | None
+    output_dir: str
+    overlay: str | None  # overlay path below output_dir, None: no overlay
+
+
+def _finish_film(key, path, original_hw, orientation_corrected, probs, maps,
+                 pixels, gt, settings):
+    """One film's predictions.jsonl line (boxes; the overlay written).
+
+    Module level and free of TensorFlow: a thread runs it now; a process
+    pool could (see docs/design/predict-pipeline.md).
+    """
+    findings = list(settings.findings)
+    record = prediction_record(
+        key,
+        original_hw,
+        probs,
+        maps,
+        findings,
+        settings.image_size,
+        settings.map_kind,
+        settings.box_threshold,
+        settings.positive_threshold,
+        settings.box_findings,
+        settings.work_size,
+        settings.ingest_size,
+    )
+    record["path"] = path
+    if orientation_corrected:
+        record["orientation_corrected"] = True
+    if settings.overlay is not None:
+        record["overlay"] = settings.overlay
+        write_overlay(
+            os.path.join(settings.output_dir, settings.overlay),
+            pixels,
+            record,
+            maps,
+            findings,
+            settings.image_size,
+            settings.map_kind,
+            settings.positive_threshold,
+            gt_boxes=gt,
+            ingest_size=settings.ingest_size,
+        )
+    return json.dumps(record) + "\n"
+
+
 def predict(config, inputs):
     """Predicts every readable image of `inputs`; reports and skips the rest.
 
@@ -585,13 +643,9 @@ def predict(config, inputs):
     if config.overlays:
         os.makedirs(os.path.join(config.output_dir, OVERLAY_DIR), exist_ok=True)
 
-    def finish(film, probs, maps, gt):
-        record = prediction_record(
-            film.item.key,
-            film.original_hw,
-            probs,
-            maps,
-            findings,
+    def settings_for(key):
+        return _FinishSettings(
+            tuple(findings),
             size,
             computer.map_kind,
             box_threshold,
@@ -599,25 +653,9 @@ def predict(config, inputs):
             config.box_findings,
             config.work_size,
             loaded.ingest_size,
+            config.output_dir,
+            f"{OVERLAY_DIR}/{overlay_files[key]}" if config.overlays else None,
         )
-        record["path"] = film.item.path
-        if film.info.orientation_corrected:
-            record["orientation_corrected"] = True
-        if config.overlays:
-            record["overlay"] = f"{OVERLAY_DIR}/{overlay_files[film.item.key]}"
-            write_overlay(
-                os.path.join(config.output_dir, record["overlay"]),
-                film.pixels,
-                record,
-                maps,
-                findings,
-                size,
-                computer.map_kind,
-                config.positive_threshold,
-                gt_boxes=gt,
-                ingest_size=loaded.ingest_size,
-            )
-        return json.dumps(record) + "\n"
 
     loader = predict_pipeline.FilmLoader(
         size,
@@ -663,7 +701,20 @@ def predict(config, inputs):
                     if truth is not None:
                         gt = truth.get(os.path.basename(film.item.key), {})
                         with_truth += bool(gt)
-                    writes.append(post_pool.submit(finish, film, p, m, gt))
+                    writes.append(
+                        post_pool.submit(
+                            _finish_film,
+                            film.item.key,
+                            film.item.path,
+                            film.original_hw,
+                            film.info.orientation_corrected,
+                            p,
+                            m,
+                            film.pixels,
+                            gt,
+                            settings_for(film.item.key),
+                        )
+                    )
             write_ready(out, lookahead)
             # A killed run loses at most the lines not yet flushed; --resume
             # redoes them (and drops a torn last line).

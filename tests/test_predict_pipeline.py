@@ -147,7 +147,7 @@ def test_resume_after_a_torn_line_predicts_each_film_exactly_once(model_dir, tmp
     paths = _films(folder, 7, side=48)
     out = str(tmp_path / "out")
     config = predict_lib.PredictConfig(
-        model=model_dir, output_dir=out, overlays=False, batch_size=2
+        model=model_dir, output_dir=out, overlays=False, batch_size=2, num_workers=1
     )
     full = _records(predict_lib.predict(config, [folder])["predictions"])
     # A run killed while writing its fourth line: three records and a half.
