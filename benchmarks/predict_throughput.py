@@ -205,8 +205,8 @@ def bare_eval_loop(model_path, records, split, batch_size=8):
         return out["logits"], out["localization_maps"]
 
     count = 0
-    for features, _ in ds:
-        logits, _ = forward(features["image"])
+    for images, _ in ds:
+        logits, _ = forward(images)
         count += int(logits.shape[0])
     return count
 
@@ -341,6 +341,8 @@ def main(argv=None):
     parser.add_argument("--baseline_commit", default=None,
                         help="Also time this commit's evaluate command (git revision).")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--eval_repeats", type=int, default=1,
+                        help="Repeats of the evaluate timings (minutes each).")
     parser.add_argument("--memory_films", type=int, default=0)
     parser.add_argument("--memory_side", type=int, default=64)
     parser.add_argument("--overlay_films", type=int, default=0,
@@ -368,26 +370,31 @@ def main(argv=None):
         "cores": _common.cores(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
+    def write():
+        # After every section: a later section's failure keeps the figures.
+        result["load_average_now"] = [round(x, 2) for x in os.getloadavg()]
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(json.dumps(result, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as workdir:
         if not args.skip_predict:
             result["predict"] = predict_section(
                 args.model, args.images, args.repeats, workdir, args.overlay_films
             )
+            write()
         if args.records:
             result["evaluate"] = evaluate_section(
-                args.model, args.records, args.split, args.repeats, workdir,
+                args.model, args.records, args.split, args.eval_repeats, workdir,
                 args.baseline_commit,
             )
+            write()
         if args.memory_films:
             result["memory"] = memory_section(
                 args.model, args.memory_films, args.memory_side, workdir
             )
-    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+            write()
+    print(json.dumps(result, indent=2))
     return 0
 
 
