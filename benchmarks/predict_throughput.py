@@ -148,7 +148,8 @@ def predict_section(model, folder, repeats, workdir, overlay_films=0):
         )
     out = {"films": n, "overlay_films": len(few)}
     for key, seconds in runs.items():
-        out.update(_summary(key, seconds, len(few) if "overlay" in key else n))
+        films_timed = len(few) if key in ("floor_overlay_films", "predict_overlays_on") else n
+        out.update(_summary(key, seconds, films_timed))
     out["ratio_overlays_off"] = round(
         out["predict_overlays_off_median_seconds"] / out["floor_median_seconds"], 3
     )
