@@ -313,16 +313,16 @@ def _run_on_split(
     for features, labels in input_pipeline.iterate_naming_damaged_files(
         ds, data_dir, split
     ):
-        probs, maps = computer(features["image"].numpy())
+        # One conversion per batch: slicing eager tensors per image costs an
+        # op dispatch each, more than the boxes of a small film.
+        batch = {k: v.numpy() for k, v in features.items()}
+        probs, maps = computer(batch["image"])
         labels = labels.numpy()[:, columns]
         for i in range(len(probs)):
-            hw = (
-                int(features["original_height"][i]),
-                int(features["original_width"][i]),
-            )
-            n = int(features["num_boxes"][i])
-            gt_net = features["boxes"][i, :n].numpy()
-            gt_labels = features["box_labels"][i, :n].numpy()
+            hw = (int(batch["original_height"][i]), int(batch["original_width"][i]))
+            n = int(batch["num_boxes"][i])
+            gt_net = batch["boxes"][i, :n]
+            gt_labels = batch["box_labels"][i, :n]
             gt_xywh = preprocess.Letterbox(
                 hw[0], hw[1], size, stored
             ).network_boxes_to_original(gt_net)
@@ -350,13 +350,13 @@ def _run_on_split(
             film = None
             if gt and kept < keep_images:
                 kept += 1
-                network = features["image"][i, ..., 0].numpy() * norm.std + norm.mean
+                network = batch["image"][i, ..., 0] * norm.std + norm.mean
                 film = np.clip(
                     predict_lib.crop_map_to_image(network, hw, size, stored), 0, 255
                 ).astype(np.uint8)
             results.append(
                 ImageResult(
-                    image_id=features["image_id"][i].numpy().decode(),
+                    image_id=batch["image_id"][i].decode(),
                     original_hw=hw,
                     labels=labels[i],
                     probabilities=probs[i],
@@ -484,6 +484,8 @@ def evaluate(config):
     Returns:
       The metrics dict written to `output_dir/metrics.json`.
     """
+    from concurrent import futures  # pylint: disable=import-outside-toplevel
+
     from cxr_tf import visualize
 
     os.makedirs(config.output_dir, exist_ok=True)
@@ -537,6 +539,11 @@ def evaluate(config):
     metrics["num_images"] = len(results)
     boxed = [f for f in findings if f in schema.BOXED_FINDINGS]
 
+    # Plots and overlays are drawn by one background thread while the
+    # metrics (and the validation split's forward pass) go on here: drawing
+    # is a fixed cost of several seconds that need not wait for them.
+    drawing = futures.ThreadPoolExecutor(1, "evaluate-plots")
+    drawn = []
     table, curves = classification_table(results, findings)
     if table is None:
         metrics["classification"] = {"note": "no labels: AUROC not computed"}
@@ -546,11 +553,14 @@ def evaluate(config):
             "mean_auc": _mean(e["auc"] for e in table.values()),
         }
         if curves:
-            visualize.plot_roc(
-                curves,
-                os.path.join(config.output_dir, "roc.png"),
-                aucs={f: table[f]["auc"] for f in curves},
-                title=f"ROC ({metrics['num_images']} images)",
+            drawn.append(
+                drawing.submit(
+                    visualize.plot_roc,
+                    curves,
+                    os.path.join(config.output_dir, "roc.png"),
+                    aucs={f: table[f]["auc"] for f in curves},
+                    title=f"ROC ({metrics['num_images']} images)",
+                )
             )
 
     loc = {}
@@ -575,17 +585,21 @@ def evaluate(config):
         # IoBB and IoU side by side: the same finding keeps its (colour,
         # style) on both and on the ROC plot.
         for kind, name in (("iobb", "IoBB"), ("iou", "IoU")):
-            visualize.plot_localization_accuracy(
-                {
-                    f: v[kind]
-                    for f, v in first["per_class"].items()
-                    if v["num_gt_boxes"]
-                },
-                os.path.join(config.output_dir, LOCALIZATION_PLOTS[kind]),
-                metric=name,
+            drawn.append(
+                drawing.submit(
+                    visualize.plot_localization_accuracy,
+                    {
+                        f: v[kind]
+                        for f, v in first["per_class"].items()
+                        if v["num_gt_boxes"]
+                    },
+                    os.path.join(config.output_dir, LOCALIZATION_PLOTS[kind]),
+                    metric=name,
+                )
             )
     if map_kind is not None and config.num_overlays:
-        metrics["overlays"] = write_overlays(
+        overlays = drawing.submit(
+            write_overlays,
             os.path.join(config.output_dir, OVERLAY_DIR),
             results,
             findings,
@@ -593,9 +607,16 @@ def evaluate(config):
             map_kind,
             box_thresholds[0],
         )
+        drawn.append(overlays)
+        metrics["overlays"] = overlays
 
     if map_kind is not None:
         metrics["mask"] = _mask_section(config, loaded, computer, results, boxed)
+    drawing.shutdown(wait=True)
+    for future in drawn:
+        future.result()  # a drawing error is raised here, not lost
+    if isinstance(metrics.get("overlays"), futures.Future):
+        metrics["overlays"] = metrics["overlays"].result()
     with open(os.path.join(config.output_dir, METRICS_FILE), "w") as f:
         json.dump(metrics, f, indent=2, sort_keys=True)
     logging.info("Wrote %s", os.path.join(config.output_dir, METRICS_FILE))

@@ -135,13 +135,47 @@ def resize_bilinear(score_map, out_hw):
     Returns:
       float32 array (height, width).
     """
+    out_h, out_w = out_hw
+    return _resize_bilinear_window(score_map, out_hw, (0, out_h), (0, out_w))
+
+
+def _resize_bilinear_window(score_map, out_hw, rows, cols):
+    """Rows [r0, r1) and columns [c0, c1) of `resize_bilinear(score_map, out_hw)`.
+
+    Each output pixel is computed from its own weights exactly as in the
+    whole image, so a window is bit-identical to that part of the whole.
+    """
     score_map = np.asarray(score_map, dtype=np.float32)
     in_h, in_w = score_map.shape
     out_h, out_w = out_hw
-    y_lo, y_hi, dy = _interpolation_weights(in_h, out_h)
-    x_lo, x_hi, dx = _interpolation_weights(in_w, out_w)
-    rows = score_map[:, x_lo] + (score_map[:, x_hi] - score_map[:, x_lo]) * dx
-    return rows[y_lo] + (rows[y_hi] - rows[y_lo]) * dy[:, None]
+    y_lo, y_hi, dy = (a[rows[0] : rows[1]] for a in _interpolation_weights(in_h, out_h))
+    x_lo, x_hi, dx = (a[cols[0] : cols[1]] for a in _interpolation_weights(in_w, out_w))
+    lines = score_map[:, x_lo] + (score_map[:, x_hi] - score_map[:, x_lo]) * dx
+    return lines[y_lo] + (lines[y_hi] - lines[y_lo]) * dy[:, None]
+
+
+def _window_above(score_map, threshold, out_hw):
+    """The output rows and columns where `resize_bilinear` can reach `threshold`.
+
+    An upsampled pixel is a convex combination of its (up to) four map
+    cells, so it stays below the threshold when all four are below it; the
+    margin covers float32 rounding of the interpolation. Returns
+    ((r0, r1), (c0, c1)), or None when no cell comes near the threshold.
+    """
+    margin = np.float32(1e-5) * (abs(np.float32(threshold)) + np.abs(score_map).max())
+    near = score_map >= np.float32(threshold) - margin
+    if not near.any():
+        return None
+    spans = []
+    for axis, out_size in ((0, out_hw[0]), (1, out_hw[1])):
+        hit = np.flatnonzero(near.any(axis=1 - axis))
+        lower, upper, _ = _interpolation_weights(score_map.shape[axis], out_size)
+        # lower and upper never decrease along the output axis: the pixels
+        # touching cells hit[0]..hit[-1] form one contiguous range.
+        touches = (upper >= hit[0]) & (lower <= hit[-1])
+        index = np.flatnonzero(touches)
+        spans.append((int(index[0]), int(index[-1]) + 1))
+    return tuple(spans)
 
 
 def normalize_cam(score_map):
@@ -226,10 +260,18 @@ def extract_boxes(
         score_map = normalize_cam(score_map)
         if score_map is None:
             return []
-    upsampled = resize_bilinear(score_map, work_hw)
+    score_map = np.asarray(score_map, dtype=np.float32)
+    # Only the window where the upsampled map can reach the threshold is
+    # computed: regions lie inside it, and raster order within it is raster
+    # order in the whole, so boxes equal those of the whole map.
+    window = _window_above(score_map, threshold, work_hw)
+    if window is None or max_boxes == 0:
+        return []
+    (row0, _), (col0, _) = window
+    upsampled = _resize_bilinear_window(score_map, work_hw, *window)
     mask = upsampled >= np.float32(threshold)
     labels, count = ndimage.label(mask, structure=_STRUCTURE)
-    if count == 0 or max_boxes == 0:
+    if count == 0:
         return []
     # scipy numbers regions in raster order of their first pixel; the stable
     # sort below keeps that order among equal scores (as the TF graph does).
@@ -255,7 +297,7 @@ def extract_boxes(
     boxes = []
     for index in order:
         rows, cols = slices[index]
-        x, y = cols.start, rows.start
+        x, y = cols.start + col0, rows.start + row0
         w, h = cols.stop - cols.start, rows.stop - rows.start
         if not exact:
             x, w = float(np.float32(x) * scale_x), float(np.float32(w) * scale_x)

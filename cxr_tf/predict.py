@@ -60,6 +60,17 @@ _BBOX_LIST = flags.DEFINE_string(
     "BBox_List_2017.csv-style table: its boxes are drawn (green) on the "
     "overlays of the films whose file name is its Image Index.",
 )
+_RESUME = flags.DEFINE_bool(
+    "resume",
+    False,
+    "Keep the films already in --output_dir's predictions.jsonl and predict "
+    "only the others (a line torn by a killed run is dropped and redone).",
+)
+_NUM_WORKERS = flags.DEFINE_integer(
+    "num_workers",
+    0,
+    "Threads per stage (loading films; boxes and overlays); 0: one per CPU core.",
+)
 
 
 def main(argv):
@@ -82,6 +93,8 @@ def main(argv):
             overlays=_OVERLAYS.value,
             dicom_orientation=_DICOM_ORIENTATION.value,
             bbox_list=_BBOX_LIST.value,
+            resume=_RESUME.value,
+            num_workers=_NUM_WORKERS.value,
         )
     except ValueError as e:
         raise errors.UserValueError(str(e), "flags", "see --helpfull") from None

@@ -24,6 +24,8 @@ IMAGE_EXTENSIONS = schema.IMAGE_EXTENSIONS
 MAP_SOURCES = choices.MAP_SOURCES
 PREDICTIONS_FILE = "predictions.jsonl"
 OVERLAY_DIR = "overlays"
+# Seconds between progress lines (the project's ~15 s rhythm).
+PROGRESS_INTERVAL_S = 15.0
 
 
 def boxes_in_original(
@@ -318,6 +320,10 @@ class PredictConfig:
         `"orientation_corrected": true` in its record.
       bbox_list: optional BBox_List_2017.csv-style table; its boxes are drawn
         on the overlays of the films whose file name is its `Image Index`.
+      resume: keep the films already in output_dir's predictions.jsonl and
+        predict only the others (a torn last line is dropped and redone).
+      num_workers: threads per stage (loading films; boxes and overlays);
+        0: one per CPU core.
     """
 
     model: str
@@ -332,6 +338,8 @@ class PredictConfig:
     work_size: int | None = localization.DEFAULT_WORK_SIZE
     dicom_orientation: str = "auto"
     bbox_list: str | None = None
+    resume: bool = False
+    num_workers: int = 0
 
     def __post_init__(self):
         # pylint: disable-next=import-outside-toplevel
@@ -356,6 +364,11 @@ class PredictConfig:
             raise ValueError(
                 "`positive_threshold` must be in [0, 1]. "
                 f"Received: positive_threshold={self.positive_threshold!r}"
+            )
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(
+                "`num_workers` must be an int >= 0 (0: one per CPU core). "
+                f"Received: num_workers={self.num_workers!r}"
             )
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(
@@ -500,6 +513,64 @@ def write_overlay(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _FinishSettings:
+    """What `_finish_film` needs besides the film (sent once per film)."""
+
+    findings: tuple
+    image_size: int
+    map_kind: str
+    box_threshold: float | None
+    positive_threshold: float
+    box_findings: str
+    work_size: int | None
+    ingest_size: int | None
+    output_dir: str
+    overlay: str | None  # overlay path below output_dir, None: no overlay
+
+
+def _finish_film(key, path, original_hw, orientation_corrected, probs, maps,
+                 pixels, gt, settings):
+    """One film's predictions.jsonl line (boxes; the overlay written).
+
+    Module level and free of TensorFlow: a thread runs it now; a process
+    pool could (see docs/design/predict-pipeline.md).
+    """
+    findings = list(settings.findings)
+    record = prediction_record(
+        key,
+        original_hw,
+        probs,
+        maps,
+        findings,
+        settings.image_size,
+        settings.map_kind,
+        settings.box_threshold,
+        settings.positive_threshold,
+        settings.box_findings,
+        settings.work_size,
+        settings.ingest_size,
+    )
+    record["path"] = path
+    if orientation_corrected:
+        record["orientation_corrected"] = True
+    if settings.overlay is not None:
+        record["overlay"] = settings.overlay
+        write_overlay(
+            os.path.join(settings.output_dir, settings.overlay),
+            pixels,
+            record,
+            maps,
+            findings,
+            settings.image_size,
+            settings.map_kind,
+            settings.positive_threshold,
+            gt_boxes=gt,
+            ingest_size=settings.ingest_size,
+        )
+    return json.dumps(record) + "\n"
+
+
 def predict(config, inputs):
     """Predicts every readable image of `inputs`; reports and skips the rest.
 
@@ -507,30 +578,51 @@ def predict(config, inputs):
       config: a `PredictConfig`.
       inputs: image files and/or directories.
 
-    Each record's "image" is the film's key (`list_images`: its path below
-    the directory argument), "path" the file read, "overlay" its overlay
-    below `output_dir` (one `.png` extension). When the model's config.json
-    says it was trained on synthetic films only and some input film is not
-    from the synthetic generator (`synthetic_model_warning`), one warning
-    line is logged for the whole run.
+    Films are loaded in parallel (`predict_pipeline.FilmLoader`), fed to the
+    model in batches, and boxed and drawn in a second pool; records are
+    written to predictions.jsonl in key order as they finish, so memory does
+    not grow with the number of films. A progress line (films, rate, ETA)
+    is logged every `PROGRESS_INTERVAL_S` seconds. Each record's "image" is
+    the film's key (`list_images`: its path below the directory argument),
+    "path" the file read, "overlay" its overlay below `output_dir` (one
+    `.png` extension). When the model's config.json says it was trained on
+    synthetic films only and some input film is not from the synthetic
+    generator (`synthetic_model_warning`), one warning line is logged for
+    the whole run.
 
     Returns:
-      dict summary: {"predicted": n, "failed": [{"image", "reason"}],
-      "predictions": path of predictions.jsonl, "films_with_truth_boxes":
-      films with boxes in `config.bbox_list` (None without one), "warnings":
-      the warning lines logged}.
+      dict summary: {"predicted": records in predictions.jsonl, "resumed":
+      films kept from an earlier run (`config.resume`), "failed": [{"image",
+      "reason"}], "predictions": path of predictions.jsonl,
+      "films_with_truth_boxes": films of this run with boxes in
+      `config.bbox_list` (None without one), "warnings": the warning lines
+      logged}.
 
     Raises:
       FileNotFoundError: no image found at all in `inputs`.
+      cxr_tf.errors.UserValueError: `config.resume` and predictions.jsonl is
+        not one predict wrote.
     """
+    from concurrent import futures  # pylint: disable=import-outside-toplevel
+
     from cxr_tf import model_dir
-    from cxr_tf.data import images as images_lib
+    from cxr_tf import predict_pipeline
+    from cxr_tf.data import synthetic
 
     listed, missing = list_images(inputs)
     failed = [{"image": m, "reason": "no such file or directory"} for m in missing]
     if not listed:
         raise FileNotFoundError(f"No image files found in {list(inputs)}")
     truth = read_truth_boxes(config.bbox_list) if config.bbox_list else None
+    os.makedirs(config.output_dir, exist_ok=True)
+    out_path = os.path.join(config.output_dir, PREDICTIONS_FILE)
+    finished = predict_pipeline.read_finished(out_path) if config.resume else set()
+    todo = [i for i in listed if i.key not in finished]
+    resumed = len(listed) - len(todo)
+    if resumed:
+        logging.info(
+            "Resuming: %d of %d films already in %s", resumed, len(listed), out_path
+        )
     loaded = model_dir.load(config.model, config.checkpoint)
     warnings = []
     warning = synthetic_model_warning(
@@ -549,75 +641,87 @@ def predict(config, inputs):
     box_threshold = config.box_threshold
     if box_threshold is None and computer.map_kind == loaded.map_kind:
         box_threshold = loaded.box_threshold
-    os.makedirs(config.output_dir, exist_ok=True)
     if config.overlays:
         os.makedirs(os.path.join(config.output_dir, OVERLAY_DIR), exist_ok=True)
-    out_path = os.path.join(config.output_dir, PREDICTIONS_FILE)
-    count, with_truth = 0, 0
-    with open(out_path, "w") as out:
-        for start in range(0, len(listed), config.batch_size):
-            batch = []
-            for item in listed[start : start + config.batch_size]:
-                path = item.path
-                try:
-                    pixels, info = images_lib.read_image_with_info(
-                        path, orientation=config.dicom_orientation
-                    )
-                except (ValueError, OSError) as e:
-                    logging.warning("Skipping %s: %s", path, e)
-                    failed.append({"image": path, "reason": str(e)})
+
+    def settings_for(key):
+        return _FinishSettings(
+            tuple(findings),
+            size,
+            computer.map_kind,
+            box_threshold,
+            config.positive_threshold,
+            config.box_findings,
+            config.work_size,
+            loaded.ingest_size,
+            config.output_dir,
+            f"{OVERLAY_DIR}/{overlay_files[key]}" if config.overlays else None,
+        )
+
+    loader = predict_pipeline.FilmLoader(
+        size,
+        loaded.normalization,
+        loaded.ingest_size,
+        config.dicom_orientation,
+        keep_pixels=config.overlays,
+    )
+    workers = config.num_workers or max(1, os.cpu_count() or 1)
+    # Films in flight per stage: enough to keep every worker busy while the
+    # next batch is fed, few enough that memory stays flat.
+    lookahead = config.batch_size + 2 * workers
+    progress = synthetic.Progress(len(todo), "films", interval=PROGRESS_INTERVAL_S)
+    count, with_truth, done = 0, 0, 0
+    writes = collections.deque()
+
+    def write_ready(out, block_over):
+        nonlocal count, done
+        while writes and (writes[0].done() or len(writes) > block_over):
+            out.write(writes.popleft().result())
+            count += 1
+            done += 1
+        progress.update(done)
+
+    mode = "a" if config.resume else "w"
+    with futures.ThreadPoolExecutor(workers, "predict-load") as load_pool, \
+            futures.ThreadPoolExecutor(workers, "predict-boxes") as post_pool, \
+            open(out_path, mode) as out:
+        films = predict_pipeline.ordered_map(load_pool, loader, todo, lookahead)
+        for batch in predict_pipeline.batched(films, config.batch_size):
+            readable = []
+            for film in batch:
+                if film.error is None:
+                    readable.append(film)
                     continue
-                batch.append((item, pixels, info))
-            if not batch:
-                continue
-            inputs_np = np.stack(
-                [
-                    preprocess.preprocess_pixels(
-                        p, size, loaded.normalization, loaded.ingest_size
+                logging.warning("Skipping %s: %s", film.item.path, film.error)
+                failed.append({"image": film.item.path, "reason": film.error})
+                done += 1
+            if readable:
+                probs, maps = computer(np.stack([f.network_input for f in readable]))
+                for film, p, m in zip(readable, probs, maps):
+                    gt = None
+                    if truth is not None:
+                        gt = truth.get(os.path.basename(film.item.key), {})
+                        with_truth += bool(gt)
+                    writes.append(
+                        post_pool.submit(
+                            _finish_film,
+                            film.item.key,
+                            film.item.path,
+                            film.original_hw,
+                            film.info.orientation_corrected,
+                            p,
+                            m,
+                            film.pixels,
+                            gt,
+                            settings_for(film.item.key),
+                        )
                     )
-                    for _, p, _ in batch
-                ]
-            )
-            probs, maps = computer(inputs_np)
-            for (item, pixels, info), p, m in zip(batch, probs, maps):
-                record = prediction_record(
-                    item.key,
-                    pixels.shape,
-                    p,
-                    m,
-                    findings,
-                    size,
-                    computer.map_kind,
-                    box_threshold,
-                    config.positive_threshold,
-                    config.box_findings,
-                    config.work_size,
-                    loaded.ingest_size,
-                )
-                record["path"] = item.path
-                if info.orientation_corrected:
-                    record["orientation_corrected"] = True
-                gt = None
-                if truth is not None:
-                    gt = truth.get(os.path.basename(item.key), {})
-                    with_truth += bool(gt)
-                if config.overlays:
-                    record["overlay"] = f"{OVERLAY_DIR}/{overlay_files[item.key]}"
-                    write_overlay(
-                        os.path.join(config.output_dir, record["overlay"]),
-                        pixels,
-                        record,
-                        m,
-                        findings,
-                        size,
-                        computer.map_kind,
-                        config.positive_threshold,
-                        gt_boxes=gt,
-                        ingest_size=loaded.ingest_size,
-                    )
-                out.write(json.dumps(record) + "\n")
-                count += 1
-            logging.info("Predicted %d / %d images", count, len(listed))
+            write_ready(out, lookahead)
+            # A killed run loses at most the lines not yet flushed; --resume
+            # redoes them (and drops a torn last line).
+            out.flush()
+        write_ready(out, 0)
+    count += resumed
     if truth is not None and not with_truth:
         warnings.append(
             f"no film predicted is listed in --bbox_list={config.bbox_list} "
@@ -626,6 +730,7 @@ def predict(config, inputs):
         logging.warning("%s", warnings[-1])
     summary = {
         "predicted": count,
+        "resumed": resumed,
         "failed": failed,
         "predictions": out_path,
         "films_with_truth_boxes": with_truth if truth is not None else None,
