@@ -812,14 +812,7 @@ def _write_predictions(path, results, findings, box_threshold, map_kind):
     with open(path, "w") as f:
         for r in results:
             boxes = [
-                {
-                    "finding": finding,
-                    "x": round(b.x, 2),
-                    "y": round(b.y, 2),
-                    "w": round(b.w, 2),
-                    "h": round(b.h, 2),
-                    "score": round(float(b.score), 5),
-                }
+                localization.box_record(finding, b)
                 for finding, items in r.pred_boxes.get(box_threshold, {}).items()
                 for b in items
             ]

@@ -17,6 +17,28 @@ y .. y + h - 1. `score` is the largest map value inside the region
 (a probability for "probability" maps, the normalised CAM / 255 for "cam").
 """
 
+
+
+def box_record(finding, box):
+    """The JSON record of a box in predictions.jsonl (predict and evaluate).
+
+    Args:
+      finding: the finding name.
+      box: a `Box`.
+
+    Returns:
+      {"finding", "x", "y", "w", "h" (pixels, 2 decimals), "score" (5 decimals)}.
+    """
+    return {
+        "finding": finding,
+        "x": round(float(box.x), 2),
+        "y": round(float(box.y), 2),
+        "w": round(float(box.w), 2),
+        "h": round(float(box.h), 2),
+        "score": round(float(box.score), 5),
+    }
+
+
 MAP_KINDS = ("probability", "cam")
 
 # PCAM paper: probability maps thresholded at 0.9; Wang et al. 2017: CAMs

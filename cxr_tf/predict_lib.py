@@ -423,16 +423,7 @@ def prediction_record(
             work_size,
             ingest_size,
         ):
-            boxes.append(
-                {
-                    "finding": finding,
-                    "x": round(b.x, 2),
-                    "y": round(b.y, 2),
-                    "w": round(b.w, 2),
-                    "h": round(b.h, 2),
-                    "score": round(float(b.score), 5),
-                }
-            )
+            boxes.append(localization.box_record(finding, b))
     return {
         "image": name,
         "height": int(original_hw[0]),
