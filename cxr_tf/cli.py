@@ -192,6 +192,19 @@ def flag_error(e):
     return errors.UserValueError(message, where, "see --helpfull for valid values")
 
 
+def make_config(cls, **fields):
+    """`cls(**fields)` from flag values; a value the class refuses is a user error.
+
+    Raises:
+      cxr_tf.errors.UserValueError: the class raised ValueError (its message
+        names the field and the value).
+    """
+    try:
+        return cls(**fields)
+    except ValueError as e:
+        raise errors.UserValueError(str(e), "flags", "see --helpfull") from None
+
+
 # ---------------------------------------------------------------------------
 # Quiet start.
 

@@ -104,27 +104,25 @@ def main(argv):
     mask_thresholds = _floats(_MASK_THRESHOLDS)
     from cxr_tf import evaluate_lib  # pylint: disable=import-outside-toplevel
 
-    try:
-        config = evaluate_lib.EvalConfig(
-            output_dir=_OUTPUT_DIR.value,
-            model_dir=_MODEL_DIR.value,
-            checkpoint=_CHECKPOINT.value,
-            data_dir=_DATA_DIR.value,
-            split=_SPLIT.value,
-            val_split=_VAL_SPLIT.value or None,
-            predictions=_PREDICTIONS.value,
-            bbox_list=_BBOX_LIST.value,
-            data_entry=_DATA_ENTRY.value,
-            map_source=_MAP.value,
-            box_thresholds=box_thresholds,
-            iobb_thresholds=iobb_thresholds,
-            mask_thresholds=mask_thresholds,
-            batch_size=_BATCH_SIZE.value,
-            max_images=_MAX_IMAGES.value,
-            num_overlays=_NUM_OVERLAYS.value,
-        )
-    except ValueError as e:
-        raise errors.UserValueError(str(e), "flags", "see --helpfull") from None
+    config = cli.make_config(
+        evaluate_lib.EvalConfig,
+        output_dir=_OUTPUT_DIR.value,
+        model_dir=_MODEL_DIR.value,
+        checkpoint=_CHECKPOINT.value,
+        data_dir=_DATA_DIR.value,
+        split=_SPLIT.value,
+        val_split=_VAL_SPLIT.value or None,
+        predictions=_PREDICTIONS.value,
+        bbox_list=_BBOX_LIST.value,
+        data_entry=_DATA_ENTRY.value,
+        map_source=_MAP.value,
+        box_thresholds=box_thresholds,
+        iobb_thresholds=iobb_thresholds,
+        mask_thresholds=mask_thresholds,
+        batch_size=_BATCH_SIZE.value,
+        max_images=_MAX_IMAGES.value,
+        num_overlays=_NUM_OVERLAYS.value,
+    )
     metrics = evaluate_lib.evaluate(config)
     print(json.dumps(evaluate_lib.headline(metrics), indent=2))
 

@@ -105,22 +105,20 @@ def main(argv):
     check_paths()
     from cxr_tf import export_lib  # pylint: disable=import-outside-toplevel
 
-    try:
-        config = export_lib.ExportConfig(
-            model_path=_MODEL.value,
-            export_dir=_EXPORT_DIR.value,
-            version=_VERSION.value,
-            threshold=_THRESHOLD.value,
-            class_thresholds=class_thresholds,
-            max_boxes=_MAX_BOXES.value,
-            box_work_size=_BOX_WORK_SIZE.value or None,
-            model_config_path=_MODEL_CONFIG.value,
-            checkpoint=_CHECKPOINT.value,
-            metrics_path=_METRICS.value,
-            overwrite=_OVERWRITE.value,
-        )
-    except ValueError as e:
-        raise errors.UserValueError(str(e), "flags", "see --helpfull") from None
+    config = cli.make_config(
+        export_lib.ExportConfig,
+        model_path=_MODEL.value,
+        export_dir=_EXPORT_DIR.value,
+        version=_VERSION.value,
+        threshold=_THRESHOLD.value,
+        class_thresholds=class_thresholds,
+        max_boxes=_MAX_BOXES.value,
+        box_work_size=_BOX_WORK_SIZE.value or None,
+        model_config_path=_MODEL_CONFIG.value,
+        checkpoint=_CHECKPOINT.value,
+        metrics_path=_METRICS.value,
+        overwrite=_OVERWRITE.value,
+    )
     logging.info("Export config: %s", json.dumps(config.to_dict(), sort_keys=True))
     try:
         path = export_lib.export_saved_model(config)

@@ -80,24 +80,22 @@ def main(argv):
     cli.check_file(_BBOX_LIST)
     from cxr_tf import predict_lib  # pylint: disable=import-outside-toplevel
 
-    try:
-        config = predict_lib.PredictConfig(
-            model=_MODEL.value,
-            output_dir=_OUTPUT_DIR.value,
-            checkpoint=_CHECKPOINT.value,
-            map_source=_MAP.value,
-            positive_threshold=_POSITIVE_THRESHOLD.value,
-            box_threshold=_BOX_THRESHOLD.value,
-            box_findings=_BOX_FINDINGS.value,
-            batch_size=_BATCH_SIZE.value,
-            overlays=_OVERLAYS.value,
-            dicom_orientation=_DICOM_ORIENTATION.value,
-            bbox_list=_BBOX_LIST.value,
-            resume=_RESUME.value,
-            num_workers=_NUM_WORKERS.value,
-        )
-    except ValueError as e:
-        raise errors.UserValueError(str(e), "flags", "see --helpfull") from None
+    config = cli.make_config(
+        predict_lib.PredictConfig,
+        model=_MODEL.value,
+        output_dir=_OUTPUT_DIR.value,
+        checkpoint=_CHECKPOINT.value,
+        map_source=_MAP.value,
+        positive_threshold=_POSITIVE_THRESHOLD.value,
+        box_threshold=_BOX_THRESHOLD.value,
+        box_findings=_BOX_FINDINGS.value,
+        batch_size=_BATCH_SIZE.value,
+        overlays=_OVERLAYS.value,
+        dicom_orientation=_DICOM_ORIENTATION.value,
+        bbox_list=_BBOX_LIST.value,
+        resume=_RESUME.value,
+        num_workers=_NUM_WORKERS.value,
+    )
     try:
         summary = predict_lib.predict(config, inputs)
     except FileNotFoundError as e:

@@ -135,7 +135,8 @@ def config_from_flags():
     """Builds the `TrainConfig` from the parsed flags."""
     from cxr_tf import train_lib  # pylint: disable=import-outside-toplevel
 
-    return train_lib.TrainConfig(
+    return cli.make_config(
+        train_lib.TrainConfig,
         data_dir=_DATA_DIR.value,
         model_dir=_MODEL_DIR.value,
         backbone=_BACKBONE.value,
@@ -227,21 +228,13 @@ def check_paths():
     cli.check_writable_dir(_MODEL_DIR)
 
 
-def build_config():
-    """The `TrainConfig`; its own checks become `errors.UserValueError`."""
-    try:
-        return config_from_flags()
-    except ValueError as e:
-        raise errors.UserValueError(str(e), "flags", "see --helpfull") from None
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     check_flags()
     if not _DRY_RUN.value:
         check_paths()
-    config = build_config()
+    config = config_from_flags()
     if _DRY_RUN.value:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return

@@ -96,7 +96,8 @@ def config_from_flags():
     """The `IngestConfig` of the parsed flags."""
     from cxr_tf.data import ingest  # pylint: disable=import-outside-toplevel
 
-    return ingest.IngestConfig(
+    return cli.make_config(
+        ingest.IngestConfig,
         data_dir=_DATA_DIR.value,
         output_dir=_OUTPUT_DIR.value,
         data_entry=_DATA_ENTRY.value,
@@ -139,10 +140,7 @@ def main(argv):
     from cxr_tf.data import ingest  # pylint: disable=import-outside-toplevel
 
     pipeline_args = argv[1:]
-    try:
-        config = config_from_flags()
-    except ValueError as e:
-        raise errors.UserValueError(str(e), "flags", "see --helpfull") from None
+    config = config_from_flags()
     logging.info("Beam pipeline options: %s", pipeline_args)
     try:
         report = ingest.run_ingest(config, pipeline_args=pipeline_args)
