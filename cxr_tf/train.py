@@ -117,6 +117,12 @@ _INFOMASK_ALPHA = flags.DEFINE_float(
     "infomask_alpha", 0.01, "InfoMask KL (or L1) weight (docs/design/infomask.md)."
 )
 _INFOMASK_TAU = flags.DEFINE_float("infomask_tau", 0.2, "InfoMask mask offset.")
+_INFOMASK_WIDTH = flags.DEFINE_float(
+    "infomask_width",
+    1.0,
+    "Multiplier of the InfoMask network's filter counts (1.0: the paper's; "
+    "configs/infomask_demo.flags uses less on CPU).",
+)
 _ALLOW_UPSCALE = flags.DEFINE_bool(
     "allow_upscale",
     False,
@@ -171,6 +177,7 @@ def config_from_flags():
         infomask_variant=_INFOMASK_VARIANT.value,
         infomask_alpha=_INFOMASK_ALPHA.value,
         infomask_tau=_INFOMASK_TAU.value,
+        infomask_width=_INFOMASK_WIDTH.value,
         allow_upscale=_ALLOW_UPSCALE.value,
         verbose=_VERBOSE.value,
     )

@@ -63,6 +63,7 @@ class TrainConfig:
       infomask_variant: InfoMask backbone variant.
       infomask_alpha: weight of the InfoMask KL (or L1) term.
       infomask_tau: InfoMask mask offset.
+      infomask_width: InfoMask filter-count multiplier (1.0: the paper's).
       allow_upscale: train on records stored smaller than `image_size`
         (upscaled, with a warning) instead of refusing them.
       verbose: Keras progress output (1 = progress bar, 2 = one line/epoch).
@@ -102,6 +103,7 @@ class TrainConfig:
     infomask_variant: str = "infomask"
     infomask_alpha: float = 0.01  # As ModelConfig (docs/design/infomask.md).
     infomask_tau: float = 0.2
+    infomask_width: float = 1.0
     allow_upscale: bool = False
     verbose: int = 1
 
@@ -173,6 +175,7 @@ class TrainConfig:
             infomask_variant=self.infomask_variant,
             infomask_alpha=self.infomask_alpha,
             infomask_tau=self.infomask_tau,
+            infomask_width=self.infomask_width,
         )
 
     def to_dict(self):

@@ -192,13 +192,12 @@ print(json.dumps(out))
 
 def test_checked_in_flagfiles_resolve():
     # A subprocess: the CLI's flags live in the global absl registry.
-    names = [
-        "pcam_resnet34",
-        "lse_resnet34",
-        "infomask",
-        "chexpert_densenet121",
-        "demo",
-    ]
+    # Every checked-in flagfile: one added later cannot be forgotten here.
+    names = sorted(
+        n[: -len(".flags")] for n in os.listdir(os.path.join(REPO, "configs"))
+        if n.endswith(".flags") and not n.startswith("pipeline_")  # pipeline.run's
+    )
+    assert {"pcam_resnet34", "lse_resnet34", "infomask", "demo"} <= set(names)
     paths = [os.path.join(REPO, "configs", f"{n}.flags") for n in names]
     run = subprocess.run(
         [sys.executable, "-c", _RESOLVE_FLAGFILES, *paths],
@@ -214,13 +213,14 @@ def test_checked_in_flagfiles_resolve():
         # Later flags override the file.
         assert config["seed"] == 7 and config["data_dir"] == "d", name
         assert train_lib.TrainConfig.from_dict(config).to_dict() == config
-    pcam = configs[paths[0]]
+    by_name = {name: configs[path] for name, path in zip(names, paths)}
+    pcam = by_name["pcam_resnet34"]
     assert (pcam["image_size"], pcam["batch_size"], pcam["epochs"]) == (1024, 36, 10)
     assert pcam["pooling"] == "pcam" and pcam["learning_rate"] == 1e-4
     assert pcam["loss"] == "balanced_bce"
-    assert configs[paths[1]]["pooling"] == "lse"
-    assert configs[paths[2]]["findings"] == ["Pneumonia"]
-    assert configs[paths[3]]["backbone"] == "densenet121"
+    assert by_name["lse_resnet34"]["pooling"] == "lse"
+    assert by_name["infomask"]["findings"] == ["Pneumonia"]
+    assert by_name["chexpert_densenet121"]["backbone"] == "densenet121"
 
 
 # ---------------------------------------------------------------------------

@@ -26,6 +26,8 @@ class ModelConfig:
       infomask_variant: "infomask", "featuremask" or "regl1" (InfoMask backbone).
       infomask_alpha: weight of the KL (or L1) term of the mask.
       infomask_tau: mask offset, M = clip(sigmoid(z) - tau, 0, 1).
+      infomask_width: multiplier of the InfoMask encoder's and classifier's
+        filter counts (1.0: the paper's; `infomask_net.scaled_filters`).
     """
 
     backbone: str = "resnet34"
@@ -40,6 +42,7 @@ class ModelConfig:
     # probe; 0.01 kept it on the lesion (docs/design/infomask.md).
     infomask_alpha: float = 0.01
     infomask_tau: float = 0.2
+    infomask_width: float = 1.0
 
     def __post_init__(self):
         if self.backbone not in choices.BACKBONE_REGISTRY:  # Read at call time.
@@ -79,6 +82,14 @@ class ModelConfig:
                 "`weights='imagenet'` exists only for the "
                 f"keras.applications backbones {choices.IMAGENET_BACKBONES}. "
                 f"Received: backbone={self.backbone!r}"
+            )
+        if not (
+            isinstance(self.infomask_width, (int, float))
+            and 0.0 < self.infomask_width <= 4.0
+        ):
+            raise ValueError(
+                "`infomask_width` must be a number in (0, 4]. "
+                f"Received: infomask_width={self.infomask_width!r}"
             )
         if isinstance(self.pooling_options, dict):
             object.__setattr__(

@@ -54,13 +54,32 @@ BATCH_NORM_MOMENTUM = 0.9
 GROUPS = 8
 
 
+def scaled_filters(filters, width=1.0):
+    """A layout entry's filter count times `width`, rounded to a multiple of 8.
+
+    `width` < 1 is the CPU demo's (configs/infomask_demo.flags): the paper's
+    64-128 filters at full resolution cost ~9x the compact trunk per pixel.
+    The multiple of `GROUPS` keeps every group-norm group whole.
+
+    Args:
+      filters: the paper's filter count.
+      width: the multiplier (1.0: the paper's count, unchanged).
+
+    Returns:
+      int: the scaled count, at least `GROUPS`; `filters` itself for 1.0.
+    """
+    if width == 1.0:
+        return filters
+    return max(GROUPS, int(round(filters * width / GROUPS)) * GROUPS)
+
+
 def _norm_layer(normalization, name):
     if normalization == "batch":
         return keras.layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM, name=name)
     return keras.layers.GroupNormalization(GROUPS, name=name)
 
 
-def _conv_stack(inputs, layout, prefix, normalization):
+def _conv_stack(inputs, layout, prefix, normalization, width=1.0):
     if normalization not in NORMALIZATIONS:
         raise ValueError(
             f"`normalization` must be one of {NORMALIZATIONS}. "
@@ -74,6 +93,7 @@ def _conv_stack(inputs, layout, prefix, normalization):
             x = keras.layers.MaxPooling2D(2, name=f"{prefix}_pool{pool_index}")(x)
             continue
         conv_index += 1
+        entry = scaled_filters(entry, width)
         # "same" padding (the paper gives none) keeps the grid at exactly
         # H/4 so the mask's upsampling and the maps line up with pixels.
         if normalization == "none":  # The paper's conv(n, 3x3, relu).
@@ -156,27 +176,31 @@ def InfoMaskClassifier(  # noqa: N802
     return keras.Model(inputs, classifier_trunk(inputs, normalization), name=name)
 
 
-def encoder_trunk(inputs, normalization=STABLE.normalization):
+def encoder_trunk(inputs, normalization=STABLE.normalization, width=1.0):
     """Applies the `InfoMaskEncoder` layers to a symbolic tensor, in place.
 
     Args:
       inputs: a symbolic `(B, H, W, C)` image tensor.
       normalization: as in `InfoMaskEncoder`.
+      width: filter-count multiplier (`scaled_filters`).
 
     Returns:
-      The `(B, H/4, W/4, 16)` feature tensor (layers named "encoder_*").
+      The `(B, H/4, W/4, scaled_filters(16, width))` feature tensor (layers
+      named "encoder_*").
     """
-    return _conv_stack(inputs, ENCODER_LAYOUT, "encoder", normalization)
+    return _conv_stack(inputs, ENCODER_LAYOUT, "encoder", normalization, width)
 
 
-def classifier_trunk(inputs, normalization=STABLE.normalization):
+def classifier_trunk(inputs, normalization=STABLE.normalization, width=1.0):
     """Applies the `InfoMaskClassifier` layers to a symbolic tensor, in place.
 
     Args:
       inputs: a symbolic `(B, H, W, C)` masked-image tensor.
       normalization: as in `InfoMaskEncoder`.
+      width: filter-count multiplier (`scaled_filters`).
 
     Returns:
-      The `(B, H/4, W/4, 64)` feature tensor (layers named "classifier_*").
+      The `(B, H/4, W/4, scaled_filters(64, width))` feature tensor (layers
+      named "classifier_*").
     """
-    return _conv_stack(inputs, CLASSIFIER_LAYOUT, "classifier", normalization)
+    return _conv_stack(inputs, CLASSIFIER_LAYOUT, "classifier", normalization, width)

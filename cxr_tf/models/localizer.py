@@ -127,7 +127,8 @@ def _build_pooling_model(config, inputs):
 
 
 def _build_infomask_model(config, inputs, recipe):
-    features = infomask_net.encoder_trunk(inputs, recipe.normalization)
+    width = config.infomask_width
+    features = infomask_net.encoder_trunk(inputs, recipe.normalization, width)
     masked, mask = cxr_layers.InfoMask(
         variant=config.infomask_variant,
         alpha=config.infomask_alpha,
@@ -138,7 +139,7 @@ def _build_infomask_model(config, inputs, recipe):
         name="infomask",
     )([features, inputs])
     class_features = keras.layers.Identity(name=FEATURES_LAYER)(
-        infomask_net.classifier_trunk(masked, recipe.normalization)
+        infomask_net.classifier_trunk(masked, recipe.normalization, width)
     )
     pooled = keras.layers.GlobalAveragePooling2D(name="classifier_gap")(class_features)
     logits = keras.layers.Dense(config.num_classes, name="classifier_dense")(pooled)

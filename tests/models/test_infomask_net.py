@@ -76,3 +76,33 @@ def test_classifier_shape_and_parameters():
 def test_invalid_input_shape_names_value(builder):
     with pytest.raises(ValueError, match=r"input_shape=\(64, 64, 0\)"):
         builder((64, 64, 0))
+
+
+def test_scaled_filters_keep_the_papers_counts_at_width_one_and_whole_groups():
+    assert [infomask_net.scaled_filters(f) for f in (16, 64, 256)] == [16, 64, 256]
+    assert [infomask_net.scaled_filters(f, 0.25) for f in (16, 64, 128, 256)] == [
+        8,
+        16,
+        32,
+        64,
+    ]
+
+
+def test_width_scales_every_conv_of_the_model():
+    import keras
+
+    from cxr_tf.models import ModelConfig, build_model
+
+    config = ModelConfig(backbone="infomask", image_size=32, infomask_width=0.25)
+    model = build_model(config)
+    convs = {
+        layer.name: layer.filters
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Conv2D) and layer.name.startswith(
+            ("encoder", "classifier")
+        )
+    }
+    assert convs["encoder_conv1"] == 16 and convs["encoder_conv6"] == 8, convs
+    assert convs["classifier_conv1"] == 32 and convs["classifier_conv3"] == 16, convs
+    out = model(np.zeros((1, 32, 32, 1), np.float32))
+    assert out["localization_maps"].shape == (1, 8, 8, config.num_classes)

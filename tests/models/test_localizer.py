@@ -228,6 +228,7 @@ def test_config_round_trip_rebuilds_the_same_model():
             "bogus_variant",
         ),
         ({"backbone": "infomask", "infomask_tau": 1.5}, "1.5"),
+        ({"backbone": "infomask", "infomask_width": 0.0}, "infomask_width=0.0"),
     ],
 )
 def test_invalid_configs_name_the_value(changes, message):
