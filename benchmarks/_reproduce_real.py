@@ -193,6 +193,8 @@ def train_argv(settings, run, records_dir, model_dir):
         f"--model_dir={model_dir}",
         f"--seed={run['seed']}",
         f"--infomask_variant={run['variant'] or 'infomask'}",
+        # One line per epoch: the log is a file, not a terminal.
+        "--verbose=2",
     ]
     if run["backbone"] != "infomask":
         argv += [f"--backbone={run['backbone']}", f"--pooling={run['pooling']}"]

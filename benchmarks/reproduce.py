@@ -1011,7 +1011,9 @@ def make_figures(settings, source, work_dir, output_dir, evaluations):
     def panel(axes, row, run, map_source, label, threshold=None, mask_threshold=None):
         image_id, finding = chosen[row]
         loaded, kind, probs, maps = maps_of(run, map_source)
-        k = list(loaded.findings).index(finding)
+        # A one-finding model (InfoMask on Pneumonia) shows its own map.
+        names = list(loaded.findings)
+        k = names.index(finding) if finding in names else 0
         film = films[image_id]
         hw = film.shape
         heat = _panel_map(maps[row, ..., k], hw, loaded.image_size, kind)
@@ -1033,7 +1035,7 @@ def make_figures(settings, source, work_dir, output_dir, evaluations):
             255.0 if kind == "cam" else 1.0,
             gt.get(image_id, {}).get(finding, []),
             pred,
-            f"{label}: {finding} p={probs[row, k]:.2f}",
+            f"{label}: {names[k]} p={probs[row, k]:.2f}",
             mask,
         )
 
