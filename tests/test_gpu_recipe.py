@@ -6,7 +6,7 @@ data and model folders replaced, a few steps at 64 px (`CPU_CUTS`); a
 machine's N GPUs become N=2 logical CPU devices (`--num_cpu_devices`), and
 the many-machine commands run as two local workers with localhost ports in
 TF_CONFIG. XLA compiles a training step for minutes on a CPU, so only the
-1-GPU commands keep `--jit_compile=true`; the others add `false`.
+1-GPU commands keep their `--jit_compile`; the others add `false`.
 """
 
 import importlib.util
@@ -116,7 +116,9 @@ def test_recipe_commands_resolve_with_the_gpu_flags():
     configs = json.loads(run.stdout.strip().splitlines()[-1])
     for (env, argv), config in zip(commands, configs):
         assert config["mixed_precision"] == "mixed_bfloat16", argv
-        assert config["jit_compile"] == "true", argv
+        # XLA everywhere but InfoMask, whose compiled bf16 step fails.
+        xla = "false" if config["backbone"] == "infomask" else "true"
+        assert config["jit_compile"] == xla, argv
         topology = _topology(env)
         if topology == "machines":
             tf_config = json.loads(env["TF_CONFIG"])
@@ -128,8 +130,8 @@ def test_recipe_commands_resolve_with_the_gpu_flags():
         # The global batch splits evenly over the replicas.
         assert config["batch_size"] % replicas == 0, (argv, replicas)
         if topology != "machines":
-            paper = {"pcam": 36, "infomask": 32}
-            assert config["batch_size"] == paper["pcam" if config["backbone"] == "resnet34" else "infomask"]
+            paper = {"resnet34": 36, "infomask": 32}
+            assert config["batch_size"] == paper[config["backbone"]], argv
 
 
 def test_readme_estimate_table_is_the_scripts():
