@@ -168,8 +168,11 @@ def _train(config):
             f"--data_dir={config.data_dir}",
             "point --data_dir at the output folder of `python -m pipeline.ingest`",
         )
-    data = check_stored_size(config)
+    # The strategy first: reading a record (check_stored_size, when there is
+    # no ingest report) starts the runtime, after which logical devices and
+    # the multi-worker collectives can no longer be set up.
     strategy = distribute.make_strategy(config.strategy, config.num_cpu_devices)
+    data = check_stored_size(config)
     chief = distribute.is_chief(strategy)
     keras.utils.set_random_seed(config.seed)
     if config.mixed_precision != "none":

@@ -211,7 +211,6 @@ def test_accuracy_per_class(reproduce, tmp_path):
 
 
 def test_choose_figure_images(reproduce, tmp_path):
-    (tmp_path / "test_list.txt").write_text("00000001_000.png\n00000002_000.png")
     (tmp_path / "BBox_List_2017.csv").write_text(
         "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
         "00000002_000.png,Mass,1,2,3,4\n"
@@ -219,7 +218,8 @@ def test_choose_figure_images(reproduce, tmp_path):
         "00000001_000.png,Mass,1,2,3,4\n"
         "00000003_000.png,Nodule,1,2,3,4\n"
     )
-    chosen = reproduce.choose_figure_images(tmp_path, 3)
+    test_ids = {"00000001_000.png", "00000002_000.png"}
+    chosen = reproduce.choose_figure_images(tmp_path / "BBox_List_2017.csv", test_ids, 3)
     # One film per finding in canonical order; the train film is never used.
     assert chosen == [("00000001_000.png", "Atelectasis"), ("00000002_000.png", "Mass")]
 
@@ -304,3 +304,95 @@ def test_report_says_when_classifiers_are_near_chance(reproduce, tmp_path):
         results["evaluations"][name]["mean_auc"] = 0.52
     reproduce.write_report(results, md, tmp_path / "results")
     assert "every pooling classifies near chance** (mean AUC 0.520" in md.read_text()
+
+
+def test_real_tables_take_the_newest_data_entry_and_name_the_choice(
+    reproduce, cxr14_sample
+):
+    real = reproduce._reproduce_real
+    given = dict.fromkeys(("data_entry", "bbox_list", "train_val_list", "test_list"))
+    tables, images, notes = real.resolve_tables(str(cxr14_sample), given)
+    assert tables["data_entry"].endswith("Data_Entry_2017_v2020.csv")
+    assert tables["test_list"].endswith("test_list.txt")
+    assert "Data_Entry_2017_v2020.csv, was used" in notes[0]
+    assert len([n for n in images if n.endswith(".png")]) == 135
+    older = str(cxr14_sample / "meta" / "Data_Entry_2017.csv")
+    tables, _, notes = real.resolve_tables(str(cxr14_sample), {**given, "data_entry": older})
+    assert tables["data_entry"] == older and notes == []
+
+
+def test_real_train_argv_starts_from_the_papers_flagfiles(reproduce):
+    real = reproduce._reproduce_real
+    settings = {"smoke": False, "seed": 3, "backbone": "resnet34", "image_size": None,
+                "batch_size": None, "steps": None, "learning_rate": None,
+                "jit_compile": None}
+    pcam = {"backbone": "resnet34", "pooling": "pcam", "variant": None, "seed": 3}
+    argv = real.train_argv(settings, pcam, "R", "M")
+    assert argv[0].endswith("configs/pcam_resnet34.flags")
+    # Nothing but data, folder, seed and the method overrides the paper.
+    assert not any(a.startswith(("--image_size", "--batch_size", "--epochs")) for a in argv)
+    lse = real.train_argv(settings, {**pcam, "pooling": "lse"}, "R", "M")
+    assert lse[0].endswith("configs/lse_resnet34.flags")
+    mask = {"backbone": "infomask", "pooling": "avg", "variant": "regl1", "seed": 3,
+            "steps": 2, "batch_size": 4}
+    argv = real.train_argv({**settings, "smoke": True, "image_size": 64}, mask, "R", "M")
+    assert argv[0].endswith("configs/infomask.flags")
+    assert "--infomask_variant=regl1" in argv and "--steps_per_epoch=2" in argv
+    assert "--image_size=64" in argv and "--batch_size=4" in argv
+    assert not any(a.startswith("--pooling") for a in argv)
+
+
+def test_report_names_findings_without_positives(reproduce):
+    data = {
+        "test_positives": {f: (0 if f == "Hernia" else 2) for f in schema.FINDINGS},
+        "test_boxes": {f: (0 if f == "Mass" else 1) for f in schema.BOXED_FINDINGS},
+    }
+    text = reproduce.missing_findings(data)
+    assert "no positive test film for Hernia (AUC undefined)" in text
+    assert "no test box for Mass" in text
+
+
+@pytest.mark.slow
+def test_smoke_run_on_the_real_sample(cxr14_sample, tmp_path):
+    # Exactly the acceptance command: every method, scored on the NIH boxes.
+    out = tmp_path / "O"
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        f"--data_dir={cxr14_sample}",
+        f"--output_dir={out}",
+        "--smoke",
+        f"--work_dir={tmp_path / 'work'}",
+    ]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"]
+    assert set(results["evaluations"]) == {
+        *reproduce_methods(),
+        "gradcam",
+    }
+    data = results["data"]
+    assert data["kind"] == "chestxray14"
+    assert data["written"]["test"] > 0 and data["written"]["train"] > 0
+    # The sample's 91 test films with boxes carry the NIH boxes of each finding.
+    assert all(data["test_boxes"][f] > 0 for f in schema.BOXED_FINDINGS)
+    for name, evaluation in results["evaluations"].items():
+        section = next(iter(evaluation["localization"].values()))
+        gt = sum(v.get("num_gt_boxes", 0) for v in section["per_class"].values())
+        assert gt > 0, name
+    runs = results["runs"]
+    assert runs["lse"]["config"]["loss"] == "balanced_bce"
+    assert runs["infomask_infomask"]["config"]["findings"] == ["Pneumonia"]
+    text = (out / "RESULTS.md").read_text()
+    assert text.startswith("# Reproducing the papers' comparisons on ChestX-ray14")
+    assert "a subset of ChestX-ray14" in text
+    assert "Data_Entry_2017_v2020.csv, was used" in text
+    assert not (tmp_path / "RESULTS.md").exists()
+
+
+def reproduce_methods():
+    return [
+        "pcam", "avg", "max", "linear", "exp", "lse", "lse_lba", "attention",
+        "infomask_infomask", "infomask_featuremask", "infomask_regl1",
+    ]
