@@ -57,6 +57,7 @@ if str(ROOT) not in sys.path:
     # Runs from a checkout without `pip install -e .`.
     sys.path.insert(0, str(ROOT))
 
+from cxr_tf import choices  # noqa: E402 pylint: disable=g-import-not-at-top
 from cxr_tf import cli  # noqa: E402 pylint: disable=g-import-not-at-top
 from cxr_tf.data import schema  # noqa: E402 pylint: disable=g-import-not-at-top
 
@@ -64,9 +65,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import _reproduce_real  # noqa: E402 pylint: disable=g-import-not-at-top
 import _reproduce_stages  # noqa: E402 pylint: disable=g-import-not-at-top
 
-# The layers package imports Keras; the names are fixed by the team contract.
-POOLING_NAMES = ("pcam", "avg", "max", "linear", "exp", "lse", "lse_lba", "attention")
-INFOMASK_VARIANTS = ("infomask", "featuremask", "regl1")
+# From the TF-free registries (cxr_tf.choices): the one home of the names.
+POOLING_NAMES = choices.POOLING_NAMES
+INFOMASK_VARIANTS = choices.INFOMASK_VARIANTS
 IOBB_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
 RESULTS_JSON = "results.json"
 # Below this best mean AUC the report says the comparison is not informative.
@@ -127,13 +128,13 @@ PAPER_INFOMASK = {
     "InfoMask": (0.44, 0.025, 0.80, 0.8248, 0.8251),
 }
 
-# Output stride of each backbone the pooling runs may use.
-BACKBONE_STRIDES = {"compact": 8, "resnet34": 32, "densenet121": 32, "resnet50": 32}
+# Output stride of each backbone the pooling runs may use (not InfoMask's
+# network, which has its own runs).
+BACKBONE_STRIDES = {
+    name: spec.stride for name, spec in choices.BACKBONE_REGISTRY.items() if spec.trunk
+}
 BACKBONE_TITLES = {
-    "compact": "compact stride-8 trunk",
-    "resnet34": "ResNet-34",
-    "densenet121": "DenseNet-121",
-    "resnet50": "ResNet-50",
+    name: choices.BACKBONE_REGISTRY[name].description for name in BACKBONE_STRIDES
 }
 
 _OUTPUT_DIR = flags.DEFINE_string(

@@ -41,22 +41,22 @@ class Backbone:
 BACKBONE_REGISTRY = {
     "resnet34": Backbone(
         "cxr_tf.models.resnet:trunk_features", 32, "fixed",
-        description="ResNet-34 (the PCAM paper's)",
+        description="ResNet-34",
     ),
     "densenet121": Backbone(
         "cxr_tf.models.applications:trunk_features", 32, "imagenet_gray", True,
-        "DenseNet-121 (keras.applications)",
+        "DenseNet-121",
     ),
     "resnet50": Backbone(
         "cxr_tf.models.applications:trunk_features", 32, "imagenet_gray", True,
-        "ResNet-50 (keras.applications)",
+        "ResNet-50",
     ),
     "infomask": Backbone(
         None, 4, "fixed", description="InfoMask encoder and classification block"
     ),
     "compact": Backbone(
         "cxr_tf.models.compact:trunk_features", 8, "fixed",
-        description="compact stride-8 trunk (the CPU demo's)",
+        description="compact stride-8 trunk",
     ),
 }
 BACKBONES = tuple(BACKBONE_REGISTRY)
