@@ -51,6 +51,18 @@ def _films(folder, count, side=80, seed=0):
 # depend on its position in the batch (oneDNN blocking), which can move the
 # printed value by one unit of the 6th decimal.
 PROBABILITY_TOLERANCE = 1e-6 + 1e-12
+# Box scores (5 decimals) are map values: the same last-bit effect.
+SCORE_TOLERANCE = 1e-5 + 1e-12
+
+
+def _assert_same_boxes(got, want, where):
+    """Same boxes in the same order; scores equal up to the last printed digit."""
+    geometry = lambda boxes: [  # noqa: E731
+        {k: v for k, v in b.items() if k != "score"} for b in boxes
+    ]
+    assert geometry(got) == geometry(want), where
+    for a, b in zip(got, want):
+        assert abs(a["score"] - b["score"]) <= SCORE_TOLERANCE, where
 
 
 def _records(path):
@@ -124,7 +136,7 @@ def test_pipeline_equals_the_per_film_loop_and_reports_unreadable_files(
         )
         for finding, p in record["probabilities"].items():
             assert abs(p - reference["probabilities"][finding]) <= PROBABILITY_TOLERANCE
-        assert record["boxes"] == reference["boxes"], record["image"]
+        _assert_same_boxes(record["boxes"], reference["boxes"], record["image"])
 
 
 def test_film_loader_equals_preprocess_pixels_bit_for_bit(model_dir, tmp_path):
@@ -168,7 +180,7 @@ def test_resume_after_a_torn_line_predicts_each_film_exactly_once(model_dir, tmp
     again = _records(path)
     assert [r["image"] for r in again] == [os.path.basename(p) for p in paths]
     for a, b in zip(again, full):
-        assert a["boxes"] == b["boxes"]
+        _assert_same_boxes(a["boxes"], b["boxes"], a["image"])
         for k, p in a["probabilities"].items():
             assert abs(p - b["probabilities"][k]) <= PROBABILITY_TOLERANCE
     # Resuming a finished run predicts nothing and keeps every line.
