@@ -57,7 +57,7 @@ def _train(stage):
     flags.FLAGS(["cxr_tf.train"] + list(stage["argv"]))
     train.check_flags()
     train.check_paths()
-    train_lib.train(train.build_config())
+    train_lib.train(train.config_from_flags())
     free_checkpoints(stage["dir"])
 
 
