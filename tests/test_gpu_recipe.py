@@ -24,6 +24,7 @@ from tests.test_train import _env
 from tests.test_train import _free_ports
 from tests.test_train import _load
 from tests.test_train import _steps
+from tests.test_train import run_local_workers
 from tests.test_train import write_tiny_records
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -195,21 +196,7 @@ def test_many_machine_commands_train_as_local_workers(tiny_records, tmp_path, in
     workers = [f"localhost:{p}" for p in _free_ports(len(tf_config["cluster"]["worker"]))]
     model_dir = tmp_path / "model"
     cpu = _cpu_argv(argv, tiny_records, model_dir, jit=False)
-    procs = []
-    for task in range(len(workers)):
-        config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": task}}
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, *cpu],
-                env=_env(TF_CONFIG=json.dumps(config)),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    outputs = [p.communicate(timeout=1200) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    outputs = run_local_workers([sys.executable, *cpu], workers, timeout=1200)
     assert f"{len(workers)} replica(s)" in outputs[0][1]
     assert _steps(str(model_dir)) == 2
     assert os.path.isfile(model_dir / "model.keras")

@@ -380,23 +380,18 @@ def _free_ports(n):
     return ports
 
 
-@pytest.mark.slow
-def test_multi_worker_over_two_local_processes(tiny_data, tmp_path):
-    model_dir = str(tmp_path / "model")
-    workers = [f"localhost:{p}" for p in _free_ports(2)]
+def run_local_workers(cmd, workers, timeout):
+    """Runs `cmd` once per worker address with its TF_CONFIG; all must succeed.
+
+    Returns:
+      The (stdout, stderr) of each worker, in task order.
+    """
     procs = []
-    for index in range(2):
+    for index in range(len(workers)):
         tf_config = {
             "cluster": {"worker": workers},
             "task": {"type": "worker", "index": index},
         }
-        cmd = _train_cmd(
-            tiny_data,
-            model_dir,
-            "--epochs=1",
-            "--steps_per_epoch=2",
-            "--strategy=multi_worker",
-        )
         procs.append(
             subprocess.Popen(
                 cmd,
@@ -406,9 +401,24 @@ def test_multi_worker_over_two_local_processes(tiny_data, tmp_path):
                 text=True,
             )
         )
-    outputs = [p.communicate(timeout=600) for p in procs]
+    outputs = [p.communicate(timeout=timeout) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
+    return outputs
+
+
+@pytest.mark.slow
+def test_multi_worker_over_two_local_processes(tiny_data, tmp_path):
+    model_dir = str(tmp_path / "model")
+    workers = [f"localhost:{p}" for p in _free_ports(2)]
+    cmd = _train_cmd(
+        tiny_data,
+        model_dir,
+        "--epochs=1",
+        "--steps_per_epoch=2",
+        "--strategy=multi_worker",
+    )
+    outputs = run_local_workers(cmd, workers, timeout=600)
     assert "2 replica(s)" in outputs[0][1]
     assert _steps(model_dir) == 2
     _load(model_dir)
