@@ -173,7 +173,21 @@ def _resize_bilinear_window(score_map, out_hw, rows, cols):
     y_lo, y_hi, dy = (a[rows[0] : rows[1]] for a in _interpolation_weights(in_h, out_h))
     x_lo, x_hi, dx = (a[cols[0] : cols[1]] for a in _interpolation_weights(in_w, out_w))
     lines = score_map[:, x_lo] + (score_map[:, x_hi] - score_map[:, x_lo]) * dx
-    return lines[y_lo] + (lines[y_hi] - lines[y_lo]) * dy[:, None]
+    # Output rows come in runs that share their two input rows (y_lo and
+    # y_hi never decrease), so each run is one broadcast of its rows'
+    # difference: no (rows, cols) gathers. (hi - lo) * dy + lo is the same
+    # float32 arithmetic as lo + (hi - lo) * dy, term for term.
+    out = np.empty((len(y_lo), lines.shape[1]), np.float32)
+    starts = np.flatnonzero(
+        np.r_[True, (y_lo[1:] != y_lo[:-1]) | (y_hi[1:] != y_hi[:-1])]
+    )
+    ends = np.r_[starts[1:], len(y_lo)]
+    for start, end in zip(starts, ends):
+        top = lines[y_lo[start]]
+        run = out[start:end]
+        np.multiply(dy[start:end, None], lines[y_hi[start]] - top, out=run)
+        run += top
+    return out
 
 
 def _window_above(score_map, threshold, out_hw):
