@@ -1,8 +1,11 @@
 """Figures: maps and boxes over the X-ray, ROC curves, accuracy versus IoBB T."""
 
+import dataclasses
 import io
 import math
 import pathlib
+import struct
+import zlib
 
 import numpy as np
 
@@ -68,40 +71,6 @@ def _finish(fig, path, dpi=100):
     return data
 
 
-def _draw_boxes(axes, boxes, color, linestyle="-", label_scores=False):
-    from matplotlib import patches  # pylint: disable=g-import-not-at-top
-
-    for box in boxes:
-        x, y, w, h = (float(v) for v in tuple(box)[:4])
-        axes.add_patch(
-            patches.Rectangle(
-                (x, y),
-                w,
-                h,
-                fill=False,
-                edgecolor=color,
-                linewidth=1.5,
-                linestyle=linestyle,
-            )
-        )
-        if label_scores and isinstance(box, localization.Box):
-            _label(axes, x, y, f"{box.score:.2f}", color, "white")
-
-
-def _label(axes, x, y, text, facecolor, textcolor):
-    # Offset in points, not data units: the same look at 128 px and 7000 px.
-    axes.annotate(
-        text,
-        (x, y),
-        xytext=(0, 2),
-        textcoords="offset points",
-        color=textcolor,
-        fontsize=7,
-        va="bottom",
-        bbox=dict(facecolor=facecolor, edgecolor="none", pad=1, alpha=0.8),
-    )
-
-
 def downscale(image, max_side=OVERLAY_MAX_SIDE):
     """Block mean of a 2-D film so that its longer side is at most `max_side`.
 
@@ -127,7 +96,242 @@ def downscale(image, max_side=OVERLAY_MAX_SIDE):
     return blocks.mean(axis=(1, 3), dtype=np.float32), factor
 
 
-def overlay_axes_figure(
+# The overlay's layout, in pixels (the old matplotlib figure's 100 dpi
+# look: 3.2 x 3.9 inches per panel).
+PANEL_WIDTH = 288
+OVERLAY_HEIGHT = 336
+_FILM_SIDE = 240  # the film's square area in each panel
+_FILM_LEFT = 12  # its left margin; the colour bar sits right of it
+_FILM_TOP = 44  # below the figure title (0-22) and the panel title (24-42)
+_LEGEND_TOP = 304  # the legend's band; the panels end above 0.88 of the height
+_MAP_ALPHA = 0.4
+_LABEL_ALPHA = 0.8
+_LINE_WIDTH = 2
+_DASH = (6, 4)  # on, off pixels of a dashed outline
+# matplotlib's "jet" as its piecewise-linear segments (x, value), so the
+# colour map needs no matplotlib: the same colours as the earlier figures.
+_JET = {
+    "red": ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
+    "green": (
+        (0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)
+    ),
+    "blue": ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
+}
+
+
+def _jet_table():
+    """uint8 (256, 3): the jet colour of each level 0..255."""
+    levels = np.linspace(0.0, 1.0, 256)
+    channels = [
+        np.interp(levels, *zip(*_JET[name])) for name in ("red", "green", "blue")
+    ]
+    return np.round(np.stack(channels, axis=-1) * 255.0).astype(np.uint8)
+
+
+_JET_TABLE = _jet_table()
+# A map panel's pixel: _BLEND_ROWS[film grey * 256 + map level] =
+# round(grey * (1 - alpha) + jet(level) * alpha), one lookup per pixel.
+_BLEND_ROWS = np.round(
+    np.arange(256, dtype=np.float32)[:, None, None] * np.float32(1.0 - _MAP_ALPHA)
+    + _JET_TABLE.astype(np.float32)[None] * np.float32(_MAP_ALPHA)
+).astype(np.uint8).reshape(256 * 256, 3)
+
+
+def _font(size):
+    from PIL import ImageFont  # pylint: disable=import-outside-toplevel
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _hex_rgb(colour):
+    return tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
+
+
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    """Where one panel of an overlay lies, and how film pixels map into it.
+
+    Attributes:
+      title: the text above it.
+      left, top: the canvas pixel of the film area's top-left corner.
+      width, height: the film area's size in canvas pixels.
+      scale: canvas pixels per film pixel (the same along x and y).
+    """
+
+    title: str
+    left: int
+    top: int
+    width: int
+    height: int
+    scale: float
+
+    def to_canvas(self, x, y):
+        """(row, col) of the canvas pixel showing film point (x, y)."""
+        col = self.left + float(x) * self.scale
+        row = self.top + float(y) * self.scale
+        return int(math.floor(row)), int(math.floor(col))
+
+
+@dataclasses.dataclass(frozen=True)
+class Overlay:
+    """A rendered overlay: the RGB canvas and what is drawn where.
+
+    Attributes:
+      pixels: uint8 (OVERLAY_HEIGHT, PANEL_WIDTH * panels, 3).
+      panels: a `Panel` per panel, the film first.
+      legend: the legend's texts, left to right.
+      title: the figure title, or None.
+    """
+
+    pixels: np.ndarray
+    panels: tuple
+    legend: tuple
+    title: str | None
+
+    def png(self, path=None):
+        """The canvas as PNG bytes (also written to `path` when given)."""
+        data = png_bytes(self.pixels)
+        if path is not None:
+            path = pathlib.Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        return data
+
+
+def _png_chunk(kind, data):
+    return (
+        struct.pack(">I", len(data))
+        + kind
+        + data
+        + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
+
+
+def png_bytes(rgb):
+    """A uint8 (H, W, 3) array as an 8-bit RGB PNG, unfiltered, zlib level 1.
+
+    An overlay is mostly flat colour, which compresses well without PNG's
+    row filters; skipping them and using zlib's fastest level encodes in
+    about two thirds of Pillow's time at its fastest setting, for a file
+    about a third larger (~0.3 MB for seven panels).
+    """
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    height, width, _ = rgb.shape
+    rows = np.zeros((height, 1 + 3 * width), np.uint8)  # filter byte 0: none
+    rows[:, 1:] = rgb.reshape(height, 3 * width)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
+
+
+def _drawn_film(image, max_side, film_hw):
+    """The film as drawn in a panel: uint8 (h, w), stretched to 0..255.
+
+    The film is first reduced by block means to a longer side of at most
+    `max_side` (Pillow's `reduce` for uint8 films, `downscale` otherwise),
+    then resized bilinearly to the panel's `film_hw`, then stretched from its
+    minimum to its maximum, as imshow's autoscale did (a flat film is black).
+    """
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    image_h, image_w = image.shape
+    factor = 1
+    if max_side and max(image_h, image_w) > max_side:
+        factor = int(math.ceil(max(image_h, image_w) / max_side))
+    if image.dtype == np.uint8:
+        picture = Image.fromarray(np.ascontiguousarray(image))
+        if factor > 1:
+            picture = picture.reduce(factor)
+        small = np.asarray(
+            picture.resize(film_hw[::-1], Image.BILINEAR), np.float32
+        )
+    else:
+        reduced, factor = downscale(np.asarray(image, np.float32), max_side)
+        # Without the repeated edge: the rows and columns on the film.
+        reduced = reduced[
+            : max(1, int(round(image_h / factor))), : max(1, int(round(image_w / factor)))
+        ]
+        small = np.asarray(
+            Image.fromarray(np.ascontiguousarray(reduced), "F").resize(
+                film_hw[::-1], Image.BILINEAR
+            ),
+            np.float32,
+        )
+    low, high = float(small.min()), float(small.max())
+    if not high > low:
+        return np.zeros(small.shape, np.uint8)
+    scaled = (small - np.float32(low)) * np.float32(255.0 / (high - low))
+    return np.clip(scaled + np.float32(0.5), 0, 255).astype(np.uint8)
+
+
+def _draw_segment(draw, start, end, colour, dashed):
+    if not dashed:
+        draw.line([start, end], fill=colour, width=_LINE_WIDTH)
+        return
+    (x0, y0), (x1, y1) = start, end
+    length = math.hypot(x1 - x0, y1 - y0)
+    on, off = _DASH
+    position = 0.0
+    while position < length:
+        stop = min(position + on, length)
+        a, b = position / length, stop / length
+        draw.line(
+            [(x0 + a * (x1 - x0), y0 + a * (y1 - y0)),
+             (x0 + b * (x1 - x0), y0 + b * (y1 - y0))],
+            fill=colour,
+            width=_LINE_WIDTH,
+        )
+        position += on + off
+
+
+def _draw_box(draw, panel, box, colour, dashed=False):
+    """The outline of film box (x, y, w, h), clipped to the panel's film area."""
+    x, y, w, h = (float(v) for v in tuple(box)[:4])
+    left = panel.left + x * panel.scale
+    top = panel.top + y * panel.scale
+    right = panel.left + (x + w) * panel.scale
+    bottom = panel.top + (y + h) * panel.scale
+    x_min, y_min = panel.left, panel.top
+    x_max, y_max = panel.left + panel.width - 1, panel.top + panel.height - 1
+    if right < x_min or left > x_max or bottom < y_min or top > y_max:
+        return None
+    cl, cr = max(left, x_min), min(right, x_max)
+    ct, cb = max(top, y_min), min(bottom, y_max)
+    for edge, inside in (
+        (((cl, top), (cr, top)), y_min <= top <= y_max),
+        (((cl, bottom), (cr, bottom)), y_min <= bottom <= y_max),
+        (((left, ct), (left, cb)), x_min <= left <= x_max),
+        (((right, ct), (right, cb)), x_min <= right <= x_max),
+    ):
+        if inside:
+            _draw_segment(draw, *edge, colour, dashed)
+    return cl, ct
+
+
+def _draw_label(picture, draw, corner, text, background, colour, font):
+    """Text in a box of `background` (alpha 0.8) just above `corner`."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    x, y = (int(round(v)) for v in corner)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    width, height = right - left + 4, bottom - top + 2
+    box = (x, max(0, y - height - 2), x + width, max(height, y - 2))
+    region = picture.crop(box)
+    solid = Image.new("RGB", region.size, background)
+    picture.paste(Image.blend(region, solid, _LABEL_ALPHA), box[:2])
+    draw.text((box[0] + 2 - left, box[1] + 1 - top), text, fill=colour, font=font)
+
+
+def render_overlay(
     image,
     maps,
     boxes,
@@ -138,12 +342,13 @@ def overlay_axes_figure(
     max_side=OVERLAY_MAX_SIDE,
     frame_hw=None,
 ):
-    """The figure of `overlay_figure`, not yet rendered (see there).
+    """The overlay of `overlay_figure`, drawn with NumPy and Pillow.
 
-    Every axes is in the original film's pixels (x right, y down), whatever
-    size the film is drawn at, so boxes are drawn as given.
+    Returns:
+      an `Overlay` (the canvas and each panel's geometry).
     """
-    from matplotlib import lines  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    from PIL import ImageDraw  # pylint: disable=import-outside-toplevel
 
     localization.validate_map_kind(map_kind)
     image = np.asarray(image)
@@ -151,102 +356,123 @@ def overlay_axes_figure(
         image = image[..., 0]
     if image.ndim != 2 or min(image.shape) < 1:
         raise ValueError(f"`image` must be 2-D (H, W). Received: shape={image.shape}")
-    image_h, image_w = image.shape
     height, width = frame_hw if frame_hw is not None else image.shape
     height, width = float(height), float(width)
-    small, factor = downscale(image, max_side)
-    # The drawn copy covers [0, ceil(W / f) f) x [0, ceil(H / f) f) of the
-    # image's pixels; the axes limits cut the repeated edge back to the film.
-    extent = (
-        0,
-        small.shape[1] * factor * width / image_w,
-        small.shape[0] * factor * height / image_h,
-        0,
-    )
-    map_hw = (
-        max(1, int(round(image_h / factor))),
-        max(1, int(round(image_w / factor))),
-    )
     order = sorted(maps, key=lambda f: -float(probabilities.get(f, 0.0)))
-    panels = 1 + len(order)
-    fig = _new_figure(3.2 * panels, 3.9)
-
-    def film_axes(position):
-        axes = fig.add_subplot(1, panels, position)
-        axes.imshow(small, cmap="gray", extent=extent, interpolation="antialiased")
-        axes.set_xlim(0, width)
-        axes.set_ylim(height, 0)
-        return axes
-
-    axes = film_axes(1)
+    count = 1 + len(order)
+    scale = _FILM_SIDE / max(height, width)
+    film_w = max(1, int(round(width * scale)))
+    film_h = max(1, int(round(height * scale)))
+    grey = _drawn_film(image, max_side, (film_h, film_w))
+    film_rgb = np.repeat(grey[..., np.newaxis], 3, axis=-1)
+    grey_index = grey.astype(np.intp) << 8  # row of _BLEND_ROWS, less the level
+    canvas = np.full((OVERLAY_HEIGHT, PANEL_WIDTH * count, 3), 255, np.uint8)
     known = gt_boxes is not None
     gt_boxes = gt_boxes or {}
-    count = 0
-    for finding, truth in gt_boxes.items():
-        truth = [tuple(b) for b in truth]
-        count += len(truth)
-        _draw_boxes(axes, truth, _TRUTH_COLOR)
-        for box in truth[:1]:
-            _label(axes, box[0], box[1], finding, _TRUTH_COLOR, "black")
+    truth_count = sum(len(b) for b in gt_boxes.values())
     if not known:
-        panel_title = "Image (truth boxes not given)"
+        titles = ["Image (truth boxes not given)"]
     else:
-        panel_title = f"Image, {count} truth box{'es' if count != 1 else ''}"
-    axes.set_title(panel_title, fontsize=9)
-
-    for index, finding in enumerate(order):
-        score_map = np.asarray(maps[finding], dtype=np.float32)
-        if map_kind == "cam":
-            normalised = localization.normalize_cam(score_map)
-            score_map = np.zeros_like(score_map) if normalised is None else normalised
-            vmax, label = 255.0, "CAM (0-255)"
+        titles = [f"Image, {truth_count} truth box{'es' if truth_count != 1 else ''}"]
+    panels = []
+    for index in range(count):
+        left = index * PANEL_WIDTH + _FILM_LEFT
+        top = _FILM_TOP + (_FILM_SIDE - film_h) // 2
+        if index == 0:
+            canvas[top : top + film_h, left : left + film_w] = film_rgb
         else:
-            vmax, label = 1.0, "probability"
-        upsampled = localization.resize_bilinear(score_map, map_hw)
-        axes = film_axes(index + 2)
-        shown = axes.imshow(
-            upsampled,
-            cmap="jet",
-            alpha=0.4,
-            vmin=0.0,
-            vmax=vmax,
-            extent=(0, width, height, 0),
-        )
-        axes.set_xlim(0, width)
-        axes.set_ylim(height, 0)
-        _draw_boxes(axes, gt_boxes.get(finding, []), _TRUTH_COLOR, linestyle="--")
-        _draw_boxes(axes, boxes.get(finding, []), _PRED_COLOR, label_scores=True)
-        probability = probabilities.get(finding)
-        text = finding if probability is None else f"{finding}  p={probability:.2f}"
-        axes.set_title(text, fontsize=9)
-        if index == len(order) - 1:
-            # One colour bar for all map panels: they share the scale, and
-            # each bar's ticks cost as much layout time as a panel.
-            colorbar = fig.colorbar(shown, ax=axes, fraction=0.046, pad=0.02)
-            colorbar.ax.tick_params(labelsize=6)
-            colorbar.set_label(label, fontsize=6)
-    for axes in fig.axes:
-        if axes.images:  # the image panels, not the colorbars
-            axes.set_axis_off()
-    handles = [
-        lines.Line2D(
-            [],
-            [],
-            color=_TRUTH_COLOR,
-            linewidth=1.5,
-            label="truth box" if known else "truth box (not given)",
-        ),
-        lines.Line2D(
-            [], [], color=_PRED_COLOR, linewidth=1.5, label="predicted box (score)"
-        ),
-    ]
-    fig.legend(
-        handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False
+            finding = order[index - 1]
+            score_map = np.asarray(maps[finding], dtype=np.float32)
+            if map_kind == "cam":
+                normalised = localization.normalize_cam(score_map)
+                score_map = (
+                    np.zeros_like(score_map) if normalised is None
+                    else normalised / np.float32(255.0)
+                )
+            upsampled = localization.resize_bilinear(score_map, (film_h, film_w))
+            level = np.clip(upsampled * np.float32(255.0) + np.float32(0.5), 0, 255)
+            index = grey_index | level.astype(np.intp)
+            canvas[top : top + film_h, left : left + film_w] = np.take(
+                _BLEND_ROWS, index, axis=0
+            )
+            probability = probabilities.get(finding)
+            titles.append(
+                finding if probability is None else f"{finding}  p={probability:.2f}"
+            )
+        panels.append(Panel(titles[-1], left, top, film_w, film_h, film_w / width))
+
+    if order:
+        _paint_colour_bar(canvas, panels[-1])
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    labels = []  # drawn last, over the outlines
+    font, small_font = _font(11), _font(9)
+    truth_rgb, pred_rgb = _hex_rgb(_TRUTH_COLOR), _hex_rgb(_PRED_COLOR)
+    for finding, truth in gt_boxes.items():
+        for number, box in enumerate(truth):
+            corner = _draw_box(draw, panels[0], box, truth_rgb)
+            if number == 0 and corner is not None:
+                labels.append((corner, finding, truth_rgb, (0, 0, 0)))
+    for panel, finding in zip(panels[1:], order):
+        for box in gt_boxes.get(finding, []):
+            _draw_box(draw, panel, box, truth_rgb, dashed=True)
+        for box in boxes.get(finding, []):
+            corner = _draw_box(draw, panel, box, pred_rgb)
+            if corner is not None and isinstance(box, localization.Box):
+                labels.append((corner, f"{box.score:.2f}", pred_rgb, (255, 255, 255)))
+    for index, panel in enumerate(panels):
+        centre = index * PANEL_WIDTH + PANEL_WIDTH / 2
+        draw.text((centre, 33), panel.title, fill=(0, 0, 0), font=font, anchor="mm")
+    if order:
+        _draw_colour_bar(draw, panels[-1], map_kind, small_font)
+    legend = (
+        "truth box" if known else "truth box (not given)",
+        "predicted box (score)",
     )
+    _draw_legend(draw, picture.size[0], legend, (truth_rgb, pred_rgb), small_font)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    return fig
+        draw.text(
+            (picture.size[0] / 2, 11), str(title), fill=(0, 0, 0), font=font, anchor="mm"
+        )
+    for corner, text, background, colour in labels:
+        _draw_label(picture, draw, corner, text, background, colour, small_font)
+    return Overlay(np.asarray(picture), tuple(panels), legend, title)
+
+
+def _colour_bar_box(panel):
+    left = panel.left + _FILM_SIDE + 6
+    return left, _FILM_TOP, left + 7, _FILM_TOP + _FILM_SIDE - 1
+
+
+def _paint_colour_bar(canvas, panel):
+    """The jet gradient of the colour bar, 1 at the top, into the canvas."""
+    left, top, right, bottom = _colour_bar_box(panel)
+    levels = np.round(np.linspace(255.0, 0.0, bottom - top + 1)).astype(np.uint8)
+    canvas[top : bottom + 1, left : right + 1] = _JET_TABLE[levels][:, np.newaxis]
+
+
+def _draw_colour_bar(draw, panel, map_kind, font):
+    """The colour bar's frame, three ticks and its name."""
+    left, top, _, bottom = _colour_bar_box(panel)
+    draw.rectangle((left, top, left + 7, bottom), outline=(0, 0, 0))
+    ticks = ("0", "128", "255") if map_kind == "cam" else ("0", "0.5", "1")
+    for text, row in zip(ticks, (bottom, (top + bottom) / 2, top)):
+        draw.text((left + 10, row), text, fill=(0, 0, 0), font=font, anchor="lm")
+    name = "CAM (0-255)" if map_kind == "cam" else "probability"
+    draw.text((left + 4, bottom + 12), name, fill=(0, 0, 0), font=font, anchor="mm")
+
+
+def _draw_legend(draw, width, texts, colours, font):
+    """The legend under the panels: a line sample and its text per entry."""
+    sample, gap = 24, 18
+    sizes = [draw.textlength(t, font=font) for t in texts]
+    total = sum(sample + 6 + s for s in sizes) + gap * (len(texts) - 1)
+    x = (width - total) / 2
+    row = _LEGEND_TOP + 16
+    for text, size, colour in zip(texts, sizes, colours):
+        draw.line([(x, row), (x + sample, row)], fill=colour, width=_LINE_WIDTH)
+        draw.text((x + sample + 6, row), text, fill=(0, 0, 0), font=font, anchor="lm")
+        x += sample + 6 + size + gap
 
 
 def overlay_figure(
@@ -261,15 +487,18 @@ def overlay_figure(
     max_side=OVERLAY_MAX_SIDE,
     frame_hw=None,
 ):
-    """The PCAM paper's Figure 2 layout for one image.
+    """The PCAM paper's Figure 2 layout for one image, as a PNG.
 
-    Panel 1: the X-ray with the ground-truth boxes (green). Then one panel
-    per finding in `maps` (highest probability first): its map upsampled to
-    the image and blended over it, with the predicted boxes (blue, with
-    their scores) and the truth boxes of that finding (dashed green). A
-    legend under the panels names the two colours. The film is drawn from a
-    block-mean copy whose longer side is at most `max_side`, so the cost does
-    not grow with the film; boxes stay in the film's own pixels.
+    Panel 1: the X-ray with the ground-truth boxes (green, the finding's
+    name on the first). Then one panel per finding in `maps` (highest
+    probability first): its map upsampled to the image and blended over it
+    (jet, alpha 0.4), with the predicted boxes (blue, with their scores) and
+    the truth boxes of that finding (dashed green). One colour bar beside
+    the last panel; a legend under the panels names the two colours. The
+    film is drawn from a block-mean copy whose longer side is at most
+    `max_side`, so the cost does not grow with the film; boxes are given in
+    the film's own pixels. Drawn with NumPy and Pillow (`render_overlay`):
+    tens of milliseconds a film, where a matplotlib figure took seconds.
 
     Args:
       image: array (H, W), the original image (any numeric range).
@@ -293,7 +522,7 @@ def overlay_figure(
     Raises:
       ValueError: a bad image shape or map_kind.
     """
-    fig = overlay_axes_figure(
+    overlay = render_overlay(
         image,
         maps,
         boxes,
@@ -304,7 +533,7 @@ def overlay_figure(
         max_side,
         frame_hw,
     )
-    return _finish(fig, path)
+    return overlay.png(path)
 
 
 def roc_figure(curves, aucs=None, title="ROC"):

@@ -326,7 +326,7 @@ def test_write_overlay_draws_the_listed_truth_in_green(tmp_path):
     # Line centres are the exact colour; the label's box (alpha 0.8) is not.
     is_green = np.linalg.norm(image - green, axis=-1) < 20
     # Panels: the film and Mass (the finding with truth, though not positive).
-    assert image.shape[1] == 2 * 320
+    assert image.shape[1] == 2 * visualize.PANEL_WIDTH
     # The film panel, above the legend.
     left_panel = is_green[: int(image.shape[0] * 0.88), : image.shape[1] // 2]
     rows, cols = np.nonzero(left_panel)

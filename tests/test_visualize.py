@@ -91,7 +91,7 @@ def test_overlay_draws_the_truth_box_where_it_is(side, frame):
     scale = (frame or side) / 96
     truth = (20 * scale, 30 * scale, 40 * scale, 30 * scale)
     predicted = Box(50 * scale, 10 * scale, 30 * scale, 20 * scale, 0.9)
-    fig = visualize.overlay_axes_figure(
+    overlay = visualize.render_overlay(
         image,
         {"Mass": np.zeros((4, 4), np.float32)},
         {"Mass": [predicted]},
@@ -99,16 +99,14 @@ def test_overlay_draws_the_truth_box_where_it_is(side, frame):
         gt_boxes={"Mass": [truth]},
         frame_hw=None if frame is None else (frame, frame),
     )
-    pixels = _decode(visualize._finish(fig, None))  # pylint: disable=protected-access
-    height = pixels.shape[0]
+    # What is checked is the PNG as written, decoded.
+    pixels = _decode(overlay.png())
+    assert np.array_equal(pixels, overlay.pixels)
     green, blue = _rgb(visualize._TRUTH_COLOR), _rgb(visualize._PRED_COLOR)
     assert np.linalg.norm(green - blue) > 200  # two colours told apart at a glance
-    film_panel = fig.axes[0]
-    assert film_panel.get_title() == "Image, 1 truth box"
-
-    def to_pixel(x, y):
-        px, py = film_panel.transData.transform((x, y))
-        return int(round(height - py)), int(round(px))
+    film_panel, map_panel = overlay.panels
+    assert film_panel.title == "Image, 1 truth box"
+    to_pixel = film_panel.to_canvas
 
     x, y, w, h = truth
     # The four edges, sampled away from the corners and from the label above.
@@ -124,22 +122,27 @@ def test_overlay_draws_the_truth_box_where_it_is(side, frame):
     row, col = to_pixel(0.97 * frame_side, 0.97 * frame_side)
     assert np.linalg.norm(pixels[row, col] - 255.0) > 100
     # The finding's panel shows the predicted box in blue and the truth dashed.
-    map_panel = fig.axes[1]
-    px, py = map_panel.transData.transform(
-        (predicted.x + predicted.w, predicted.y + predicted.h / 2)
-    )
-    assert _near(pixels, int(round(height - py)), int(round(px)), blue)
-    legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert legend == ["truth box", "predicted box (score)"]
+    row, col = map_panel.to_canvas(predicted.x + predicted.w, predicted.y + predicted.h / 2)
+    assert _near(pixels, row, col, blue)
+    # Dashed: along the truth's top edge in the map panel, green with gaps.
+    row, _ = map_panel.to_canvas(0, y)
+    first, last = (map_panel.to_canvas(x + f * w, y)[1] for f in (0.1, 0.9))
+    edge = [_near(pixels, row, c, green, radius=1) for c in range(first, last)]
+    assert 0.3 < np.mean(edge) < 0.9, np.mean(edge)
+    assert list(overlay.legend) == ["truth box", "predicted box (score)"]
+    # The legend is drawn under the panels, in the two colours.
+    legend_band = pixels[visualize._LEGEND_TOP :]  # pylint: disable=protected-access
+    for colour in (green, blue):
+        assert (np.linalg.norm(legend_band - colour, axis=-1) < 20).any()
 
 
 def test_overlay_says_when_truth_is_not_given():
     image = np.zeros((32, 32), np.uint8)
-    fig = visualize.overlay_axes_figure(image, {}, {}, {})
-    assert fig.axes[0].get_title() == "Image (truth boxes not given)"
-    assert fig.legends[0].get_texts()[0].get_text() == "truth box (not given)"
-    fig = visualize.overlay_axes_figure(image, {}, {}, {}, gt_boxes={})
-    assert fig.axes[0].get_title() == "Image, 0 truth boxes"
+    overlay = visualize.render_overlay(image, {}, {}, {})
+    assert overlay.panels[0].title == "Image (truth boxes not given)"
+    assert overlay.legend[0] == "truth box (not given)"
+    overlay = visualize.render_overlay(image, {}, {}, {}, gt_boxes={})
+    assert overlay.panels[0].title == "Image, 0 truth boxes"
 
 
 def test_downscale_bounds_the_drawn_film():
