@@ -91,7 +91,7 @@ class EvalConfig:
     mask_thresholds: tuple = ()
     batch_size: int = 8
     max_images: int | None = None
-    work_size: int | None = 2048
+    work_size: int | None = localization.DEFAULT_WORK_SIZE
     num_overlays: int = 8
 
     def __post_init__(self):
@@ -323,7 +323,7 @@ def _run_on_split(
             n = int(batch["num_boxes"][i])
             gt_net = batch["boxes"][i, :n]
             gt_labels = batch["box_labels"][i, :n]
-            gt_xywh = preprocess.Letterbox(
+            gt_xywh = preprocess.Letterbox.of(
                 hw[0], hw[1], size, stored
             ).network_boxes_to_original(gt_net)
             gt = {}

@@ -57,7 +57,7 @@ def boxes_in_original(
     Returns:
       list of `localization.Box` in original pixels (empty boxes dropped).
     """
-    box = preprocess.Letterbox(
+    box = preprocess.Letterbox.of(
         int(original_hw[0]), int(original_hw[1]), int(image_size), ingest_size
     )
     side = int(round(box.canvas))
@@ -274,8 +274,11 @@ class MapComputer:
             self.map_kind = MAP_KIND
         else:
             model = loaded.model
+            # One trace for every batch size (the last batch of a split is
+            # smaller): each trace of the model costs a second or more.
+            spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)
 
-            @tf.function(reduce_retracing=True)
+            @tf.function(input_signature=[spec])
             def run(images):
                 out = model(images, training=False)
                 return out["logits"], out["localization_maps"]
@@ -436,7 +439,7 @@ def prediction_record(
 
 def crop_map_to_image(score_map, original_hw, image_size, ingest_size=None):
     """The part of an (h, w) map over the film (padding removed), as (h', w')."""
-    return preprocess.Letterbox(
+    return preprocess.Letterbox.of(
         int(original_hw[0]), int(original_hw[1]), int(image_size), ingest_size
     ).crop_map(score_map)
 
@@ -524,8 +527,8 @@ def _finish_film(key, path, original_hw, orientation_corrected, probs, maps,
                  pixels, gt, settings):
     """One film's predictions.jsonl line (boxes; the overlay written).
 
-    Module level and free of TensorFlow: a thread runs it now; a process
-    pool could (see docs/design/predict-pipeline.md).
+    Module level and free of TensorFlow: a thread runs it (processes were
+    tried; see docs/design/predict-pipeline.md).
     """
     findings = list(settings.findings)
     record = prediction_record(

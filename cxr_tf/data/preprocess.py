@@ -24,6 +24,7 @@ it.
 """
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -246,6 +247,10 @@ class Letterbox:
       size: S, the network input side.
       ingest_size: the longer side ingestion stores films at (the model
         directory records it); None means S (ingested at the network size).
+
+    The geometry is computed once per instance (cached properties), and
+    `Letterbox.of` hands out one instance per distinct film geometry: box
+    mapping asks for it per box.
     """
 
     height: int
@@ -253,28 +258,34 @@ class Letterbox:
     size: int
     ingest_size: int | None = None
 
-    @property
+    @classmethod
+    @functools.lru_cache(maxsize=4096)
+    def of(cls, height, width, size, ingest_size=None):
+        """The (shared, cached) `Letterbox` of this geometry."""
+        return cls(int(height), int(width), int(size), ingest_size)
+
+    @functools.cached_property
     def stored_hw(self):
         return stored_size(self.height, self.width, self.ingest_size or self.size)
 
-    @property
+    @functools.cached_property
     def resized_hw(self):
         """(h, w) of the film inside the S x S input, in network pixels."""
         new_h, new_w, _, _ = _letterboxed_size(*self.stored_hw, self.size)
         return int(new_h), int(new_w)
 
-    @property
+    @functools.cached_property
     def offset_yx(self):
         """Top-left corner of the film in the S x S input, network pixels."""
         _, _, off_y, off_x = _letterboxed_size(*self.stored_hw, self.size)
         return off_y, off_x
 
-    @property
+    @functools.cached_property
     def per_pixel(self):
         """Original pixels per network pixel."""
         return max(self.height, self.width) / max(self.resized_hw)
 
-    @property
+    @functools.cached_property
     def canvas(self):
         """Side of the S x S input in original pixels (max(H, W))."""
         return self.size * self.per_pixel
