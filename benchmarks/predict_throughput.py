@@ -8,16 +8,19 @@ Predict: `predict_lib.predict` on a folder of films (boxes on, overlays off;
 then overlays on) against the floor of the same work, a bare sequential
 loop that decodes each film, resizes it to the network input and runs one
 batched forward pass per `batch_size` films (no boxes, no output). The
-command line (`python -m cxr_tf.predict --overlays=false`, a fresh process)
-is timed against the same bare loop in a fresh process, startup included.
+command line (`python -m cxr_tf.predict`, overlays off and on, a fresh
+process each) is timed against the same bare loop in a fresh process,
+startup included.
 Runs are interleaved (floor, predict, floor, ...) and the medians kept, so
 load from other processes on a shared machine hits both sides alike.
 
 Evaluate (with --records): `evaluate_lib.evaluate` on a split of ingested
 TFRecords against a bare loop that reads the split with the input pipeline
-and runs the forward pass; with --baseline_commit, the `cxr_tf.evaluate`
-command of that commit (a `git archive` copy) and of this tree, in fresh
-processes, and whether their metrics.json agree.
+and runs the forward pass; with --baseline_commit, that commit (a `git
+archive` copy) against this tree: the `evaluate_lib.evaluate` call alone
+(fresh process, timed after TensorFlow's import and a first model load) and
+the `cxr_tf.evaluate` command (startup included), and whether their
+metrics.json agree.
 
 Memory (with --memory_films=N): predict on N small films written to a
 temporary folder, the process's resident memory (VmRSS) sampled every
@@ -164,7 +167,7 @@ def predict_section(model, folder, repeats, workdir, overlay_films=0):
     )
     out["boxes_per_film"] = round(float(np.mean([len(r["boxes"]) for r in records])), 2)
 
-    cli = {"cli_predict_overlays_off": [], "cli_floor": []}
+    cli = {"cli_predict_overlays_off": [], "cli_floor": [], "cli_predict_overlays_on": []}
     for r in range(repeats):
         cli["cli_floor"].append(
             _python(["-m", "benchmarks.predict_throughput", "--bare_loop_only",
@@ -174,10 +177,17 @@ def predict_section(model, folder, repeats, workdir, overlay_films=0):
             _python(["-m", "cxr_tf.predict", f"--model={model}", "--overlays=false",
                      f"--output_dir={os.path.join(workdir, f'cli_{r}')}", folder])
         )
+        cli["cli_predict_overlays_on"].append(
+            _python(["-m", "cxr_tf.predict", f"--model={model}", "--overlays=true",
+                     f"--output_dir={os.path.join(workdir, f'cli_on_{r}')}", folder])
+        )
     for key, seconds in cli.items():
         out.update(_summary(key, seconds, n))
     out["ratio_cli_overlays_off"] = round(
         out["cli_predict_overlays_off_median_seconds"] / out["cli_floor_median_seconds"], 3
+    )
+    out["ratio_cli_overlays_on"] = round(
+        out["cli_predict_overlays_on_median_seconds"] / out["cli_floor_median_seconds"], 3
     )
     return out
 
@@ -255,6 +265,20 @@ def evaluate_section(model, records, split, repeats, workdir, baseline_commit):
             capture_output=True, check=True,
         ).stdout
         subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
+        work = {"evaluate_call_baseline": [], "evaluate_call": []}
+        for r in range(repeats):
+            for key, tree in (("evaluate_call_baseline", old), ("evaluate_call", _REPO)):
+                work[key].append(
+                    _evaluate_call_seconds(
+                        tree, model, records, split, os.path.join(workdir, f"{key}_{r}")
+                    )
+                )
+        for key, seconds in work.items():
+            out.update(_summary(key, seconds, count))
+        out["speedup_of_the_evaluate_call_vs_baseline"] = round(
+            out["evaluate_call_baseline_median_seconds"]
+            / out["evaluate_call_median_seconds"], 2
+        )
         cli = {"cli_evaluate_baseline": [], "cli_evaluate": []}
         for r in range(repeats):
             for key, tree in (("cli_evaluate_baseline", old), ("cli_evaluate", _REPO)):
@@ -277,6 +301,33 @@ def evaluate_section(model, records, split, repeats, workdir, baseline_commit):
             os.path.join(workdir, "cli_evaluate_baseline_0", "metrics.json")
         ) == _metrics_without_paths(os.path.join(workdir, "cli_evaluate_0", "metrics.json"))
     return out
+
+
+_EVALUATE_CALL = """
+import sys, time
+from cxr_tf import evaluate_lib, model_dir
+model, records, split, out = sys.argv[1:5]
+model_dir.load(model, "best")  # imports and the first model load: not timed
+config = evaluate_lib.EvalConfig(
+    output_dir=out, model_dir=model, data_dir=records, split=split
+)
+start = time.perf_counter()
+evaluate_lib.evaluate(config)
+print("SECONDS", time.perf_counter() - start)
+"""
+
+
+def _evaluate_call_seconds(tree, model, records, split, output_dir):
+    """Seconds of one `evaluate_lib.evaluate` call of `tree`, in a fresh
+    process, after TensorFlow's import and a first model load."""
+    env = dict(os.environ, PYTHONPATH=tree, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run(
+        [sys.executable, "-c", _EVALUATE_CALL, model, records, split, output_dir],
+        env=env, capture_output=True, text=True, cwd=tree,
+    )
+    if done.returncode:
+        raise RuntimeError(f"evaluate in {tree} failed:\n{done.stderr[-3000:]}")
+    return float(done.stdout.split("SECONDS")[-1])
 
 
 def _rss_mb():
