@@ -1,6 +1,7 @@
 """Figures: maps and boxes over the X-ray, ROC curves, accuracy versus IoBB T."""
 
 import dataclasses
+import functools
 import io
 import math
 import pathlib
@@ -137,6 +138,7 @@ _BLEND_ROWS = np.round(
 ).astype(np.uint8).reshape(256 * 256, 3)
 
 
+@functools.lru_cache(maxsize=None)
 def _font(size):
     from PIL import ImageFont  # pylint: disable=import-outside-toplevel
 
@@ -144,6 +146,37 @@ def _font(size):
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType: the fixed bitmap font
         return ImageFont.load_default()
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_stamp(text, size):
+    """(mask, width, height): `text` rendered once as an "L" image, tight.
+
+    Overlays repeat most of their texts (titles, scores, ticks, legend), and
+    rendering a text costs more than pasting it.
+    """
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    from PIL import ImageDraw  # pylint: disable=import-outside-toplevel
+
+    font = _font(size)
+    left, top, right, bottom = font.getbbox(text)
+    width, height = max(1, right - left), max(1, bottom - top)
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).text((-left, -top), text, fill=255, font=font)
+    return mask, width, height
+
+
+def _stamp(picture, xy, text, size, colour=(0, 0, 0), anchor="la"):
+    """Pastes `text` at `xy`: its left-top ("la"), left-middle ("lm") or
+    centre ("mm") there."""
+    mask, width, height = _text_stamp(str(text), size)
+    x, y = xy
+    if anchor[0] == "m":
+        x -= width / 2
+    if anchor[1] == "m":
+        y -= height / 2
+    x, y = int(round(x)), int(round(y))
+    picture.paste(colour, (x, y, x + width, y + height), mask)
 
 
 def _hex_rgb(colour):
@@ -317,18 +350,18 @@ def _draw_box(draw, panel, box, colour, dashed=False):
     return cl, ct
 
 
-def _draw_label(picture, draw, corner, text, background, colour, font):
+def _draw_label(picture, corner, text, background, colour, size):
     """Text in a box of `background` (alpha 0.8) just above `corner`."""
     from PIL import Image  # pylint: disable=import-outside-toplevel
 
     x, y = (int(round(v)) for v in corner)
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    width, height = right - left + 4, bottom - top + 2
+    _, text_w, text_h = _text_stamp(text, size)
+    width, height = text_w + 4, text_h + 4
     box = (x, max(0, y - height - 2), x + width, max(height, y - 2))
     region = picture.crop(box)
     solid = Image.new("RGB", region.size, background)
     picture.paste(Image.blend(region, solid, _LABEL_ALPHA), box[:2])
-    draw.text((box[0] + 2 - left, box[1] + 1 - top), text, fill=colour, font=font)
+    _stamp(picture, (box[0] + 2, box[1] + 2), text, size, colour)
 
 
 def render_overlay(
@@ -406,7 +439,7 @@ def render_overlay(
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
     labels = []  # drawn last, over the outlines
-    font, small_font = _font(11), _font(9)
+    font, small_font = 11, 9  # text sizes
     truth_rgb, pred_rgb = _hex_rgb(_TRUTH_COLOR), _hex_rgb(_PRED_COLOR)
     for finding, truth in gt_boxes.items():
         for number, box in enumerate(truth):
@@ -422,20 +455,18 @@ def render_overlay(
                 labels.append((corner, f"{box.score:.2f}", pred_rgb, (255, 255, 255)))
     for index, panel in enumerate(panels):
         centre = index * PANEL_WIDTH + PANEL_WIDTH / 2
-        draw.text((centre, 33), panel.title, fill=(0, 0, 0), font=font, anchor="mm")
+        _stamp(picture, (centre, 33), panel.title, font, anchor="mm")
     if order:
-        _draw_colour_bar(draw, panels[-1], map_kind, small_font)
+        _draw_colour_bar(picture, draw, panels[-1], map_kind, small_font)
     legend = (
         "truth box" if known else "truth box (not given)",
         "predicted box (score)",
     )
-    _draw_legend(draw, picture.size[0], legend, (truth_rgb, pred_rgb), small_font)
+    _draw_legend(picture, draw, legend, (truth_rgb, pred_rgb), small_font)
     if title:
-        draw.text(
-            (picture.size[0] / 2, 11), str(title), fill=(0, 0, 0), font=font, anchor="mm"
-        )
+        _stamp(picture, (picture.size[0] / 2, 11), title, font, anchor="mm")
     for corner, text, background, colour in labels:
-        _draw_label(picture, draw, corner, text, background, colour, small_font)
+        _draw_label(picture, corner, text, background, colour, small_font)
     return Overlay(np.asarray(picture), tuple(panels), legend, title)
 
 
@@ -451,28 +482,28 @@ def _paint_colour_bar(canvas, panel):
     canvas[top : bottom + 1, left : right + 1] = _JET_TABLE[levels][:, np.newaxis]
 
 
-def _draw_colour_bar(draw, panel, map_kind, font):
+def _draw_colour_bar(picture, draw, panel, map_kind, size):
     """The colour bar's frame, three ticks and its name."""
     left, top, _, bottom = _colour_bar_box(panel)
     draw.rectangle((left, top, left + 7, bottom), outline=(0, 0, 0))
     ticks = ("0", "128", "255") if map_kind == "cam" else ("0", "0.5", "1")
     for text, row in zip(ticks, (bottom, (top + bottom) / 2, top)):
-        draw.text((left + 10, row), text, fill=(0, 0, 0), font=font, anchor="lm")
+        _stamp(picture, (left + 10, row), text, size, anchor="lm")
     name = "CAM (0-255)" if map_kind == "cam" else "probability"
-    draw.text((left + 4, bottom + 12), name, fill=(0, 0, 0), font=font, anchor="mm")
+    _stamp(picture, (left + 4, bottom + 12), name, size, anchor="mm")
 
 
-def _draw_legend(draw, width, texts, colours, font):
+def _draw_legend(picture, draw, texts, colours, size):
     """The legend under the panels: a line sample and its text per entry."""
     sample, gap = 24, 18
-    sizes = [draw.textlength(t, font=font) for t in texts]
-    total = sum(sample + 6 + s for s in sizes) + gap * (len(texts) - 1)
-    x = (width - total) / 2
+    widths = [_text_stamp(t, size)[1] for t in texts]
+    total = sum(sample + 6 + w for w in widths) + gap * (len(texts) - 1)
+    x = (picture.size[0] - total) / 2
     row = _LEGEND_TOP + 16
-    for text, size, colour in zip(texts, sizes, colours):
+    for text, width, colour in zip(texts, widths, colours):
         draw.line([(x, row), (x + sample, row)], fill=colour, width=_LINE_WIDTH)
-        draw.text((x + sample + 6, row), text, fill=(0, 0, 0), font=font, anchor="lm")
-        x += sample + 6 + size + gap
+        _stamp(picture, (x + sample + 6, row), text, size, anchor="lm")
+        x += sample + 6 + width + gap
 
 
 def overlay_figure(
