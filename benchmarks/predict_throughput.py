@@ -94,7 +94,11 @@ def _timed(fn):
     return time.perf_counter() - start
 
 
-def _python(args, env_path=_REPO):
+def _python(args, env_path=_REPO, stdout=None):
+    """Seconds `python *args` took in a fresh process of the tree `env_path`.
+
+    With `stdout` (a list), its standard output is appended to it.
+    """
     env = dict(os.environ, PYTHONPATH=env_path, TF_CPP_MIN_LOG_LEVEL="2")
     start = time.perf_counter()
     done = subprocess.run(
@@ -102,7 +106,9 @@ def _python(args, env_path=_REPO):
     )
     seconds = time.perf_counter() - start
     if done.returncode:
-        raise RuntimeError(f"{args} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{args} in {env_path} failed:\n{done.stderr[-3000:]}")
+    if stdout is not None:
+        stdout.append(done.stdout)
     return seconds
 
 
@@ -320,14 +326,11 @@ print("SECONDS", time.perf_counter() - start)
 def _evaluate_call_seconds(tree, model, records, split, output_dir):
     """Seconds of one `evaluate_lib.evaluate` call of `tree`, in a fresh
     process, after TensorFlow's import and a first model load."""
-    env = dict(os.environ, PYTHONPATH=tree, TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run(
-        [sys.executable, "-c", _EVALUATE_CALL, model, records, split, output_dir],
-        env=env, capture_output=True, text=True, cwd=tree,
+    printed = []
+    _python(
+        ["-c", _EVALUATE_CALL, model, records, split, output_dir], tree, stdout=printed
     )
-    if done.returncode:
-        raise RuntimeError(f"evaluate in {tree} failed:\n{done.stderr[-3000:]}")
-    return float(done.stdout.split("SECONDS")[-1])
+    return float(printed[0].split("SECONDS")[-1])
 
 
 def _rss_mb():

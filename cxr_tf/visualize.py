@@ -97,8 +97,8 @@ def downscale(image, max_side=OVERLAY_MAX_SIDE):
     return blocks.mean(axis=(1, 3), dtype=np.float32), factor
 
 
-# The overlay's layout, in pixels (the old matplotlib figure's 100 dpi
-# look: 3.2 x 3.9 inches per panel).
+# The overlay's layout, in pixels: panels side by side, each a film area
+# under its title, one legend band below them all.
 PANEL_WIDTH = 288
 OVERLAY_HEIGHT = 336
 _FILM_SIDE = 240  # the film's square area in each panel
@@ -177,10 +177,6 @@ def _stamp(picture, xy, text, size, colour=(0, 0, 0), anchor="la"):
         y -= height / 2
     x, y = int(round(x)), int(round(y))
     picture.paste(colour, (x, y, x + width, y + height), mask)
-
-
-def _hex_rgb(colour):
-    return tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +377,7 @@ def render_overlay(
       an `Overlay` (the canvas and each panel's geometry).
     """
     from PIL import Image  # pylint: disable=import-outside-toplevel
+    from PIL import ImageColor  # pylint: disable=import-outside-toplevel
     from PIL import ImageDraw  # pylint: disable=import-outside-toplevel
 
     localization.validate_map_kind(map_kind)
@@ -424,9 +421,9 @@ def render_overlay(
                 )
             upsampled = localization.resize_bilinear(score_map, (film_h, film_w))
             level = np.clip(upsampled * np.float32(255.0) + np.float32(0.5), 0, 255)
-            index = grey_index | level.astype(np.intp)
+            lookup = grey_index | level.astype(np.intp)
             canvas[top : top + film_h, left : left + film_w] = np.take(
-                _BLEND_ROWS, index, axis=0
+                _BLEND_ROWS, lookup, axis=0
             )
             probability = probabilities.get(finding)
             titles.append(
@@ -439,8 +436,9 @@ def render_overlay(
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
     labels = []  # drawn last, over the outlines
-    font, small_font = 11, 9  # text sizes
-    truth_rgb, pred_rgb = _hex_rgb(_TRUTH_COLOR), _hex_rgb(_PRED_COLOR)
+    title_size, small_size = 11, 9  # text sizes
+    truth_rgb = ImageColor.getrgb(_TRUTH_COLOR)
+    pred_rgb = ImageColor.getrgb(_PRED_COLOR)
     for finding, truth in gt_boxes.items():
         for number, box in enumerate(truth):
             corner = _draw_box(draw, panels[0], box, truth_rgb)
@@ -455,18 +453,18 @@ def render_overlay(
                 labels.append((corner, f"{box.score:.2f}", pred_rgb, (255, 255, 255)))
     for index, panel in enumerate(panels):
         centre = index * PANEL_WIDTH + PANEL_WIDTH / 2
-        _stamp(picture, (centre, 33), panel.title, font, anchor="mm")
+        _stamp(picture, (centre, 33), panel.title, title_size, anchor="mm")
     if order:
-        _draw_colour_bar(picture, draw, panels[-1], map_kind, small_font)
+        _draw_colour_bar(picture, draw, panels[-1], map_kind, small_size)
     legend = (
         "truth box" if known else "truth box (not given)",
         "predicted box (score)",
     )
-    _draw_legend(picture, draw, legend, (truth_rgb, pred_rgb), small_font)
+    _draw_legend(picture, draw, legend, (truth_rgb, pred_rgb), small_size)
     if title:
-        _stamp(picture, (picture.size[0] / 2, 11), title, font, anchor="mm")
+        _stamp(picture, (picture.size[0] / 2, 11), title, title_size, anchor="mm")
     for corner, text, background, colour in labels:
-        _draw_label(picture, corner, text, background, colour, small_font)
+        _draw_label(picture, corner, text, background, colour, small_size)
     return Overlay(np.asarray(picture), tuple(panels), legend, title)
 
 
