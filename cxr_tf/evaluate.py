@@ -55,7 +55,7 @@ _IOBB_THRESHOLDS = flags.DEFINE_list(
 _MASK_THRESHOLDS = flags.DEFINE_list(
     "mask_thresholds", [], "Candidate IoP mask thresholds (default: a grid)."
 )
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Evaluate at most N images.")
 _NUM_OVERLAYS = flags.DEFINE_integer(
     "num_overlays", 8, "Overlays (maps, predicted and truth boxes) of N boxed images."

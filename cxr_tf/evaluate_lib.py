@@ -21,6 +21,7 @@ Definitions (docs/DATA_AND_METRICS.md, sections 11-13):
 """
 
 import collections
+from concurrent import futures
 import dataclasses
 import json
 import os
@@ -28,6 +29,7 @@ import os
 from absl import logging
 import numpy as np
 
+from cxr_tf import errors
 from cxr_tf import localization
 from cxr_tf.metrics import localization as loc_metrics
 from cxr_tf import model_dir
@@ -89,7 +91,7 @@ class EvalConfig:
     box_thresholds: tuple = ()
     iobb_thresholds: tuple = IOBB_THRESHOLDS
     mask_thresholds: tuple = ()
-    batch_size: int = 8
+    batch_size: int = 32
     max_images: int | None = None
     work_size: int | None = localization.DEFAULT_WORK_SIZE
     num_overlays: int = 8
@@ -149,6 +151,8 @@ class ImageResult:
       image: the film as stored in its record (padding removed, 0..255),
         kept for the first images with gt boxes that get an overlay; None
         otherwise.
+      mask_cache: finding -> (soft mask, factor) of `soft_masks`, drawn
+        while the split was read (None: computed when asked).
     """
 
     image_id: str
@@ -160,6 +164,7 @@ class ImageResult:
     maps: np.ndarray | None = None
     ingest_size: int | None = None
     image: np.ndarray | None = None
+    mask_cache: dict | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -249,7 +254,8 @@ def soft_masks(results, findings, image_size, map_kind, wanted):
             gt = r.gt_boxes.get(finding)
             if gt is None or len(gt) == 0:
                 continue
-            mask, factor = _soft_mask(
+            cached = (r.mask_cache or {}).get(finding)
+            mask, factor = cached or _soft_mask(
                 r.maps[..., findings.index(finding)],
                 r.original_hw,
                 image_size,
@@ -285,10 +291,13 @@ def _run_on_split(
     config,
     keep_all,
     keep_images=0,
+    boxed_only=False,
 ):
     """Runs the model over a split of records; one `ImageResult` per image.
 
     The first `keep_images` images with gt boxes keep their film pixels.
+    With `boxed_only`, films without a box are dropped before they are
+    decoded (unless `config.max_images` counts the split's films).
     """
     from cxr_tf.data import input_pipeline
 
@@ -299,7 +308,8 @@ def _run_on_split(
         augment=False,
     )
     ds = input_pipeline.build_dataset(
-        data_dir, split, cfg, training=False, with_info=True
+        data_dir, split, cfg, training=False, with_info=True,
+        boxed_only=boxed_only and not config.max_images,
     )
     findings = list(loaded.findings)
     columns = [schema.FINDINGS.index(f) for f in findings]
@@ -308,16 +318,12 @@ def _run_on_split(
     # the maps back to original pixels.
     stored = model_dir.stored_image_size(data_dir, split)
     norm = loaded.normalization
-    results = []
+    boxed_findings = [f for f in findings if f in schema.BOXED_FINDINGS]
     kept = 0
-    for features, labels in input_pipeline.iterate_naming_damaged_files(
-        ds, data_dir, split
-    ):
-        # One conversion per batch: slicing eager tensors per image costs an
-        # op dispatch each, more than the boxes of a small film.
-        batch = {k: v.numpy() for k, v in features.items()}
-        probs, maps = computer(batch["image"])
-        labels = labels.numpy()[:, columns]
+
+    def batch_results(batch, probs, maps, labels):
+        nonlocal kept
+        out = []
         for i in range(len(probs)):
             hw = (int(batch["original_height"][i]), int(batch["original_width"][i]))
             n = int(batch["num_boxes"][i])
@@ -354,7 +360,16 @@ def _run_on_split(
                 film = np.clip(
                     predict_lib.crop_map_to_image(network, hw, size, stored), 0, 255
                 ).astype(np.uint8)
-            results.append(
+            # The soft masks of the boxed findings, for the IoP table.
+            cache = {
+                f: _soft_mask(
+                    maps[i, ..., findings.index(f)], hw, size, computer.map_kind,
+                    stored,
+                )
+                for f in boxed_findings
+                if len(gt.get(f, ()))
+            }
+            out.append(
                 ImageResult(
                     image_id=batch["image_id"][i].decode(),
                     original_hw=hw,
@@ -365,10 +380,36 @@ def _run_on_split(
                     maps=maps[i] if gt else None,
                     ingest_size=stored,
                     image=film,
+                    mask_cache=cache or None,
                 )
             )
-            if config.max_images and len(results) >= config.max_images:
-                return results
+        return out
+
+    # The boxes of one batch are drawn by a worker thread while the next
+    # batch goes through the network (TensorFlow releases the GIL); one
+    # worker keeps the results in the split's order.
+    results = []
+    read = 0
+    with futures.ThreadPoolExecutor(1, "evaluate-boxes") as worker:
+        pending = collections.deque()
+        for features, labels in input_pipeline.iterate_naming_damaged_files(
+            ds, data_dir, split
+        ):
+            # One conversion per batch: slicing eager tensors per image costs
+            # an op dispatch each, more than the boxes of a small film.
+            batch = {k: v.numpy() for k, v in features.items()}
+            probs, maps = computer(batch["image"])
+            labels = labels.numpy()[:, columns]
+            pending.append(worker.submit(batch_results, batch, probs, maps, labels))
+            while len(pending) > 1:
+                results += pending.popleft().result()
+            read += len(probs)
+            if config.max_images and read >= config.max_images:
+                break
+        while pending:
+            results += pending.popleft().result()
+    if config.max_images:
+        del results[config.max_images:]
     return results
 
 
@@ -484,11 +525,20 @@ def evaluate(config):
     Returns:
       The metrics dict written to `output_dir/metrics.json`.
     """
-    from concurrent import futures  # pylint: disable=import-outside-toplevel
+    os.makedirs(config.output_dir, exist_ok=True)
+    # Plots are drawn by one background thread (matplotlib's fonts are not
+    # for concurrent use) and overlays by another, while the metrics are
+    # computed here. The plot thread first imports matplotlib (about 0.6 s)
+    # while the films go through the network.
+    with futures.ThreadPoolExecutor(1, "evaluate-plots") as drawing, \
+            futures.ThreadPoolExecutor(1, "evaluate-overlays") as overlaying:
+        return _evaluate(config, drawing, overlaying)
 
+
+def _evaluate(config, drawing, overlaying):
     from cxr_tf import visualize
 
-    os.makedirs(config.output_dir, exist_ok=True)
+    drawing.submit(visualize.prepare_plotting)
     metrics = {"definitions": _DEFINITIONS}
     if config.predictions:
         findings = list(schema.FINDINGS)
@@ -519,10 +569,11 @@ def evaluate(config):
             keep_all=True,
             keep_images=config.num_overlays,
         )
+        model_sha256 = model_dir.file_sha256(loaded.path)
         metrics["source"] = {
             "model": os.path.abspath(loaded.path),
             # What push checks before it exports this very file.
-            "model_sha256": model_dir.file_sha256(loaded.path),
+            "model_sha256": model_sha256,
             "checkpoint": config.checkpoint,
             "data_dir": config.data_dir,
             "split": config.split,
@@ -538,12 +589,20 @@ def evaluate(config):
         )
     metrics["num_images"] = len(results)
     boxed = [f for f in findings if f in schema.BOXED_FINDINGS]
-
-    # Plots and overlays are drawn by one background thread while the
-    # metrics (and the validation split's forward pass) go on here: drawing
-    # is a fixed cost of several seconds that need not wait for them.
-    drawing = futures.ThreadPoolExecutor(1, "evaluate-plots")
     drawn = []
+    if map_kind is not None and config.num_overlays:
+        overlays = overlaying.submit(
+            write_overlays,
+            os.path.join(config.output_dir, OVERLAY_DIR),
+            results,
+            findings,
+            loaded.image_size,
+            map_kind,
+            box_thresholds[0],
+        )
+        drawn.append(overlays)
+        metrics["overlays"] = overlays
+
     table, curves = classification_table(results, findings)
     if table is None:
         metrics["classification"] = {"note": "no labels: AUROC not computed"}
@@ -597,24 +656,13 @@ def evaluate(config):
                     metric=name,
                 )
             )
-    if map_kind is not None and config.num_overlays:
-        overlays = drawing.submit(
-            write_overlays,
-            os.path.join(config.output_dir, OVERLAY_DIR),
-            results,
-            findings,
-            loaded.image_size,
-            map_kind,
-            box_thresholds[0],
-        )
-        drawn.append(overlays)
-        metrics["overlays"] = overlays
-
     if map_kind is not None:
-        metrics["mask"] = _mask_section(config, loaded, computer, results, boxed)
-    drawing.shutdown(wait=True)
+        metrics["mask"], stored = _mask_section(
+            config, loaded, computer, results, boxed, model_sha256
+        )
+        metrics["source"]["mask_threshold_stored_at_training"] = stored
     for future in drawn:
-        future.result()  # a drawing error is raised here, not lost
+        future.result()  # waits; a drawing error is raised here, not lost
     if isinstance(metrics.get("overlays"), futures.Future):
         metrics["overlays"] = metrics["overlays"].result()
     with open(os.path.join(config.output_dir, METRICS_FILE), "w") as f:
@@ -678,13 +726,62 @@ def default_box_thresholds(loaded, map_kind):
     return DEFAULT_BOX_THRESHOLDS[map_kind]
 
 
+def choose_mask_threshold_on_split(loaded, computer, data_dir, split, candidates,
+                                   batch_size=8, max_images=None):
+    """The IoP (and mask box) threshold of a model's maps, chosen on a split.
+
+    The InfoMask paper's rule: the candidate with the least localization
+    error, mean (FPR + FNR) / 2 over the split's boxed (image, finding) pairs
+    (`metrics.localization.choose_mask_threshold`). Only films with boxes
+    reach the forward pass: the others add no pair (in ChestX-ray14's
+    official split no validation film has a box).
+
+    Args:
+      loaded: a `model_dir.LoadedModel`.
+      computer: its `predict_lib.MapComputer`.
+      data_dir: ingested TFRecords.
+      split: the split to choose on.
+      candidates: the thresholds tried.
+      batch_size: images per forward pass.
+      max_images: read at most this many images of the split (None: all).
+
+    Returns:
+      {"threshold", "error", "pairs"}; threshold and error are None when the
+      split has no boxed pair of the model's findings.
+
+    Raises:
+      FileNotFoundError: the split has no record file.
+    """
+    config = EvalConfig(
+        output_dir=".",
+        model_dir=loaded.path,
+        data_dir=data_dir,
+        batch_size=batch_size,
+        max_images=max_images,
+    )
+    results = _run_on_split(
+        loaded, computer, data_dir, split, (), config, keep_all=False, boxed_only=True
+    )
+    findings = list(loaded.findings)
+    wanted = [f for f in findings if f in schema.BOXED_FINDINGS]
+    masks = soft_masks(results, findings, loaded.image_size, computer.map_kind, wanted)
+    if not masks:
+        return {"threshold": None, "error": None, "pairs": 0}
+    choice = loc_metrics.choose_mask_threshold(
+        [m for _, m, _ in masks], [g for _, _, g in masks], candidates
+    )
+    return {
+        "threshold": float(choice["threshold"]),
+        "error": float(choice["error"]),
+        "pairs": len(masks),
+    }
+
+
 def choose_box_threshold(loaded, data_dir, split="val", batch_size=8, max_images=None):
     """Box threshold of a model's own maps, chosen on a split with boxes.
 
-    The InfoMask paper's rule for its thresholded masks (and evaluate's for
-    the IoP threshold): the candidate of `DEFAULT_MASK_THRESHOLDS` with the
-    least localization error, mean (FPR + FNR) / 2 over the split's boxed
-    (image, finding) pairs (`metrics.localization.choose_mask_threshold`).
+    The IoP rule of `choose_mask_threshold_on_split` over
+    `DEFAULT_MASK_THRESHOLDS` of the model's map kind.
 
     Args:
       loaded: a `model_dir.LoadedModel`.
@@ -698,35 +795,16 @@ def choose_box_threshold(loaded, data_dir, split="val", batch_size=8, max_images
       no boxed image of the model's findings (or no records).
     """
     computer = predict_lib.MapComputer(loaded, "model")
-    config = EvalConfig(
-        output_dir=".",
-        model_dir=loaded.path,
-        data_dir=data_dir,
-        batch_size=batch_size,
-        max_images=max_images,
-    )
     try:
-        results = _run_on_split(
-            loaded, computer, data_dir, split, (), config, keep_all=False
+        choice = choose_mask_threshold_on_split(
+            loaded, computer, data_dir, split,
+            DEFAULT_MASK_THRESHOLDS[computer.map_kind], batch_size, max_images,
         )
     except FileNotFoundError:
         return None
-    findings = list(loaded.findings)
-    wanted = [f for f in findings if f in schema.BOXED_FINDINGS]
-    masks = soft_masks(results, findings, loaded.image_size, computer.map_kind, wanted)
-    if not masks:
+    if choice["threshold"] is None:
         return None
-    choice = loc_metrics.choose_mask_threshold(
-        [m for _, m, _ in masks],
-        [g for _, _, g in masks],
-        DEFAULT_MASK_THRESHOLDS[computer.map_kind],
-    )
-    return {
-        "threshold": choice["threshold"],
-        "error": choice["error"],
-        "pairs": len(masks),
-        "split": split,
-    }
+    return {**choice, "split": split}
 
 
 def store_box_threshold(directory, data_dir, split="val", checkpoint="final",
@@ -762,41 +840,100 @@ def store_box_threshold(directory, data_dir, split="val", checkpoint="final",
     return choice
 
 
-def _mask_section(config, loaded, computer, results, boxed):
+def store_mask_threshold_choices(directory, data_dir, split="val",
+                                 checkpoints=("final", "best"), batch_size=8):
+    """Chooses the IoP threshold of each checkpoint on `split`, once, for evaluate.
+
+    Training calls it when it ends, so that evaluate (of "best" by default)
+    reads the choice instead of a second forward pass over the validation
+    split. Each choice is tied to its checkpoint file's sha256 and to the
+    split's record files (`model_dir.LoadedModel.mask_threshold_choice`).
+
+    Args:
+      directory: the model directory.
+      data_dir: ingested TFRecords with `split`.
+      split: the split to choose on.
+      checkpoints: which checkpoints of `directory` (missing ones are skipped;
+        files with equal bytes are chosen for once).
+      batch_size: images per forward pass.
+
+    Returns:
+      The list of choices written (empty when the split has no records).
+    """
+    records = model_dir.records_fingerprint(data_dir, split)
+    if not records["files"]:
+        return []
+    choices = []
+    seen = set()
+    for name in checkpoints:
+        try:
+            loaded = model_dir.load(directory, name)
+        except errors.UserFileError:
+            continue
+        digest = model_dir.file_sha256(loaded.path)
+        if digest in seen:
+            continue
+        seen.add(digest)
+        computer = predict_lib.MapComputer(loaded, "model")
+        candidates = DEFAULT_MASK_THRESHOLDS[computer.map_kind]
+        choice = choose_mask_threshold_on_split(
+            loaded, computer, data_dir, split, candidates, batch_size
+        )
+        choices.append({
+            "model_sha256": digest,
+            "map_kind": computer.map_kind,
+            "records": records,
+            "candidates": [float(c) for c in candidates],
+            **choice,
+        })
+    model_dir.write_mask_threshold_choices(directory, choices)
+    return choices
+
+
+def _validation_mask_threshold(config, loaded, computer, candidates, model_sha256):
+    """(choice, stored): the IoP threshold chosen on `config.val_split`.
+
+    A choice stored when training ended is used when it was made for this
+    very file, map kind, candidates and records; otherwise the split is run.
+    """
+    records = model_dir.records_fingerprint(config.data_dir, config.val_split)
+    if not records["files"]:
+        return None, False
+    if computer.map_source == "model" and not config.max_images:
+        stored = loaded.mask_threshold_choice(
+            model_sha256, computer.map_kind, records, candidates
+        )
+        if stored is not None:
+            return stored, True
+    choice = choose_mask_threshold_on_split(
+        loaded, computer, config.data_dir, config.val_split, candidates,
+        config.batch_size, config.max_images,
+    )
+    return choice, False
+
+
+def _mask_section(config, loaded, computer, results, boxed, model_sha256):
     map_kind = computer.map_kind
     findings = list(loaded.findings)
     wanted = [f for f in findings if f in boxed]
     candidates = config.mask_thresholds or DEFAULT_MASK_THRESHOLDS[map_kind]
-    chosen, error, source = None, None, None
+    chosen, error, source, stored = None, None, None, False
     if config.val_split:
-        try:
-            val = _run_on_split(
-                loaded,
-                computer,
-                config.data_dir,
-                config.val_split,
-                (),
-                config,
-                keep_all=False,
-            )
-        except FileNotFoundError:
-            val = []
-        val_masks = soft_masks(val, findings, loaded.image_size, map_kind, wanted)
-        if val_masks:
-            choice = loc_metrics.choose_mask_threshold(
-                [m for _, m, _ in val_masks], [g for _, _, g in val_masks], candidates
-            )
+        choice, stored = _validation_mask_threshold(
+            config, loaded, computer, candidates, model_sha256
+        )
+        if choice is not None and choice["threshold"] is not None:
             chosen, error = choice["threshold"], choice["error"]
             source = (
                 f"chosen on the {config.val_split} split "
-                f"({len(val_masks)} boxed image-finding pairs)"
+                f"({choice['pairs']} boxed image-finding pairs)"
             )
     if chosen is None:
         chosen = localization.DEFAULT_THRESHOLDS[map_kind]
         source = "default of the map kind (no validation images with boxes)"
     masks = soft_masks(results, findings, loaded.image_size, map_kind, wanted)
     per_class = mask_table(masks, wanted, chosen)
-    return {
+    section = {
         "threshold": chosen,
         "threshold_source": source,
         "validation_error": error,
@@ -806,6 +943,7 @@ def _mask_section(config, loaded, computer, results, boxed):
         },
         "definition": loc_metrics.MASK_ERROR_DEFINITION,
     }
+    return section, stored
 
 
 def _write_predictions(path, results, findings, box_threshold, map_kind):

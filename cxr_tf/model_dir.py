@@ -24,6 +24,12 @@ config.json holds:
   box_thresholds (optional): {map kind: map threshold} chosen for this
     model on its validation split (`write_box_thresholds`); evaluate,
     predict and export use it instead of the kind's default.
+  mask_threshold_choices (optional): the IoP mask threshold of each
+    checkpoint file, chosen on a validation split when training ended
+    (`write_mask_threshold_choices`). A choice holds only for the file it was
+    made for (its sha256) and the records it was made on (their names, sizes
+    and modification times); evaluate reads it instead of a second pass over
+    the split, and makes the choice again whenever anything differs.
 
 Which checkpoint: `resolve` is the one rule. "final" falls back to "best",
 then "latest", when training did not finish; "best" and "latest" are strict.
@@ -247,6 +253,63 @@ def write_box_thresholds(directory, thresholds):
     return path
 
 
+def records_fingerprint(data_dir, split):
+    """What identifies a split's record files: folder, names, sizes, mtimes.
+
+    Any rewrite of a record file (a new ingest) changes it; a copy of the
+    folder elsewhere does too, which only costs one recomputation.
+
+    Returns:
+      {"data_dir", "split", "files": [[name, bytes, mtime_ns], ...]}; "files"
+      is empty when the split has no record file.
+    """
+    from cxr_tf.data import tfrecord  # pylint: disable=import-outside-toplevel
+
+    try:
+        files = tfrecord.record_files(data_dir, split)
+    except FileNotFoundError:
+        files = []
+    listed = []
+    for path in files:
+        info = os.stat(path)
+        listed.append([os.path.basename(path), info.st_size, info.st_mtime_ns])
+    return {"data_dir": os.path.realpath(data_dir), "split": split, "files": listed}
+
+
+MASK_THRESHOLD_CHOICES = "mask_threshold_choices"
+
+
+def write_mask_threshold_choices(directory, choices):
+    """Sets the `mask_threshold_choices` of a model directory's config.json.
+
+    Args:
+      directory: the model directory (its config.json must exist).
+      choices: list of dicts with "model_sha256", "map_kind", "records" (a
+        `records_fingerprint`), "candidates", "threshold" (None: the split
+        has no boxed pair), "error" and "pairs"; they replace the old ones.
+
+    Returns:
+      The path written.
+    """
+    keys = ("model_sha256", "map_kind", "records", "candidates", "threshold",
+            "error", "pairs")
+    clean = []
+    for choice in choices:
+        missing = [k for k in keys if k not in choice]
+        if missing:
+            raise ValueError(f"mask threshold choice lacks {missing}: {choice!r}")
+        clean.append({k: choice[k] for k in keys})
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise errors.UserFileError(
+            f"no {CONFIG_FILE} to add mask thresholds to", path, "train the model first"
+        )
+    payload = read_config(path)
+    payload[MASK_THRESHOLD_CHOICES] = clean
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+    return path
+
+
 def read_config(path):
     """Reads and checks a config.json (the training bundle or a bare ModelConfig).
 
@@ -407,6 +470,25 @@ class LoadedModel:
     @property
     def training_data(self):
         return self.payload.get("training_data") or {}
+
+    def mask_threshold_choice(self, model_sha256, map_kind, records, candidates):
+        """The stored IoP threshold choice that holds for exactly these, or None.
+
+        Args:
+          model_sha256: sha256 of the `.keras` file evaluated.
+          map_kind: the map kind thresholded.
+          records: `records_fingerprint` of the split the choice is made on.
+          candidates: the thresholds tried.
+        """
+        for choice in self.payload.get(MASK_THRESHOLD_CHOICES) or ():
+            if (
+                choice.get("model_sha256") == model_sha256
+                and choice.get("map_kind") == map_kind
+                and choice.get("records") == records
+                and choice.get("candidates") == [float(c) for c in candidates]
+            ):
+                return choice
+        return None
 
     # The export module's older name for `path`.
     @property

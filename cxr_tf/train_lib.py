@@ -318,12 +318,18 @@ def _train(config):
         scratch = tempfile.mkdtemp()
         save_model_atomic(model, os.path.join(scratch, FINAL_MODEL))
         shutil.rmtree(scratch, ignore_errors=True)
-    if chief and model_config.backbone == "infomask":
-        # A mask's values end at 1 - tau, so no fixed threshold fits every
-        # model: choose its box threshold on val, as evaluate does for IoP.
+    if chief:
         from cxr_tf import evaluate_lib  # pylint: disable=g-import-not-at-top
 
-        evaluate_lib.store_box_threshold(
+        if model_config.backbone == "infomask":
+            # A mask's values end at 1 - tau, so no fixed threshold fits every
+            # model: choose its box threshold on val, as evaluate does for IoP.
+            evaluate_lib.store_box_threshold(
+                model_dir, config.data_dir, "val", batch_size=config.batch_size
+            )
+        # Evaluate's IoP threshold of the final and best models, chosen on val
+        # once here rather than in every evaluation.
+        evaluate_lib.store_mask_threshold_choices(
             model_dir, config.data_dir, "val", batch_size=config.batch_size
         )
     best = None

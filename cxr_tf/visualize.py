@@ -50,6 +50,15 @@ def _curve_styles(names):
     return {n: curve_style(i) for i, n in enumerate(names)}
 
 
+def prepare_plotting():
+    """Imports matplotlib's figure and Agg canvas (about 0.6 s on one core).
+
+    A caller that will plot later can run it in a thread first, while it
+    does other work.
+    """
+    _new_figure(1, 1)
+
+
 def _new_figure(width, height):
     # Figure + Agg canvas directly, not pyplot: no global backend switch, no
     # GUI, safe in threads and when the caller already uses pyplot.
@@ -586,7 +595,9 @@ def roc_figure(curves, aucs=None, title="ROC"):
     axes.set_title(title)
     if curves:
         axes.legend(fontsize=7, loc="lower right", handlelength=3)
-    fig.tight_layout()
+    # Fixed margins (what tight_layout gives this size): tight_layout draws
+    # the figure once more, a third of a plot's cost.
+    fig.subplots_adjust(left=0.11, right=0.96, bottom=0.11, top=0.93)
     return fig
 
 
@@ -639,8 +650,10 @@ def localization_accuracy_figure(acc_by_t, metric="IoBB", title=None):
     axes.grid(alpha=0.3)
     axes.set_title(title or f"Localization accuracy ({metric} > T)")
     if axes.lines:
-        axes.legend(fontsize=7, handlelength=3)
-    fig.tight_layout()
+        # A fixed corner: "best" tests every line point, and accuracy falls
+        # with T, so the upper right is where the lines are lowest.
+        axes.legend(fontsize=7, loc="upper right", handlelength=3)
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.13, top=0.92)
     return fig
 
 

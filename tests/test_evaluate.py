@@ -286,3 +286,56 @@ def test_box_threshold_is_chosen_on_val_and_becomes_the_default(tmp_path):
     # No such split: nothing chosen, nothing written.
     assert evaluate_lib.store_box_threshold(directory, str(data), "test") is None
     assert model_dir_lib.load(directory).box_threshold == choice["threshold"]
+
+
+@pytest.mark.slow
+def test_stored_mask_threshold_is_read_only_where_it_holds(tiny_model_dir, tmp_path):
+    """Evaluate reads the IoP threshold chosen when training ended, for that
+    very file and those records only; otherwise it chooses on val again."""
+    import shutil
+
+    from cxr_tf import model_dir as model_dir_lib
+    from tests.test_train import write_tiny_records
+
+    data = tmp_path / "data"
+    write_tiny_records(str(data), counts={"val": 6, "test": 4})
+    directory = str(tmp_path / "model")
+    shutil.copytree(tiny_model_dir, directory)
+
+    def run(name):
+        return evaluate_lib.evaluate(
+            evaluate_lib.EvalConfig(
+                output_dir=str(tmp_path / name),
+                model_dir=directory,
+                checkpoint="final",
+                data_dir=str(data),
+                num_overlays=0,
+            )
+        )
+
+    computed = run("computed")
+    assert computed["source"]["mask_threshold_stored_at_training"] is False
+    (choice,) = evaluate_lib.store_mask_threshold_choices(
+        directory, str(data), "val", checkpoints=("final", "best")
+    )  # no best checkpoint here: one choice
+    assert choice["pairs"] > 0
+    assert choice["threshold"] == computed["mask"]["threshold"]
+    stored = run("stored")
+    assert stored["source"]["mask_threshold_stored_at_training"] is True
+    assert stored["mask"] == computed["mask"]
+    assert stored["localization"] == computed["localization"]
+
+    # The stored value is what is used: another candidate shows through.
+    other = next(
+        t for t in evaluate_lib.DEFAULT_MASK_THRESHOLDS["cam"] if t != choice["threshold"]
+    )
+    model_dir_lib.write_mask_threshold_choices(
+        directory, [{**choice, "threshold": other}]
+    )
+    assert run("other")["mask"]["threshold"] == other
+    # Rewritten records (a new ingest) invalidate it: chosen again.
+    val = next((data).glob("val-*"))
+    os.utime(val, ns=(val.stat().st_atime_ns, val.stat().st_mtime_ns + 10**9))
+    again = run("again")
+    assert again["source"]["mask_threshold_stored_at_training"] is False
+    assert again["mask"] == computed["mask"]

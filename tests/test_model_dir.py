@@ -182,3 +182,48 @@ def test_bad_box_thresholds_are_named(tmp_path, thresholds, text):
 def test_box_thresholds_need_a_config(tmp_path):
     with pytest.raises(errors.UserFileError, match="train the model first"):
         model_dir.write_box_thresholds(str(tmp_path), {"probability": 0.5})
+
+
+def test_a_mask_threshold_choice_holds_for_its_file_kind_records_and_grid(tmp_path):
+    from cxr_tf.models import ModelConfig
+
+    data = _records(tmp_path / "data", [(8, 8)])
+    (data / "train-00000-of-00001.tfrecord.gz").rename(
+        data / "val-00000-of-00001.tfrecord.gz"
+    )
+    records = model_dir.records_fingerprint(str(data), "val")
+    assert records["split"] == "val" and len(records["files"]) == 1
+    assert model_dir.records_fingerprint(str(data), "test")["files"] == []
+    directory = str(tmp_path / "m")
+    config = ModelConfig(image_size=64)
+    path = model_dir.write_config(directory, config, schema.FINDINGS)
+    choice = {
+        "model_sha256": "ab" * 32, "map_kind": "probability", "records": records,
+        "candidates": [0.25, 0.5], "threshold": 0.5, "error": 0.2, "pairs": 3,
+    }
+    model_dir.write_mask_threshold_choices(directory, [choice])
+    loaded = model_dir.LoadedModel(
+        model=None, model_config=config, findings=tuple(schema.FINDINGS),
+        map_kind="probability", path="", payload=model_dir.read_config(path),
+    )
+    # Read back through JSON: equal to a fresh fingerprint of the same files.
+    assert loaded.mask_threshold_choice(
+        "ab" * 32, "probability", model_dir.records_fingerprint(str(data), "val"),
+        (0.25, 0.5),
+    ) == choice
+    for args in [
+        ("cd" * 32, "probability", records, (0.25, 0.5)),  # another file
+        ("ab" * 32, "cam", records, (0.25, 0.5)),  # another map kind
+        ("ab" * 32, "probability", records, (0.5,)),  # another grid
+        ("ab" * 32, "probability", {**records, "split": "test"}, (0.25, 0.5)),
+    ]:
+        assert loaded.mask_threshold_choice(*args) is None
+    # A rewritten record file no longer matches.
+    val = data / "val-00000-of-00001.tfrecord.gz"
+    os.utime(val, ns=(val.stat().st_atime_ns, val.stat().st_mtime_ns + 10**9))
+    assert loaded.mask_threshold_choice(
+        "ab" * 32, "probability", model_dir.records_fingerprint(str(data), "val"),
+        (0.25, 0.5),
+    ) is None
+    with pytest.raises(ValueError, match="lacks"):
+        model_dir.write_mask_threshold_choices(directory, [{"threshold": 0.5}])

@@ -314,6 +314,13 @@ def test_sigkill_mid_epoch_then_resume_finishes_planned_steps(tiny_data, tmp_pat
     _load(model_dir)
     for name in ("config.json", "checkpoints/latest.keras", "checkpoints/best.keras"):
         assert os.path.isfile(os.path.join(model_dir, name)), name
+    # Evaluate's IoP threshold was chosen on val for the final and best files.
+    with open(os.path.join(model_dir, "config.json")) as f:
+        choices = json.load(f)["mask_threshold_choices"]
+    digests = {c["model_sha256"] for c in choices}
+    for name in ("model.keras", "checkpoints/best.keras"):
+        assert model_dir_lib.file_sha256(os.path.join(model_dir, name)) in digests
+    assert {c["records"]["split"] for c in choices} == {"val"}
     assert os.listdir(os.path.join(model_dir, "logs", "validation"))
     # No temporary file of the killed save is left; progress was logged.
     assert sorted(os.listdir(os.path.join(model_dir, "backup"))) == [

@@ -338,8 +338,17 @@ def _num_pipelines(input_context):
     return input_context.num_input_pipelines, input_context.input_pipeline_id
 
 
+def _has_boxes(serialized):
+    """Whether a record holds a box; parses the box labels only."""
+    parsed = tf.io.parse_single_example(
+        serialized, {schema.KEY_BBOX_LABEL: tfrecord.FEATURE_SPEC[schema.KEY_BBOX_LABEL]}
+    )
+    return tf.size(parsed[schema.KEY_BBOX_LABEL].values) > 0
+
+
 def build_dataset(
-    data_dir, split, config, training, input_context=None, with_info=False
+    data_dir, split, config, training, input_context=None, with_info=False,
+    boxed_only=False,
 ):
     """Builds the `tf.data.Dataset` of one split.
 
@@ -357,6 +366,8 @@ def build_dataset(
         reads its own files (or, with fewer files than pipelines, its own
         records) and batches `get_per_replica_batch_size(config.batch_size)`.
       with_info: yield `(features, labels)` with the box and id features.
+      boxed_only: keep only the records with a ground-truth box; the others
+        are dropped before their image is decoded.
 
     Returns:
       A dataset of `(image (B, S, S, 1) float32 normalised, labels (B, 14)
@@ -402,6 +413,8 @@ def build_dataset(
     )
     if shard_records:
         dataset = dataset.shard(num_pipelines, pipeline_id)
+    if boxed_only:
+        dataset = dataset.filter(tf.autograph.experimental.do_not_convert(_has_boxes))
     if training and config.shuffle_buffer > 1:
         dataset = dataset.shuffle(config.shuffle_buffer, seed=config.seed)
     # The map functions branch on Python values only (tensor branches are

@@ -121,6 +121,43 @@ def test_eval_reads_every_record_once_with_labels_and_boxes(records):
     assert sorted(seen) == sorted(truth)
 
 
+def test_boxed_only_keeps_the_boxed_records_in_order(tmp_path):
+    options = tf.io.TFRecordOptions(compression_type="GZIP")
+    path = tmp_path / "val-00000-of-00001.tfrecord.gz"
+    boxed = []
+    with tf.io.TFRecordWriter(str(path), options) as writer:
+        for index in range(7):
+            with_box = index % 3 != 1
+            image_id = f"{index:08d}_000.png"
+            writer.write(
+                tfrecord.make_example(
+                    _film(SIZE, SIZE, (4, 4, 12, 12)),
+                    image_id=image_id,
+                    labels=np.eye(schema.NUM_FINDINGS, dtype=np.int64)[index],
+                    height=SIZE,
+                    width=SIZE,
+                    boxes=[[0.1, 0.1, 0.4, 0.4]] if with_box else None,
+                    box_labels=[index] if with_box else None,
+                ).SerializeToString()
+            )
+            if with_box:
+                boxed.append(image_id)
+    assert 0 < len(boxed) < 7
+    dataset = input_pipeline.build_dataset(
+        tmp_path, "val", _config(), training=False, with_info=True, boxed_only=True
+    )
+    seen = [
+        image_id.decode()
+        for features, _ in dataset
+        for image_id in features["image_id"].numpy()
+    ]
+    assert seen == boxed
+    everything = input_pipeline.build_dataset(
+        tmp_path, "val", _config(), training=False, with_info=True
+    )
+    assert sum(int(f["image_id"].shape[0]) for f, _ in everything) == 7
+
+
 def test_letterbox_pads_and_moves_boxes(records):
     folder, truth = records
     dataset = input_pipeline.build_dataset(
