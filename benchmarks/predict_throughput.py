@@ -20,7 +20,9 @@ and runs the forward pass; with --baseline_commit, that commit (a `git
 archive` copy) against this tree: the `evaluate_lib.evaluate` call alone
 (fresh process, timed after TensorFlow's import and a first model load) and
 the `cxr_tf.evaluate` command (startup included), and whether their
-metrics.json agree.
+metrics.json agree. The call is also timed on a copy of the model directory
+without the IoP threshold that training stores (a model trained before it
+was stored), which makes evaluate run the validation split again.
 
 Memory (with --memory_films=N): predict on N small films written to a
 temporary folder, the process's resident memory (VmRSS) sampled every
@@ -30,6 +32,7 @@ second, reported at ten checkpoints of the run; flat = no growth with N.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -236,6 +239,20 @@ def _metrics_without_paths(path):
     return metrics
 
 
+def _without_stored_mask_thresholds(model, workdir):
+    """A copy of model directory `model` whose config.json has no stored
+    IoP threshold choices."""
+    from cxr_tf import model_dir  # pylint: disable=import-outside-toplevel
+
+    copy = os.path.join(workdir, "model_threshold_not_stored")
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("backup", "logs"))
+    path = os.path.join(copy, model_dir.CONFIG_FILE)
+    payload = model_dir.read_config(path)
+    payload.pop(model_dir.MASK_THRESHOLD_CHOICES, None)
+    model_dir.atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+    return copy
+
+
 def evaluate_section(model, records, split, repeats, workdir, baseline_commit):
     """Evaluate vs its floor in process; this tree vs `baseline_commit` as CLIs."""
     from cxr_tf import evaluate_lib  # pylint: disable=import-outside-toplevel
@@ -271,12 +288,23 @@ def evaluate_section(model, records, split, repeats, workdir, baseline_commit):
             capture_output=True, check=True,
         ).stdout
         subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
-        work = {"evaluate_call_baseline": [], "evaluate_call": []}
+        # The same model without the IoP threshold stored at training (a
+        # model trained before it was stored): evaluate runs val again.
+        unstored = _without_stored_mask_thresholds(model, workdir)
+        work = {
+            "evaluate_call_baseline": [],
+            "evaluate_call": [],
+            "evaluate_call_threshold_not_stored": [],
+        }
         for r in range(repeats):
-            for key, tree in (("evaluate_call_baseline", old), ("evaluate_call", _REPO)):
+            for key, tree, chosen in (
+                ("evaluate_call_baseline", old, model),
+                ("evaluate_call", _REPO, model),
+                ("evaluate_call_threshold_not_stored", _REPO, unstored),
+            ):
                 work[key].append(
                     _evaluate_call_seconds(
-                        tree, model, records, split, os.path.join(workdir, f"{key}_{r}")
+                        tree, chosen, records, split, os.path.join(workdir, f"{key}_{r}")
                     )
                 )
         for key, seconds in work.items():
@@ -284,6 +312,19 @@ def evaluate_section(model, records, split, repeats, workdir, baseline_commit):
         out["speedup_of_the_evaluate_call_vs_baseline"] = round(
             out["evaluate_call_baseline_median_seconds"]
             / out["evaluate_call_median_seconds"], 2
+        )
+        out["speedup_of_the_evaluate_call_vs_baseline_threshold_not_stored"] = round(
+            out["evaluate_call_baseline_median_seconds"]
+            / out["evaluate_call_threshold_not_stored_median_seconds"], 2
+        )
+        with open(os.path.join(workdir, "evaluate_call_0", "metrics.json")) as f:
+            out["mask_threshold_stored_at_training"] = json.load(f)["source"].get(
+                "mask_threshold_stored_at_training"
+            )
+        out["metrics_equal_threshold_not_stored"] = _metrics_without_paths(
+            os.path.join(workdir, "evaluate_call_0", "metrics.json")
+        ) == _metrics_without_paths(
+            os.path.join(workdir, "evaluate_call_threshold_not_stored_0", "metrics.json")
         )
         cli = {"cli_evaluate_baseline": [], "cli_evaluate": []}
         for r in range(repeats):
