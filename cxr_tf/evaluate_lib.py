@@ -43,6 +43,8 @@ OVERLAY_DIR = "overlays"
 # Mask metrics are computed with the longer side at most this many pixels:
 # the ratios barely change and the work stays small for 1024 px films.
 MASK_WORK_SIZE = 256
+# Batches whose boxes may wait for the box worker while the network runs on.
+_BOX_BATCHES_AHEAD = 3
 DEFAULT_BOX_THRESHOLDS = {"probability": (0.9,), "cam": (180.0, 60.0)}
 DEFAULT_MASK_THRESHOLDS = {
     "probability": tuple(np.round(np.arange(0.05, 1.0, 0.05), 2)),
@@ -401,7 +403,7 @@ def _run_on_split(
             probs, maps = computer(batch["image"])
             labels = labels.numpy()[:, columns]
             pending.append(worker.submit(batch_results, batch, probs, maps, labels))
-            while len(pending) > 1:
+            while len(pending) > _BOX_BATCHES_AHEAD:
                 results += pending.popleft().result()
             read += len(probs)
             if config.max_images and read >= config.max_images:

@@ -1,6 +1,7 @@
 """Localization maps to bounding boxes: upsample, threshold, one box per region."""
 
 import collections
+import functools
 import numbers
 
 import numpy as np
@@ -128,7 +129,10 @@ def working_hw(image_hw, work_size=None):
     )
 
 
+@functools.lru_cache(maxsize=256)
 def _interpolation_weights(in_size, out_size):
+    """(lower, upper, fraction) per output index; cached and read-only, as a
+    split's films share a few sizes and each map asks twice per axis."""
     # The arithmetic of TF's ResizeBilinear kernel with half_pixel_centers
     # (what tf.image.resize "bilinear" runs), in float32 step by step, so the
     # graph version in localization_graph.py thresholds identical values.
@@ -138,7 +142,10 @@ def _interpolation_weights(in_size, out_size):
     floor = np.floor(centres)
     lower = np.maximum(floor.astype(np.int64), 0)
     upper = np.minimum(np.ceil(centres).astype(np.int64), in_size - 1)
-    return lower, upper, (centres - floor).astype(np.float32)
+    weights = (lower, upper, (centres - floor).astype(np.float32))
+    for array in weights:
+        array.flags.writeable = False
+    return weights
 
 
 def resize_bilinear(score_map, out_hw):
