@@ -530,8 +530,7 @@ def evaluate(config):
     os.makedirs(config.output_dir, exist_ok=True)
     # Plots are drawn by one background thread (matplotlib's fonts are not
     # for concurrent use) and overlays by another, while the metrics are
-    # computed here. The plot thread first imports matplotlib (about 0.6 s)
-    # while the films go through the network.
+    # computed here.
     with futures.ThreadPoolExecutor(1, "evaluate-plots") as drawing, \
             futures.ThreadPoolExecutor(1, "evaluate-overlays") as overlaying:
         return _evaluate(config, drawing, overlaying)
@@ -539,8 +538,6 @@ def evaluate(config):
 
 def _evaluate(config, drawing, overlaying):
     from cxr_tf import visualize
-
-    drawing.submit(visualize.prepare_plotting)
     metrics = {"definitions": _DEFINITIONS}
     if config.predictions:
         findings = list(schema.FINDINGS)

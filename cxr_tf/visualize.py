@@ -50,15 +50,6 @@ def _curve_styles(names):
     return {n: curve_style(i) for i, n in enumerate(names)}
 
 
-def prepare_plotting():
-    """Imports matplotlib's figure and Agg canvas (about 0.6 s on one core).
-
-    A caller that will plot later can run it in a thread first, while it
-    does other work.
-    """
-    _new_figure(1, 1)
-
-
 def _new_figure(width, height):
     # Figure + Agg canvas directly, not pyplot: no global backend switch, no
     # GUI, safe in threads and when the caller already uses pyplot.
