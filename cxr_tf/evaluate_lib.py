@@ -878,6 +878,10 @@ def store_mask_threshold_choices(directory, data_dir, split="val",
         choice = choose_mask_threshold_on_split(
             loaded, computer, data_dir, split, candidates, batch_size
         )
+        logging.info(
+            "IoP threshold of %s chosen on %d boxed %s pairs: %s",
+            loaded.path, choice["pairs"], split, choice["threshold"],
+        )
         choices.append({
             "model_sha256": digest,
             "map_kind": computer.map_kind,
