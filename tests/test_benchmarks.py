@@ -130,3 +130,29 @@ def test_train_step_script_rejects_bad_flag():
     proc = _run_script("--steps=0", "--noflops", "--notrain", "--noinfer")
     assert proc.returncode != 0
     assert "--steps must be >= 1" in proc.stderr
+
+
+def test_classifier_probe_blocks_are_the_infomask_network_s():
+    """The probe's "paper" block has the InfoMask classifier's convs."""
+    from benchmarks import infomask_classifier_probe as probe
+    from cxr_tf.models import infomask_net
+
+    def kernels(model):
+        return [
+            tuple(layer.kernel.shape)
+            for layer in model.layers
+            if isinstance(layer, keras.layers.Conv2D)
+        ]
+
+    inputs = keras.Input((64, 64, 1))
+    trunk = keras.Model(
+        inputs, infomask_net.classifier_trunk(inputs, "group", width=0.25)
+    )
+    assert kernels(probe.build_block("paper_group", 64, 0.25)) == kernels(trunk)
+    for name in ("paper_batch", "paperw1_batch", "deep_group", "deep_none"):
+        model = probe.build_block(name, 64, 0.25)
+        assert model.output_shape == (None, 14), name
+    norms = {type(layer).__name__ for layer in probe.build_block("deep_batch", 64, 1).layers}
+    assert "BatchNormalization" in norms and "GroupNormalization" not in norms
+    with pytest.raises(SystemExit):
+        probe.main(["--records", str(BENCHMARKS), "--blocks", "wide_group"])

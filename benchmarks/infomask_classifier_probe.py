@@ -1,0 +1,179 @@
+"""Which classification block can fit the demo's films? Prints JSON.
+
+    python -m benchmarks.infomask_classifier_probe --records=DIR \
+        --blocks=paper_group,deep_group,deep_batch --epochs=4 --output=F.json
+
+Issue 13: the InfoMask network stays at chance on the demo's films. This
+probe takes the mask out: each block classifies the whole film, with a
+global average pooling and a 14-way dense layer on top, as the InfoMask
+network's classification block does. A block that cannot fit the films
+without a mask cannot fit them behind one.
+
+Blocks (name = layout_normalisation):
+  layout "paper": the paper's classification block (conv 128, pool, conv 64,
+    conv 64, pool; `infomask_net.CLASSIFIER_LAYOUT`) at --width (0.25 as in
+    configs/infomask_demo.flags); receptive field 14 px.
+  layout "paperw1": the same at width 1.0 (the paper's filter counts).
+  layout "deep": conv 32, pool, conv 32, pool, conv 64, pool, conv 64, pool,
+    conv 128; receptive field 78 px, four poolings as in a ResNet stem.
+  normalisation "group" (8 groups, what `infomask_net.STABLE` uses),
+    "batch" (momentum 0.9, `infomask_net.BATCH_NORM_MOMENTUM`) or "none"
+    (Glorot kernels with biases, the paper's bare convs). With a norm, convs
+    are He-initialised without bias, as in `infomask_net`.
+Training: Adam with 20 warm-up steps to 3e-3 and a cosine decay over the
+run, batch-balanced BCE, no augmentation: configs/infomask_demo.flags. Each
+epoch, the validation split's mean AUROC over the defined findings.
+TensorFlow runs on --threads threads, so a probe can share the machine.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+_LAYOUTS = {
+    "paper": None,  # infomask_net.CLASSIFIER_LAYOUT at --width
+    "paperw1": None,  # the same at width 1.0
+    "deep": (32, "pool", 32, "pool", 64, "pool", 64, "pool", 128),
+}
+_NORMS = ("group", "batch", "none")
+
+
+def build_block(name, image_size, width):
+    """A whole-film classifier: `name`'s conv stack, global average pool, dense(14)."""
+    import keras  # pylint: disable=import-outside-toplevel
+
+    from cxr_tf.data import schema  # pylint: disable=import-outside-toplevel
+    from cxr_tf.models import infomask_net  # pylint: disable=import-outside-toplevel
+
+    layout_name, norm = name.split("_")
+    layout = _LAYOUTS[layout_name] or infomask_net.CLASSIFIER_LAYOUT
+    if layout_name == "paperw1":
+        width = 1.0
+    elif layout_name == "deep":
+        width = 1.0
+    inputs = keras.Input((image_size, image_size, 1))
+    x = inputs
+    for index, entry in enumerate(layout):
+        if entry == "pool":
+            x = keras.layers.MaxPooling2D(2)(x)
+            continue
+        filters = infomask_net.scaled_filters(entry, width)
+        if norm == "none":
+            x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+            continue
+        x = keras.layers.Conv2D(
+            filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal"
+        )(x)
+        if norm == "batch":
+            x = keras.layers.BatchNormalization(
+                momentum=infomask_net.BATCH_NORM_MOMENTUM
+            )(x)
+        else:
+            x = keras.layers.GroupNormalization(infomask_net.GROUPS)(x)
+        x = keras.layers.ReLU(name=f"relu{index}")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    logits = keras.layers.Dense(schema.NUM_FINDINGS)(x)
+    return keras.Model(inputs, logits, name=name)
+
+
+def probe(name, records, image_size, width, epochs, batch_size, seed):
+    """Trains block `name` on records' train split; val mean AUROC per epoch."""
+    import keras  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from cxr_tf import losses  # pylint: disable=import-outside-toplevel
+    from cxr_tf import train_data  # pylint: disable=import-outside-toplevel
+    from cxr_tf.data import input_pipeline  # pylint: disable=import-outside-toplevel
+    from cxr_tf.data import schema  # pylint: disable=import-outside-toplevel
+    from cxr_tf.metrics import classification  # pylint: disable=import-outside-toplevel
+
+    keras.utils.set_random_seed(seed)
+    config = input_pipeline.InputConfig(
+        image_size=image_size,
+        batch_size=batch_size,
+        normalization=schema.Normalization(mean=128.0, std=64.0),
+        seed=seed,
+    )
+    train = input_pipeline.build_dataset(records, "train", config, training=True)
+    val = input_pipeline.build_dataset(records, "val", config, training=False)
+    films = train_data.count_examples(records, "train")
+    steps = max(1, films // batch_size)
+    model = build_block(name, image_size, width)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, steps * epochs, warmup_target=3e-3, warmup_steps=20
+    )
+    model.compile(keras.optimizers.Adam(schedule), losses.get_loss("balanced_bce"))
+    out = {"block": name, "parameters": model.count_params(), "epochs": []}
+    for _ in range(epochs):
+        start = time.perf_counter()
+        history = model.fit(train, steps_per_epoch=steps, epochs=1, verbose=0)
+        labels, scores = [], []
+        for images, batch_labels in val:
+            labels.append(batch_labels.numpy())
+            scores.append(model(images, training=False).numpy())
+        per_class = classification.auroc_per_class(
+            np.concatenate(labels), np.concatenate(scores), list(schema.FINDINGS)
+        )
+        out["epochs"].append({
+            "train_loss": round(float(history.history["loss"][-1]), 4),
+            "val_mean_auc": round(classification.mean_auroc(per_class), 4),
+            "seconds": round(time.perf_counter() - start, 1),
+        })
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", required=True, help="Ingested TFRecords.")
+    parser.add_argument(
+        "--blocks", default="paper_group,paper_batch,paperw1_batch,deep_group,"
+        "deep_batch,deep_none", help="Comma-separated layout_normalisation names.",
+    )
+    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--width", type=float, default=0.25)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    blocks = args.blocks.split(",")
+    for name in blocks:
+        layout, _, norm = name.partition("_")
+        if layout not in _LAYOUTS or norm not in _NORMS:
+            parser.error(
+                f"--blocks: {name!r} is not layout_normalisation with layout in "
+                f"{sorted(_LAYOUTS)} and normalisation in {list(_NORMS)}"
+            )
+    if not os.path.isdir(args.records):
+        parser.error(f"--records={args.records} is not a folder")
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    from benchmarks import _common  # pylint: disable=import-outside-toplevel
+
+    result = {
+        "what": __doc__.splitlines()[0],
+        "records": os.path.abspath(args.records),
+        "settings": {k: v for k, v in vars(args).items() if k != "output"},
+        "cores": _common.cores(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "blocks": [],
+    }
+    for name in blocks:
+        result["blocks"].append(
+            probe(name, args.records, args.image_size, args.width, args.epochs,
+                  args.batch_size, args.seed)
+        )
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["blocks"][-1]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
