@@ -24,6 +24,13 @@ Training: Adam with 20 warm-up steps to 3e-3 and a cosine decay over the
 run, batch-balanced BCE, no augmentation: configs/infomask_demo.flags. Each
 epoch, the validation split's mean AUROC over the defined findings.
 TensorFlow runs on --threads threads, so a probe can share the machine.
+
+With --mask=infomask the block classifies the masked film instead: the
+InfoMask network's encoder (group norm, --width) and `InfoMask` layer
+(`infomask_net.STABLE`'s attention and clip, KL weight 0.01, tau 0.2) come
+first, as in `build_model`. Each epoch then also reports the mask's mean
+inside and outside the truth boxes of the boxed validation films (at the
+network input, in inference).
 """
 
 import argparse
@@ -40,8 +47,12 @@ _LAYOUTS = {
 _NORMS = ("group", "batch", "none")
 
 
-def build_block(name, image_size, width):
-    """A whole-film classifier: `name`'s conv stack, global average pool, dense(14)."""
+def build_block(name, image_size, width, mask=False):
+    """A whole-film classifier: `name`'s conv stack, global average pool, dense(14).
+
+    With `mask`, returns (model of the logits, model of [logits, mask]),
+    the block behind the InfoMask encoder and mask.
+    """
     import keras  # pylint: disable=import-outside-toplevel
 
     from cxr_tf.data import schema  # pylint: disable=import-outside-toplevel
@@ -55,6 +66,22 @@ def build_block(name, image_size, width):
         width = 1.0
     inputs = keras.Input((image_size, image_size, 1))
     x = inputs
+    if mask:
+        from cxr_tf import layers as cxr_layers  # pylint: disable=import-outside-toplevel
+
+        recipe = infomask_net.STABLE
+        features = infomask_net.encoder_trunk(inputs, recipe.normalization, width)
+        x, soft_mask = cxr_layers.InfoMask(
+            variant="infomask",
+            alpha=0.01,
+            tau=0.2,
+            attention_activation=recipe.attention_activation,
+            clip_gradient_leak=recipe.clip_gradient_leak,
+            attention_bias_initializer=keras.initializers.Constant(
+                recipe.attention_bias
+            ),
+            name="infomask",
+        )([features, inputs])
     for index, entry in enumerate(layout):
         if entry == "pool":
             x = keras.layers.MaxPooling2D(2)(x)
@@ -75,10 +102,32 @@ def build_block(name, image_size, width):
         x = keras.layers.ReLU(name=f"relu{index}")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     logits = keras.layers.Dense(schema.NUM_FINDINGS)(x)
-    return keras.Model(inputs, logits, name=name)
+    model = keras.Model(inputs, logits, name=name)
+    if mask:
+        return model, keras.Model(inputs, [logits, soft_mask])
+    return model
 
 
-def probe(name, records, image_size, width, epochs, batch_size, seed):
+def _mask_inside_outside(mask, features, image_size):
+    """Mean mask inside and outside the truth boxes, per boxed film of a batch."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    pairs = []
+    for i in range(len(mask)):
+        count = int(features["num_boxes"][i])
+        if not count:
+            continue
+        truth = np.zeros(mask.shape[1:3], bool)
+        for box in features["boxes"][i, :count].numpy():
+            y0, x0, y1, x1 = np.round(box * image_size).astype(int)
+            truth[max(y0, 0) : max(y1, y0 + 1), max(x0, 0) : max(x1, x0 + 1)] = True
+        if truth.all():
+            continue
+        pairs.append((mask[i, ..., 0][truth].mean(), mask[i, ..., 0][~truth].mean()))
+    return pairs
+
+
+def probe(name, records, image_size, width, epochs, batch_size, seed, mask=False):
     """Trains block `name` on records' train split; val mean AUROC per epoch."""
     import keras  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
@@ -97,30 +146,51 @@ def probe(name, records, image_size, width, epochs, batch_size, seed):
         seed=seed,
     )
     train = input_pipeline.build_dataset(records, "train", config, training=True)
-    val = input_pipeline.build_dataset(records, "val", config, training=False)
+    val = input_pipeline.build_dataset(
+        records, "val", config, training=False, with_info=True
+    )
     films = train_data.count_examples(records, "train")
     steps = max(1, films // batch_size)
-    model = build_block(name, image_size, width)
+    if mask:
+        model, with_mask = build_block(name, image_size, width, mask=True)
+    else:
+        model = with_mask = build_block(name, image_size, width)
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, steps * epochs, warmup_target=3e-3, warmup_steps=20
     )
     model.compile(keras.optimizers.Adam(schedule), losses.get_loss("balanced_bce"))
-    out = {"block": name, "parameters": model.count_params(), "epochs": []}
+    out = {
+        "block": name,
+        "mask": "infomask" if mask else None,
+        "parameters": model.count_params(),
+        "epochs": [],
+    }
     for _ in range(epochs):
         start = time.perf_counter()
         history = model.fit(train, steps_per_epoch=steps, epochs=1, verbose=0)
-        labels, scores = [], []
-        for images, batch_labels in val:
+        labels, scores, pairs = [], [], []
+        for features, batch_labels in val:
             labels.append(batch_labels.numpy())
-            scores.append(model(images, training=False).numpy())
+            if mask:
+                logits, soft = with_mask(features["image"], training=False)
+                pairs += _mask_inside_outside(soft.numpy(), features, image_size)
+            else:
+                logits = model(features["image"], training=False)
+            scores.append(logits.numpy())
         per_class = classification.auroc_per_class(
             np.concatenate(labels), np.concatenate(scores), list(schema.FINDINGS)
         )
-        out["epochs"].append({
+        epoch = {
             "train_loss": round(float(history.history["loss"][-1]), 4),
             "val_mean_auc": round(classification.mean_auroc(per_class), 4),
             "seconds": round(time.perf_counter() - start, 1),
-        })
+        }
+        if pairs:
+            inside, outside = np.mean(pairs, axis=0)
+            epoch.update(mask_inside=round(float(inside), 4),
+                         mask_outside=round(float(outside), 4),
+                         boxed_films=len(pairs))
+        out["epochs"].append(epoch)
     return out
 
 
@@ -137,6 +207,8 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mask", choices=("none", "infomask"), default="none",
+                        help="Put the InfoMask encoder and mask before each block.")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     blocks = args.blocks.split(",")
@@ -166,7 +238,7 @@ def main(argv=None):
     for name in blocks:
         result["blocks"].append(
             probe(name, args.records, args.image_size, args.width, args.epochs,
-                  args.batch_size, args.seed)
+                  args.batch_size, args.seed, mask=args.mask == "infomask")
         )
         if args.output:
             with open(args.output, "w") as f:

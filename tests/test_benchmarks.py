@@ -154,5 +154,9 @@ def test_classifier_probe_blocks_are_the_infomask_network_s():
         assert model.output_shape == (None, 14), name
     norms = {type(layer).__name__ for layer in probe.build_block("deep_batch", 64, 1).layers}
     assert "BatchNormalization" in norms and "GroupNormalization" not in norms
+    # Behind the mask: the InfoMask layer's mask at the film's size.
+    _, with_mask = probe.build_block("deep_batch", 64, 0.25, mask=True)
+    assert [tuple(o.shape) for o in with_mask.outputs] == [(None, 14), (None, 64, 64, 1)]
+    assert "infomask" in {layer.name for layer in with_mask.layers}
     with pytest.raises(SystemExit):
         probe.main(["--records", str(BENCHMARKS), "--blocks", "wide_group"])
