@@ -60,10 +60,9 @@ def build_block(name, image_size, width, mask=False):
 
     layout_name, norm = name.split("_")
     layout = _LAYOUTS[layout_name] or infomask_net.CLASSIFIER_LAYOUT
-    if layout_name == "paperw1":
-        width = 1.0
-    elif layout_name == "deep":
-        width = 1.0
+    # `width` scales the paper's block and the mask's encoder; "paperw1" and
+    # "deep" blocks keep their own filter counts.
+    block_width = width if layout_name == "paper" else 1.0
     inputs = keras.Input((image_size, image_size, 1))
     x = inputs
     if mask:
@@ -86,7 +85,7 @@ def build_block(name, image_size, width, mask=False):
         if entry == "pool":
             x = keras.layers.MaxPooling2D(2)(x)
             continue
-        filters = infomask_net.scaled_filters(entry, width)
+        filters = infomask_net.scaled_filters(entry, block_width)
         if norm == "none":
             x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
             continue

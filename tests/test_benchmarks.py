@@ -158,5 +158,11 @@ def test_classifier_probe_blocks_are_the_infomask_network_s():
     _, with_mask = probe.build_block("deep_batch", 64, 0.25, mask=True)
     assert [tuple(o.shape) for o in with_mask.outputs] == [(None, 14), (None, 64, 64, 1)]
     assert "infomask" in {layer.name for layer in with_mask.layers}
+    # `width` scales the mask's encoder, not the deep block.
+    narrow, _ = probe.build_block("deep_batch", 64, 0.25, mask=True)
+    wide, _ = probe.build_block("deep_batch", 64, 1.0, mask=True)
+    bare = probe.build_block("deep_batch", 64, 0.25)
+    assert bare.count_params() < narrow.count_params() < wide.count_params()
+    assert bare.count_params() == probe.build_block("deep_batch", 64, 1.0).count_params()
     with pytest.raises(SystemExit):
         probe.main(["--records", str(BENCHMARKS), "--blocks", "wide_group"])
