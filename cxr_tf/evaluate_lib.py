@@ -153,8 +153,9 @@ class ImageResult:
       image: the film as stored in its record (padding removed, 0..255),
         kept for the first images with gt boxes that get an overlay; None
         otherwise.
-      mask_cache: finding -> (soft mask, factor) of `soft_masks`, drawn
-        while the split was read (None: computed when asked).
+      mask_cache: finding -> (soft mask, factor) for each boxed finding,
+        drawn while the split was read (`soft_masks` reads them); None when
+        the image has no gt box.
     """
 
     image_id: str
@@ -246,25 +247,21 @@ def _soft_mask(map_k, original_hw, image_size, map_kind, ingest_size=None):
     return localization.resize_bilinear(cropped, work_hw), factor
 
 
-def soft_masks(results, findings, image_size, map_kind, wanted):
-    """(finding, mask, gt boxes in mask pixels) for each boxed (image, class)."""
+def soft_masks(results, wanted):
+    """(finding, mask, gt boxes in mask pixels) for each boxed (image, class).
+
+    The masks are the ones `_run_on_split` drew for the boxed findings
+    (`ImageResult.mask_cache`).
+    """
     out = []
     for r in results:
-        if r.maps is None:
-            continue
         for finding in wanted:
-            gt = r.gt_boxes.get(finding)
-            if gt is None or len(gt) == 0:
-                continue
             cached = (r.mask_cache or {}).get(finding)
-            mask, factor = cached or _soft_mask(
-                r.maps[..., findings.index(finding)],
-                r.original_hw,
-                image_size,
-                map_kind,
-                r.ingest_size,
-            )
-            out.append((finding, mask, [tuple(b) for b in np.asarray(gt) * factor]))
+            if cached is None:
+                continue
+            mask, factor = cached
+            gt = np.asarray(r.gt_boxes[finding])
+            out.append((finding, mask, [tuple(b) for b in gt * factor]))
     return out
 
 
@@ -763,7 +760,7 @@ def choose_mask_threshold_on_split(loaded, computer, data_dir, split, candidates
     )
     findings = list(loaded.findings)
     wanted = [f for f in findings if f in schema.BOXED_FINDINGS]
-    masks = soft_masks(results, findings, loaded.image_size, computer.map_kind, wanted)
+    masks = soft_masks(results, wanted)
     if not masks:
         return {"threshold": None, "error": None, "pairs": 0}
     choice = loc_metrics.choose_mask_threshold(
@@ -934,7 +931,7 @@ def _mask_section(config, loaded, computer, results, boxed, model_sha256):
     if chosen is None:
         chosen = localization.DEFAULT_THRESHOLDS[map_kind]
         source = "default of the map kind (no validation images with boxes)"
-    masks = soft_masks(results, findings, loaded.image_size, map_kind, wanted)
+    masks = soft_masks(results, wanted)
     per_class = mask_table(masks, wanted, chosen)
     section = {
         "threshold": chosen,
