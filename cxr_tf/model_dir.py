@@ -242,13 +242,18 @@ def write_box_thresholds(directory, thresholds):
                 f"box threshold must be a finite number. Received: {kind}={value!r}"
             )
         clean[kind] = float(value)
+    return _set_config_entry(directory, "box_thresholds", clean, "box thresholds")
+
+
+def _set_config_entry(directory, key, value, what):
+    """Sets `key` of a model directory's config.json (atomically); its path."""
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise errors.UserFileError(
-            f"no {CONFIG_FILE} to add box thresholds to", path, "train the model first"
+            f"no {CONFIG_FILE} to add {what} to", path, "train the model first"
         )
     payload = read_config(path)
-    payload["box_thresholds"] = clean
+    payload[key] = value
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
     return path
 
@@ -299,15 +304,7 @@ def write_mask_threshold_choices(directory, choices):
         if missing:
             raise ValueError(f"mask threshold choice lacks {missing}: {choice!r}")
         clean.append({k: choice[k] for k in keys})
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise errors.UserFileError(
-            f"no {CONFIG_FILE} to add mask thresholds to", path, "train the model first"
-        )
-    payload = read_config(path)
-    payload[MASK_THRESHOLD_CHOICES] = clean
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
-    return path
+    return _set_config_entry(directory, MASK_THRESHOLD_CHOICES, clean, "mask thresholds")
 
 
 def read_config(path):
