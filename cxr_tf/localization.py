@@ -64,6 +64,24 @@ def validate_map_kind(map_kind):
     return map_kind
 
 
+def _is_count(value, minimum):
+    # numbers.Integral: NumPy ints (from array shapes) count; bools do not.
+    return (
+        isinstance(value, numbers.Integral)
+        and not isinstance(value, bool)
+        and value >= minimum
+    )
+
+
+def _check_optional_count(name, value, minimum):
+    """Raises ValueError unless `value` is None or an int >= `minimum` (0 or 1)."""
+    if value is not None and not _is_count(value, minimum):
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(
+            f"`{name}` must be None or a {kind} int. Received: {name}={value!r}"
+        )
+
+
 def _validate_image_hw(image_hw):
     try:
         height, width = image_hw
@@ -73,11 +91,7 @@ def _validate_image_hw(image_hw):
             f"Received: image_hw={image_hw!r}"
         ) from None
     for value in (height, width):
-        if (
-            not isinstance(value, numbers.Integral)
-            or isinstance(value, bool)
-            or value < 1
-        ):
+        if not _is_count(value, 1):
             raise ValueError(
                 "`image_hw` must be a pair (height, width) of positive ints. "
                 f"Received: image_hw={image_hw!r}"
@@ -108,17 +122,9 @@ def working_hw(image_hw, work_size=None):
       ValueError: `work_size` is not None or a positive int.
     """
     height, width = image_hw
+    _check_optional_count("work_size", work_size, 1)
     if work_size is None:
         return height, width
-    if (
-        not isinstance(work_size, numbers.Integral)
-        or isinstance(work_size, bool)
-        or work_size < 1
-    ):
-        raise ValueError(
-            "`work_size` must be None or a positive int. "
-            f"Received: work_size={work_size!r}"
-        )
     longer = max(height, width)
     if longer <= work_size:
         return height, width
@@ -288,15 +294,7 @@ def extract_boxes(
         raise ValueError(
             f"`threshold` must be a finite number. Received: threshold={threshold!r}"
         )
-    if max_boxes is not None and (
-        not isinstance(max_boxes, numbers.Integral)
-        or isinstance(max_boxes, bool)
-        or max_boxes < 0
-    ):
-        raise ValueError(
-            "`max_boxes` must be None or a non-negative int. "
-            f"Received: max_boxes={max_boxes!r}"
-        )
+    _check_optional_count("max_boxes", max_boxes, 0)
     work_hw = working_hw(image_hw, work_size)
 
     if map_kind == "cam":
