@@ -195,8 +195,19 @@ def run_pipeline(config):
 def _run_steps(config, progress, artifacts, report):
     root = config.pipeline_root
 
-    def force(step):
-        return config.force or step in config.force_steps
+    def step(name, fn, params, inputs=None, **kwargs):
+        # The step's name keys its cache, its code (SOURCES) and --force_steps.
+        artifacts[name] = progress.run(
+            root,
+            name,
+            fn,
+            params,
+            inputs or {},
+            force=config.force or name in config.force_steps,
+            sources=SOURCES[name],
+            **kwargs,
+        )
+        return artifacts[name]
 
     if config.synthetic_patients:
         params = {
@@ -212,17 +223,7 @@ def _run_steps(config, progress, artifacts, report):
             )
             return {"data_dir": out}
 
-        raw = progress.run(
-            root,
-            "synthetic",
-            make_data,
-            params,
-            {},
-            force=force("synthetic"),
-            sources=SOURCES["synthetic"],
-        )
-        artifacts["synthetic"] = raw
-        data_dir = raw.uri
+        data_dir = step("synthetic", make_data, params).uri
     elif config.data_dir:
         if not pathlib.Path(config.data_dir).is_dir():
             raise FileNotFoundError(f"--data_dir does not exist: {config.data_dir}")
@@ -257,50 +258,32 @@ def _run_steps(config, progress, artifacts, report):
         )
         return {"examples_dir": out}
 
-    examples = progress.run(
-        root,
-        "ingest",
-        ingest,
-        ingest_params,
-        {},
-        force=force("ingest"),
-        sources=SOURCES["ingest"],
-    )
-    artifacts["ingest"] = examples
+    examples = step("ingest", ingest, ingest_params)
 
-    stats = progress.run(
-        root,
+    stats = step(
         "statistics",
         lambda out, examples: statistics.run_statistics(
             out, examples.uri, config.image_size, config.schema, config.beam_args
         ),
         {"image_size": config.image_size, "schema": config.schema},
         {"examples": examples},
-        force=force("statistics"),
-        sources=SOURCES["statistics"],
     )
-    artifacts["statistics"] = stats
 
     train_params = {
         "flags": train.read_flagfile(config.train_flagfile),
         "overrides": list(config.train_args),
     }
-    model = progress.run(
-        root,
+    model = step(
         "train",
         lambda out, examples, statistics: train.run_train(
             out, examples, config.train_flagfile, config.train_args
         ),
         train_params,
         {"examples": examples, "statistics": stats},
-        force=force("train"),
-        sources=SOURCES["train"],
         keep=True,
     )
-    artifacts["train"] = model
 
-    evaluation = progress.run(
-        root,
+    evaluation = step(
         "evaluate",
         lambda out, model, examples: evaluate.run_evaluate(
             out,
@@ -319,13 +302,9 @@ def _run_steps(config, progress, artifacts, report):
             "evaluate_args": list(config.evaluate_args),
         },
         {"model": model, "examples": examples},
-        force=force("evaluate"),
-        sources=SOURCES["evaluate"],
     )
-    artifacts["evaluate"] = evaluation
 
-    pushed = progress.run(
-        root,
+    pushed = step(
         "push",
         lambda out, model, evaluation: push.run_push(
             out, model, evaluation, config.serving_model_dir, config.export_args
@@ -335,10 +314,7 @@ def _run_steps(config, progress, artifacts, report):
             "export_args": list(config.export_args),
         },
         {"model": model, "evaluation": evaluation},
-        force=force("push"),
-        sources=SOURCES["push"],
     )
-    artifacts["push"] = pushed
 
     report.update(
         evaluation=evaluation.outputs.get("summary"),
