@@ -90,11 +90,21 @@ def run(main, flags_parser=None):
 
     Args:
       main: the command's `main(argv)`.
-      flags_parser: as in `app.run` (e.g. `known_only` parsing for commands
+      flags_parser: as in `app.run` (e.g. `parse_known_flags` for commands
         that pass unknown flags on to Beam).
     """
     parser = flags_parser or (lambda argv: flags.FLAGS(argv))
     app.run(_wrap(main), flags_parser=lambda argv: _parse(parser, argv))
+
+
+def parse_known_flags(argv):
+    """The `flags_parser` of commands that pass flags they do not define on.
+
+    Returns:
+      argv without the flags this program defines: the program name, then
+      the unknown flags (Beam pipeline options, a step's extra flags).
+    """
+    return flags.FLAGS(argv, known_only=True)
 
 
 def precheck(check, argv=None, flags_parser=None):

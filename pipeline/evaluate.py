@@ -187,4 +187,4 @@ if __name__ == "__main__":
     _MIN_AUC = flags.DEFINE_float("min_mean_auc", None, "Mean AUC floor.")
     _MIN_LOC = flags.DEFINE_float("min_localization_accuracy", None, "Loc. floor.")
     flags.mark_flags_as_required(["model_dir", "examples_dir", "output_dir"])
-    cli.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
+    cli.run(main, flags_parser=cli.parse_known_flags)

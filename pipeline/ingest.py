@@ -117,11 +117,6 @@ def config_from_flags():
     )
 
 
-def _parse_flags(argv):
-    # Unknown flags are Beam pipeline options: keep them for the runner.
-    return flags.FLAGS(argv, known_only=True)
-
-
 def check_paths():
     """Checks the input tables and folders before Beam and TF load."""
     cli.check_dir(
@@ -169,4 +164,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, flags_parser=_parse_flags)
+    # Unknown flags are Beam pipeline options: kept for the runner.
+    cli.run(main, flags_parser=cli.parse_known_flags)

@@ -103,4 +103,4 @@ if __name__ == "__main__":
     _SERVING_MODEL_DIR = flags.DEFINE_string("serving_model_dir", None, "Base path.")
     _OUTPUT_DIR = flags.DEFINE_string("output_dir", ".", "Where to write logs.")
     flags.mark_flags_as_required(["model_dir", "blessing", "serving_model_dir"])
-    cli.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
+    cli.run(main, flags_parser=cli.parse_known_flags)

@@ -455,4 +455,4 @@ def main(argv):
     # line. Any other step failure is a bug and keeps its traceback.
 
 if __name__ == "__main__":
-    cli.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
+    cli.run(main, flags_parser=cli.parse_known_flags)

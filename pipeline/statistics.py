@@ -498,4 +498,4 @@ if __name__ == "__main__":
     _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Expected longer side.")
     _SCHEMA = flags.DEFINE_string("schema", None, "A curated schema JSON.")
     flags.mark_flags_as_required(["examples_dir", "output_dir"])
-    cli.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
+    cli.run(main, flags_parser=cli.parse_known_flags)

@@ -74,4 +74,4 @@ if __name__ == "__main__":
     _FLAGFILE_TRAIN = flags.DEFINE_string("flagfile_train", None, "Training flagfile.")
     _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Model dir.")
     flags.mark_flags_as_required(["examples_dir", "flagfile_train", "output_dir"])
-    cli.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
+    cli.run(main, flags_parser=cli.parse_known_flags)
