@@ -139,33 +139,36 @@ def run_demo(output_dir):
     synthetic = os.path.join(output_dir, "synthetic")
     records = os.path.join(output_dir, "records")
     timings = {}
-    skip = _SKIP_EXISTING.value
 
-    if not (skip and os.path.isfile(os.path.join(synthetic, "test_list.txt"))):
-        timings["synthetic"] = _run(
-            "synthetic",
-            [
-                "cxr_tf.data.synthetic",
-                f"--output_dir={synthetic}",
-                f"--num_patients={_NUM_PATIENTS.value}",
-                f"--image_size={_FILM_SIZE.value}",
-                f"--seed={_SEED.value}",
-                f"--num_workers={os.cpu_count() or 1}",
-            ],
-            logs,
-        )
-    if not (skip and os.path.isfile(os.path.join(records, "ingest_report.json"))):
-        timings["ingest"] = _run(
-            "ingest",
-            [
-                "pipeline.ingest",
-                f"--data_dir={synthetic}",
-                f"--output_dir={records}",
-                f"--image_size={_INGEST_SIZE.value}",
-                "--overwrite",
-            ],
-            logs,
-        )
+    def stage(step, args, done=None):
+        # `done`: the file a finished run of the step leaves; with
+        # --skip_existing, a step whose file exists is not run again.
+        if not (done and _SKIP_EXISTING.value and os.path.isfile(done)):
+            timings[step] = _run(step, args, logs)
+
+    stage(
+        "synthetic",
+        [
+            "cxr_tf.data.synthetic",
+            f"--output_dir={synthetic}",
+            f"--num_patients={_NUM_PATIENTS.value}",
+            f"--image_size={_FILM_SIZE.value}",
+            f"--seed={_SEED.value}",
+            f"--num_workers={os.cpu_count() or 1}",
+        ],
+        done=os.path.join(synthetic, "test_list.txt"),
+    )
+    stage(
+        "ingest",
+        [
+            "pipeline.ingest",
+            f"--data_dir={synthetic}",
+            f"--output_dir={records}",
+            f"--image_size={_INGEST_SIZE.value}",
+            "--overwrite",
+        ],
+        done=os.path.join(records, "ingest_report.json"),
+    )
 
     runs = {"pcam": [], "lse": ["--pooling=lse"]}
     if _LSE_OPTIONS.value:
@@ -175,21 +178,20 @@ def run_demo(output_dir):
     for name, args in runs.items():
         model_dir = os.path.join(output_dir, f"model_{name}")
         eval_dir = os.path.join(output_dir, f"eval_{name}")
-        if not (skip and os.path.isfile(os.path.join(model_dir, "model.keras"))):
-            timings[f"train_{name}"] = _run(
-                f"train_{name}",
-                [
-                    "cxr_tf.train",
-                    f"--flagfile={_TRAIN_FLAGFILE.value}",
-                    f"--data_dir={records}",
-                    f"--model_dir={model_dir}",
-                    "--verbose=2",
-                    *args,
-                    *extra,
-                ],
-                logs,
-            )
-        timings[f"evaluate_{name}"] = _run(
+        stage(
+            f"train_{name}",
+            [
+                "cxr_tf.train",
+                f"--flagfile={_TRAIN_FLAGFILE.value}",
+                f"--data_dir={records}",
+                f"--model_dir={model_dir}",
+                "--verbose=2",
+                *args,
+                *extra,
+            ],
+            done=os.path.join(model_dir, "model.keras"),
+        )
+        stage(
             f"evaluate_{name}",
             [
                 "cxr_tf.evaluate",
@@ -197,7 +199,6 @@ def run_demo(output_dir):
                 f"--data_dir={records}",
                 f"--output_dir={eval_dir}",
             ],
-            logs,
         )
         with open(os.path.join(eval_dir, "metrics.json")) as f:
             metrics = json.load(f)
@@ -208,7 +209,7 @@ def run_demo(output_dir):
     # the best validation epoch), and carry its metrics on the model card.
     pcam_model = evaluated["pcam"]
     if _EXPORT.value:
-        timings["export"] = _run(
+        stage(
             "export",
             [
                 "cxr_tf.export",
@@ -218,11 +219,10 @@ def run_demo(output_dir):
                 "--version=1",
                 "--overwrite",
             ],
-            logs,
         )
     films = _boxed_test_images(synthetic, _NUM_OVERLAYS.value)
     if films:
-        timings["overlays"] = _run(
+        stage(
             "overlays",
             [
                 "cxr_tf.predict",
@@ -232,7 +232,6 @@ def run_demo(output_dir):
                 f"--bbox_list={os.path.join(synthetic, 'BBox_List_2017.csv')}",
                 *films,
             ],
-            logs,
         )
 
     pcam, lse = results["pcam"], results["lse"]
