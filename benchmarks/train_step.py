@@ -213,26 +213,30 @@ def main(argv):
         "warmup_steps": _WARMUP_STEPS.value,
     }
     per_model = [{} for _ in models]
-    if _TRAIN.value:
-        fns = [
-            (lambda m=m: m.train_on_batch(images, targets, return_dict=True))
-            for m in models
-        ]
+
+    def time_steps(kind, fns):
+        # The models' steps interleaved; figures under "<kind>_..." per model.
         first, timed, cpu = _common.run_interleaved(
             fns, _WARMUP_STEPS.value, _STEPS.value
         )
         for out, f, ms, cpu_ms in zip(per_model, first, timed, cpu):
-            out.update(_common.summarize("train", ms, batch, cpu_ms))
-            out["train_first_step_s"] = round(f / 1000.0, 1)
+            out.update(_common.summarize(kind, ms, batch, cpu_ms))
+            out[f"{kind}_first_step_s"] = round(f / 1000.0, 1)
+        return timed
+
+    if _TRAIN.value:
+        timed = time_steps(
+            "train",
+            [
+                (lambda m=m: m.train_on_batch(images, targets, return_dict=True))
+                for m in models
+            ],
+        )
         logging.info("Training steps done (ms): %s", timed)
     if _INFER.value:
-        fns = [(lambda m=m: m.predict_on_batch(images)) for m in models]
-        first, timed, cpu = _common.run_interleaved(
-            fns, _WARMUP_STEPS.value, _STEPS.value
+        timed = time_steps(
+            "infer", [(lambda m=m: m.predict_on_batch(images)) for m in models]
         )
-        for out, f, ms, cpu_ms in zip(per_model, first, timed, cpu):
-            out.update(_common.summarize("infer", ms, batch, cpu_ms))
-            out["infer_first_step_s"] = round(f / 1000.0, 1)
         logging.info("Inference steps done (ms): %s", timed)
     load_end = os.getloadavg()
     if _FLOPS.value:
