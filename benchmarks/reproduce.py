@@ -1041,15 +1041,26 @@ def make_figures(settings, source, work_dir, output_dir, evaluations):
         )
 
     written = []
+
+    def new_grid(num_columns):
+        # One row per chosen film: the truth, then one panel per column.
+        fig = mpl_figure.Figure(figsize=(3.0 * (1 + num_columns), 3.1 * len(chosen)))
+        backend_agg.FigureCanvasAgg(fig)
+        return fig, fig.subplots(len(chosen), 1 + num_columns, squeeze=False)
+
+    def save(fig, title, name):
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(output_dir / name, dpi=90)
+        written.append(name)
+
     columns = []
     if "lse" in settings["poolings"]:
         columns.append(("lse", "LSE CAM (>=180)", 180.0))
     if "pcam" in settings["poolings"]:
         columns.append(("pcam", "PCAM map (>=0.9)", 0.9))
     if columns:
-        fig = mpl_figure.Figure(figsize=(3.0 * (1 + len(columns)), 3.1 * len(chosen)))
-        backend_agg.FigureCanvasAgg(fig)
-        grid = fig.subplots(len(chosen), 1 + len(columns), squeeze=False)
+        fig, grid = new_grid(len(columns))
         for row, (image_id, finding) in enumerate(chosen):
             truth = [b for boxes in gt.get(image_id, {}).values() for b in boxes]
             names = ", ".join(sorted(gt.get(image_id, {})))
@@ -1058,13 +1069,11 @@ def make_figures(settings, source, work_dir, output_dir, evaluations):
             )
             for col, (run, label, threshold) in enumerate(columns, 1):
                 panel(grid[row, col], row, run, "model", label, threshold)
-        fig.suptitle(
+        save(
+            fig,
             "Truth boxes green, predicted boxes blue (shown finding's boxes only)",
-            fontsize=9,
+            FIGURE2,
         )
-        fig.tight_layout()
-        fig.savefig(output_dir / FIGURE2, dpi=90)
-        written.append(FIGURE2)
 
     columns = []
     if settings["gradcam_run"]:
@@ -1079,9 +1088,7 @@ def make_figures(settings, source, work_dir, output_dir, evaluations):
             )
         )
     if columns:
-        fig = mpl_figure.Figure(figsize=(3.0 * (1 + len(columns)), 3.1 * len(chosen)))
-        backend_agg.FigureCanvasAgg(fig)
-        grid = fig.subplots(len(chosen), 1 + len(columns), squeeze=False)
+        fig, grid = new_grid(len(columns))
         for row, (image_id, finding) in enumerate(chosen):
             _draw(
                 grid[row, 0],
@@ -1094,13 +1101,11 @@ def make_figures(settings, source, work_dir, output_dir, evaluations):
                     evaluations.get(eval_name, {}).get("mask", {}).get("threshold")
                 )
                 panel(grid[row, col], row, run, source, label, None, mask_threshold)
-        fig.suptitle(
+        save(
+            fig,
             "Maps with the validation-chosen mask threshold (white contour)",
-            fontsize=9,
+            INFOMASK_FIGURE,
         )
-        fig.tight_layout()
-        fig.savefig(output_dir / INFOMASK_FIGURE, dpi=90)
-        written.append(INFOMASK_FIGURE)
     return {"files": written, "images": [list(c) for c in chosen]}
 
 
