@@ -1,4 +1,4 @@
-"""Config dataclasses <-> the JSON dicts of config.json."""
+"""Config dataclasses <-> the JSON dicts of config.json, and their int check."""
 
 import dataclasses
 
@@ -24,3 +24,33 @@ def from_dict(cls, d):
             f"expected a subset of {sorted(fields)}"
         )
     return cls(**d)
+
+
+def check_int(name, value, minimum=1, optional=False, error=ValueError):
+    """Raises `error` unless `value` is an int >= `minimum` (or None if `optional`).
+
+    The one check of the config dataclasses' count fields, so each names the
+    field and the value the same way. A bool is refused: True is no count.
+
+    Args:
+      name: the field's name.
+      value: its value.
+      minimum: the smallest value allowed.
+      optional: whether None is allowed.
+      error: the exception class (`errors.UserValueError` where the config
+        is built from a user's flags).
+
+    Raises:
+      error: "`name` must be [None or ]a positive int. Received: name=value"
+        ("a non-negative int" for minimum 0, "an int >= minimum" otherwise).
+    """
+    if optional and value is None:
+        return
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+        return
+    kind = {0: "a non-negative int", 1: "a positive int"}.get(
+        minimum, f"an int >= {minimum}"
+    )
+    if optional:
+        kind = f"None or {kind}"
+    raise error(f"`{name}` must be {kind}. Received: {name}={value!r}")

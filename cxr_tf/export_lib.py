@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from cxr_tf import config_dict
 from cxr_tf import errors
 from cxr_tf import localization
 from cxr_tf import localization_graph
@@ -95,20 +96,8 @@ class ExportConfig:
             object.__setattr__(
                 self, "class_thresholds", tuple(sorted(self.class_thresholds.items()))
             )
-        if self.version is not None and (
-            not isinstance(self.version, int)
-            or isinstance(self.version, bool)
-            or self.version < 1
-        ):
-            raise ValueError(
-                "`version` must be None or a positive int. "
-                f"Received: version={self.version!r}"
-            )
-        if not isinstance(self.max_boxes, int) or self.max_boxes < 1:
-            raise ValueError(
-                "`max_boxes` must be a positive int. "
-                f"Received: max_boxes={self.max_boxes!r}"
-            )
+        config_dict.check_int("version", self.version, optional=True)
+        config_dict.check_int("max_boxes", self.max_boxes)
         if self.threshold is not None and not np.isfinite(self.threshold):
             raise ValueError(
                 f"`threshold` must be a finite number. Received: {self.threshold!r}"

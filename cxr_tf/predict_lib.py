@@ -16,6 +16,7 @@ import numpy as np
 from scipy import special
 
 from cxr_tf import choices
+from cxr_tf import config_dict
 from cxr_tf import localization
 from cxr_tf.data import preprocess
 from cxr_tf.data import schema
@@ -373,11 +374,7 @@ class PredictConfig:
                 "`num_workers` must be an int >= 0 (0: one per CPU core). "
                 f"Received: num_workers={self.num_workers!r}"
             )
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(
-                "`batch_size` must be a positive int. "
-                f"Received: batch_size={self.batch_size!r}"
-            )
+        config_dict.check_int("batch_size", self.batch_size)
 
 
 def prediction_record(

@@ -24,6 +24,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import numpy as np
 import tensorflow as tf
 
+from cxr_tf import config_dict
 from cxr_tf import errors
 from cxr_tf.data import images
 from cxr_tf.data import metadata
@@ -133,11 +134,9 @@ class IngestConfig:
                     f"`{name}` must be a non-empty path. Received: {name}={value!r}"
                 )
         for name in ("image_size", "images_per_shard", "num_workers", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise errors.UserValueError(
-                    f"`{name}` must be a non-negative int. Received: {name}={value!r}"
-                )
+            config_dict.check_int(
+                name, getattr(self, name), 0, error=errors.UserValueError
+            )
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise errors.UserValueError(
                 "`max_skip_fraction` must be in [0, 1]. "

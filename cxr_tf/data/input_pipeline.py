@@ -7,6 +7,7 @@ import re
 
 import tensorflow as tf
 
+from cxr_tf import config_dict
 from cxr_tf.data import preprocess
 from cxr_tf.data import schema
 from cxr_tf.data import tfrecord
@@ -64,24 +65,10 @@ class InputConfig:
 
     def __post_init__(self):
         for name in ("image_size", "batch_size", "max_boxes", "read_buffer_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(
-                    f"`{name}` must be a positive int. Received: {name}={value!r}"
-                )
+            config_dict.check_int(name, getattr(self, name))
         for name in ("shuffle_buffer", "private_threadpool_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(
-                    f"`{name}` must be a non-negative int. Received: {name}={value!r}"
-                )
-        if self.cycle_length is not None and (
-            not isinstance(self.cycle_length, int) or self.cycle_length < 1
-        ):
-            raise ValueError(
-                "`cycle_length` must be None or a positive int. "
-                f"Received: cycle_length={self.cycle_length!r}"
-            )
+            config_dict.check_int(name, getattr(self, name), 0)
+        config_dict.check_int("cycle_length", self.cycle_length, optional=True)
         if not isinstance(self.normalization, schema.Normalization) or not (
             self.normalization.std > 0
         ):

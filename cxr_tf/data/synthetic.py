@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from cxr_tf import config_dict
 from cxr_tf.data import _phantom
 from cxr_tf.data import schema
 
@@ -118,16 +119,8 @@ class SyntheticConfig:
     num_workers: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.num_patients, int) or self.num_patients < 1:
-            raise ValueError(
-                "`num_patients` must be a positive int. "
-                f"Received: num_patients={self.num_patients!r}"
-            )
-        if not isinstance(self.image_size, int) or self.image_size < 32:
-            raise ValueError(
-                "`image_size` must be an int >= 32. "
-                f"Received: image_size={self.image_size!r}"
-            )
+        config_dict.check_int("num_patients", self.num_patients)
+        config_dict.check_int("image_size", self.image_size, 32)
         if not 1.0 <= self.images_per_patient <= 20.0:
             raise ValueError(
                 "`images_per_patient` must be in [1, 20]. "
@@ -139,11 +132,7 @@ class SyntheticConfig:
                 "`test_fraction` must be in [0, 1). "
                 f"Received: test_fraction={self.test_fraction!r}"
             )
-        if not isinstance(self.num_workers, int) or self.num_workers < 1:
-            raise ValueError(
-                "`num_workers` must be a positive int. "
-                f"Received: num_workers={self.num_workers!r}"
-            )
+        config_dict.check_int("num_workers", self.num_workers)
 
 
 @dataclasses.dataclass(frozen=True)
