@@ -1283,10 +1283,20 @@ def _compare(ours_a, ours_b, noise):
     return f"{'higher' if diff > 0 else 'lower'} ({diff:+.3f})"
 
 
+def _test_counts(data):
+    """The Data bullets' end: test boxes and test positives per finding."""
+    boxes = data["test_boxes"]
+    return (
+        ", ".join(f"{ABBREVIATIONS[f]} {boxes[f]}" for f in schema.BOXED_FINDINGS)
+        + f" ({sum(boxes.values())} in all). Test positives per finding: "
+        + ", ".join(f"{f} {data['test_positives'][f]}" for f in schema.FINDINGS)
+        + ".\n"
+    )
+
+
 def _setup_synthetic(w, s, data, backbone, map_cells):
     """The Setup bullets on data and training of a synthetic-data run."""
     written = data.get("written") or {}
-    boxes = data["test_boxes"]
     w(
         f"- **Data**: `python -m cxr_tf.data.synthetic --num_patients="
         f"{s['num_patients']} --image_size={s['data_image_size']} --seed="
@@ -1301,10 +1311,7 @@ def _setup_synthetic(w, s, data, backbone, map_cells):
         f"{written.get('train', '?')} train / {written.get('val', '?')} val / "
         f"{written.get('test', '?')} test films, split by patient. Test boxes "
         "per finding: "
-        + ", ".join(f"{ABBREVIATIONS[f]} {boxes[f]}" for f in schema.BOXED_FINDINGS)
-        + f" ({sum(boxes.values())} in all). Test positives per finding: "
-        + ", ".join(f"{f} {data['test_positives'][f]}" for f in schema.FINDINGS)
-        + ".\n"
+        + _test_counts(data)
     )
     n_train = max(written.get("train", 1), 1)
     # Results written before the InfoMask budget existed used one budget.
@@ -1339,7 +1346,6 @@ def _setup_real(w, results):
     """The Setup bullets of a run on ChestX-ray14: tables, split, each run's config."""
     s, data = results["settings"], results["data"]
     written = data.get("written") or {}
-    boxes = data["test_boxes"]
     tables = ", ".join(
         f"{k} `{os.path.basename(v)}`" for k, v in data["tables"].items() if v
     )
@@ -1350,10 +1356,7 @@ def _setup_real(w, results):
         f"{written.get('train', 0)} train / {written.get('val', 0)} val / "
         f"{written.get('test', 0)} test films. Test boxes (NIH, BBox_List) per "
         "finding: "
-        + ", ".join(f"{ABBREVIATIONS[f]} {boxes[f]}" for f in schema.BOXED_FINDINGS)
-        + f" ({sum(boxes.values())} in all). Test positives per finding: "
-        + ", ".join(f"{f} {data['test_positives'][f]}" for f in schema.FINDINGS)
-        + ".\n"
+        + _test_counts(data)
     )
     for note in data.get("notes", []):
         w(f"- {note}\n")
