@@ -17,6 +17,7 @@ Every command ends with `cli.run(main)` instead of `absl.app.run(main)`:
 """
 
 import atexit
+import contextlib
 import logging as std_logging
 import os
 import re
@@ -213,6 +214,28 @@ def make_config(cls, **fields):
         return cls(**fields)
     except ValueError as e:
         raise errors.UserValueError(str(e), "flags", "see --helpfull") from None
+
+
+@contextlib.contextmanager
+def user_errors(kinds, where, fix, error=errors.UserFileError):
+    """Turns a library's exception of `kinds` into a one-line user error.
+
+    An exception of `kinds` raised inside the block becomes
+    `error(str(e), where, fix)`; one that already is a `UserError` (it names
+    its own flag or file) passes unchanged, and so does any other exception.
+
+    Args:
+      kinds: an exception class or a tuple of them.
+      where: the flag or file the mistake concerns (e.g. "--model=m").
+      fix: how to fix it.
+      error: the `UserError` class to raise.
+    """
+    try:
+        yield
+    except errors.UserError:
+        raise
+    except kinds as e:
+        raise error(str(e), where, fix) from None
 
 
 # ---------------------------------------------------------------------------

@@ -120,18 +120,19 @@ def main(argv):
         overwrite=_OVERWRITE.value,
     )
     logging.info("Export config: %s", json.dumps(config.to_dict(), sort_keys=True))
-    try:
+    with (
+        cli.user_errors(
+            (FileNotFoundError, ValueError),
+            f"--model={_MODEL.value}",
+            "give a folder written by `cxr_tf.train`",
+        ),
+        cli.user_errors(
+            FileExistsError,
+            f"--export_dir={_EXPORT_DIR.value}",
+            "pass --overwrite or another --version",
+        ),
+    ):
         path = export_lib.export_saved_model(config)
-    except FileExistsError as e:
-        raise errors.UserFileError(
-            str(e), f"--export_dir={_EXPORT_DIR.value}", "pass --overwrite or another --version"
-        ) from None
-    except (FileNotFoundError, ValueError) as e:
-        if isinstance(e, errors.UserError):
-            raise
-        raise errors.UserFileError(
-            str(e), f"--model={_MODEL.value}", "give a folder written by `cxr_tf.train`"
-        ) from None
     print(path)
     return 0
 

@@ -12,7 +12,6 @@ from absl import flags
 
 from cxr_tf import choices
 from cxr_tf import cli
-from cxr_tf import errors
 from cxr_tf import model_dir
 
 _MODEL = flags.DEFINE_string("model", None, "Model directory or .keras file.")
@@ -96,14 +95,10 @@ def main(argv):
         resume=_RESUME.value,
         num_workers=_NUM_WORKERS.value,
     )
-    try:
+    with cli.user_errors(
+        FileNotFoundError, " ".join(inputs), "give PNG, JPEG or DICOM files or folders"
+    ):
         summary = predict_lib.predict(config, inputs)
-    except FileNotFoundError as e:
-        if isinstance(e, errors.UserError):
-            raise
-        raise errors.UserFileError(
-            str(e), " ".join(inputs), "give PNG, JPEG or DICOM files or folders"
-        ) from None
     for item in summary["failed"]:
         print(f"SKIPPED {item['image']}: {item['reason']}", file=sys.stderr)
     print(json.dumps({k: summary[k] for k in ("predicted", "predictions")}))

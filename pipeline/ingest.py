@@ -137,19 +137,19 @@ def main(argv):
     pipeline_args = argv[1:]
     config = config_from_flags()
     logging.info("Beam pipeline options: %s", pipeline_args)
+    where = f"--data_dir={_DATA_DIR.value}"
     try:
-        report = ingest.run_ingest(config, pipeline_args=pipeline_args)
+        with (
+            cli.user_errors(FileNotFoundError, where, "check the tables"),
+            cli.user_errors(FileExistsError, where, "pass --overwrite"),
+        ):
+            report = ingest.run_ingest(config, pipeline_args=pipeline_args)
     except ingest.SkipFractionExceededError as e:
         raise errors.UserValueError(
             f"ingest failed: {e}",
             os.path.join(_OUTPUT_DIR.value, "ingest_report.json"),
             "see the report's skipped rows, or raise --max_skip_fraction",
         ) from None
-    except (ingest.AmbiguousTableError, FileNotFoundError, FileExistsError) as e:
-        if isinstance(e, errors.UserError):
-            raise
-        fix = "pass --overwrite" if isinstance(e, FileExistsError) else "check the tables"
-        raise errors.UserFileError(str(e), f"--data_dir={_DATA_DIR.value}", fix) from None
     summary = {
         key: report[key]
         for key in (

@@ -443,14 +443,13 @@ def main(argv):
         beam_args=beam_args,
     )
     logging.info("pipeline config: %s", json.dumps(dataclasses.asdict(config)))
-    try:
+    with cli.user_errors(
+        base.AnomaliesFoundError,
+        _PIPELINE_ROOT.value,
+        "fix the data or pass a curated --schema",
+        errors.UserValueError,
+    ):
         run_pipeline(config)
-    except base.AnomaliesFoundError as e:
-        if isinstance(e, errors.UserError):
-            raise
-        raise errors.UserValueError(
-            str(e), _PIPELINE_ROOT.value, "fix the data or pass a curated --schema"
-        ) from None
     # A step the user can fix raises base.StepUserError, a UserError: one
     # line. Any other step failure is a bug and keeps its traceback.
 

@@ -380,3 +380,23 @@ def test_real_tensorflow_imports_after_the_client_protos(tmp_path):
     proc, _ = _run(["-c", _CLIENT_IMPORTS, "real"], cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[-1] == "4.0"
+
+
+def test_user_errors_turns_a_library_error_into_one_user_error():
+    from cxr_tf import cli
+    from cxr_tf import errors
+
+    with pytest.raises(errors.UserFileError) as info:
+        with cli.user_errors(FileNotFoundError, "--model=m", "give a model"):
+            raise FileNotFoundError("no config.json in m")
+    assert info.value.line() == "no config.json in m (--model=m): give a model"
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+    own = errors.UserValueError("bad row 3", "table.csv", "fix the row")
+    with pytest.raises(errors.UserValueError) as info:
+        with cli.user_errors(ValueError, "--model=m", "give a model"):
+            raise own
+    assert info.value is own
+    with pytest.raises(KeyError):
+        with cli.user_errors(ValueError, "--m", "fix", errors.UserValueError):
+            raise KeyError("a bug keeps its type")
