@@ -127,10 +127,9 @@ class TrainConfig:
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         check_choice("jit_compile", self.jit_compile, JIT_COMPILE)
         for name in ("batch_size", "epochs", "backup_every_steps"):
-            check_positive_int(name, getattr(self, name))
+            config_dict.check_int(name, getattr(self, name))
         for name in ("steps_per_epoch", "validation_steps"):
-            if getattr(self, name) is not None:
-                check_positive_int(name, getattr(self, name))
+            config_dict.check_int(name, getattr(self, name), optional=True)
         if not isinstance(self.num_cpu_devices, int) or self.num_cpu_devices < 0:
             raise ValueError(
                 "`num_cpu_devices` must be an int >= 0. "
@@ -195,11 +194,6 @@ def check_choice(name, value, choices):
         raise ValueError(
             f"`{name}` must be one of {choices}. Received: {name}={value!r}"
         )
-
-
-def check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
 
 
 def parse_options(items):

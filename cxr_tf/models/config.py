@@ -50,16 +50,8 @@ class ModelConfig:
                 f"`backbone` must be one of {tuple(choices.BACKBONE_REGISTRY)}. "
                 f"Received: backbone={self.backbone!r}"
             )
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(
-                "`num_classes` must be a positive int. "
-                f"Received: num_classes={self.num_classes!r}"
-            )
-        if not isinstance(self.image_size, int) or self.image_size < 32:
-            raise ValueError(
-                "`image_size` must be an int >= 32. "
-                f"Received: image_size={self.image_size!r}"
-            )
+        config_dict.check_int("num_classes", self.num_classes)
+        config_dict.check_int("image_size", self.image_size, minimum=32)
         if self.image_size % 32:
             raise ValueError(
                 "`image_size` must be a multiple of 32 (the backbones' stride). "
