@@ -1,5 +1,6 @@
 """Tests of benchmarks/reproduce.py: report pieces, and one tiny end-to-end run."""
 
+import hashlib
 import importlib.util
 import json
 import pathlib
@@ -114,6 +115,64 @@ def _results(reproduce):
         "figures": {"files": ["figure2.png"], "images": [["00000001_000.png", "Mass"]]},
         "noise": reproduce.noise_summary(evaluations, [1], 0),
     }
+
+
+def _real_results(reproduce):
+    """Results of a partial --smoke run on ChestX-ray14, for the real-data branches."""
+    results = _results(reproduce)
+    results["settings"].update(
+        data_dir="/data/cxr14", image_size=None, backbone="resnet34", smoke=True
+    )
+    results["complete"] = False
+    results["planned_runs"] = ["pcam", "lse", "pcam_seed1", "infomask_infomask", "max"]
+    results["machine"]["load_start"] = [3.0, 1.0, 1.0]
+    results["data"].update(
+        kind="chestxray14",
+        tables={
+            "data_entry": "/data/cxr14/Data_Entry_2017_v2020.csv",
+            "bbox_list": "/data/cxr14/BBox_List_2017.csv",
+            "train_val_list": None,
+            "test_list": "/data/cxr14/test_list.txt",
+        },
+        notes=["Two Data_Entry tables; the newest, Data_Entry_2017_v2020.csv, was used."],
+        test_positives={f: (0 if f == "Hernia" else 1) for f in schema.FINDINGS},
+        test_boxes={f: (0 if f == "Mass" else 2) for f in schema.BOXED_FINDINGS},
+    )
+    results["data_stages"] = {"ingest": {"wall_s": 14.1, "reused": True}}
+    pooling = {"backbone": "resnet34", "image_size": 1024, "batch_size": 36,
+               "epochs": 10, "learning_rate": 1e-4, "findings": list(schema.FINDINGS)}
+    for name in ("pcam", "pcam_seed1", "lse"):
+        results["runs"][name]["config"] = dict(pooling)
+    results["runs"]["infomask_infomask"].update(
+        backbone="infomask",
+        pooling="avg",
+        variant="infomask",
+        config={"backbone": "infomask", "image_size": 64, "batch_size": 4,
+                "epochs": 1, "steps_per_epoch": 2, "learning_rate": 1e-3,
+                "findings": ["Pneumonia"]},
+    )
+    results["figures"]["files"] = ["figure2.png", "infomask_maps.png"]
+    results["rerun"] = {"text": "Same-seed rerun: the command reproduces its numbers."}
+    return results
+
+
+# sha256 of the RESULTS.md that write_report writes from `_results` and
+# `_real_results`, taken from the code before the report left reproduce.py
+# (commit a8ed23c), so that move changed no byte. A deliberate change of the
+# report's text updates these.
+REPORT_SHA256 = {
+    "real": "0c0bc7ca59fc138159f4361d81deafbef343e16e984794e5a312a4ec2bb00253",
+    "synthetic": "2ce74427b4b3ac8103c07cfa86ad7f7a017aec8f8798b7c550675c9edcc518b8",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REPORT_SHA256))
+def test_report_text_is_unchanged(reproduce, tmp_path, kind):
+    results = (_real_results if kind == "real" else _results)(reproduce)
+    md = tmp_path / "docs" / "RESULTS.md"
+    reproduce.write_report(results, md, tmp_path / "docs" / "results")
+    text = md.read_text()
+    assert hashlib.sha256(text.encode()).hexdigest() == REPORT_SHA256[kind], text
 
 
 def test_noise_summary_spread(reproduce):
