@@ -1,4 +1,4 @@
-"""Tests of benchmarks/reproduce.py: report pieces, and one tiny end-to-end run."""
+"""Tests of benchmarks/reproduce.py and _reproduce_report.py; one end-to-end run."""
 
 import hashlib
 import importlib.util
@@ -20,6 +20,11 @@ SCRIPT = ROOT / "benchmarks" / "reproduce.py"
 @pytest.fixture(scope="module")
 def reproduce():
     return script_loader.load(SCRIPT, "reproduce")
+
+
+@pytest.fixture(scope="module")
+def report(reproduce):
+    return reproduce._reproduce_report
 
 
 def _evaluation(auc, acc05, afp05, iop, map_kind="probability"):
@@ -57,7 +62,7 @@ def _evaluation(auc, acc05, afp05, iop, map_kind="probability"):
     }
 
 
-def _results(reproduce):
+def _results(report):
     settings = {
         "seed": 0,
         "num_patients": 10,
@@ -113,13 +118,13 @@ def _results(reproduce):
         "runs": runs,
         "evaluations": evaluations,
         "figures": {"files": ["figure2.png"], "images": [["00000001_000.png", "Mass"]]},
-        "noise": reproduce.noise_summary(evaluations, [1], 0),
+        "noise": report.noise_summary(evaluations, [1], 0),
     }
 
 
-def _real_results(reproduce):
+def _real_results(report):
     """Results of a partial --smoke run on ChestX-ray14, for the real-data branches."""
-    results = _results(reproduce)
+    results = _results(report)
     results["settings"].update(
         data_dir="/data/cxr14", image_size=None, backbone="resnet34", smoke=True
     )
@@ -167,30 +172,30 @@ REPORT_SHA256 = {
 
 
 @pytest.mark.parametrize("kind", sorted(REPORT_SHA256))
-def test_report_text_is_unchanged(reproduce, tmp_path, kind):
-    results = (_real_results if kind == "real" else _results)(reproduce)
+def test_report_text_is_unchanged(report, tmp_path, kind):
+    results = (_real_results if kind == "real" else _results)(report)
     md = tmp_path / "docs" / "RESULTS.md"
-    reproduce.write_report(results, md, tmp_path / "docs" / "results")
+    report.write_report(results, md, tmp_path / "docs" / "results")
     text = md.read_text()
     assert hashlib.sha256(text.encode()).hexdigest() == REPORT_SHA256[kind], text
 
 
-def test_noise_summary_spread(reproduce):
-    results = _results(reproduce)
+def test_noise_summary_spread(report):
+    results = _results(report)
     noise = results["noise"]
     assert noise["runs"] == ["pcam", "pcam_seed1"]
     assert noise["spread"]["mean_auc"]["range"] == pytest.approx(0.02)
     assert noise["spread"]["mean_iobb_acc_0.5"]["range"] == pytest.approx(0.05)
     assert noise["per_class_auc_range"]["max"] == pytest.approx(0.02)
     assert (
-        reproduce.noise_summary({"pcam": results["evaluations"]["pcam"]}, [], 0) is None
+        report.noise_summary({"pcam": results["evaluations"]["pcam"]}, [], 0) is None
     )
 
 
-def test_report_tables_and_statements(reproduce, tmp_path):
-    results = _results(reproduce)
+def test_report_tables_and_statements(report, tmp_path):
+    results = _results(report)
     md = tmp_path / "RESULTS.md"
-    reproduce.write_report(results, md, tmp_path / "results")
+    report.write_report(results, md, tmp_path / "results")
     text = md.read_text()
     assert "python benchmarks/reproduce.py --output_dir=docs/results" in text
     # Table 2: the PCAM column's values and the paper's.
@@ -208,51 +213,51 @@ def test_report_tables_and_statements(reproduce, tmp_path):
     assert "Spread (max - min) between seeds: mean AUC 0.020" in text
 
 
-def test_report_keeps_hand_collected_section(reproduce, tmp_path):
-    results = _results(reproduce)
+def test_report_keeps_hand_collected_section(report, tmp_path):
+    results = _results(report)
     md = tmp_path / "RESULTS.md"
-    reproduce.write_report(results, md, tmp_path / "results")
+    report.write_report(results, md, tmp_path / "results")
     generated = md.read_text()
     hand = (
-        reproduce.HAND_COLLECTED_MARKER
+        report.HAND_COLLECTED_MARKER
         + " kept -->\n# Other measurements\n\n- demo: 7 min 25 s\n"
     )
     md.write_text(generated.replace("Reproducing", "Stale title") + "\n" + hand)
-    reproduce.write_report(results, md, tmp_path / "results")
+    report.write_report(results, md, tmp_path / "results")
     text = md.read_text()
     # The generated part is rewritten, the hand-collected tail is kept once.
     assert "Stale title" not in text
     assert text == generated + "\n" + hand
-    reproduce.write_report(results, md, tmp_path / "results")
+    report.write_report(results, md, tmp_path / "results")
     assert md.read_text() == text
 
 
-def test_report_of_the_repository_has_a_hand_collected_section(reproduce):
+def test_report_of_the_repository_has_a_hand_collected_section(report):
     text = (ROOT / "docs" / "RESULTS.md").read_text()
-    assert text.count(reproduce.HAND_COLLECTED_MARKER) == 1
+    assert text.count(report.HAND_COLLECTED_MARKER) == 1
     assert "# Other measurements (hand-collected)" in text
 
 
-def test_compare_within_noise(reproduce):
-    assert reproduce._compare(0.5, 0.49, 0.02).startswith("within the seed spread")
-    assert reproduce._compare(0.5, 0.4, 0.02) == "higher (+0.100)"
-    assert reproduce._compare(0.4, 0.5, None) == "lower (-0.100)"
-    assert reproduce._compare(None, 0.5, 0.1) == "n/a"
+def test_compare_within_noise(report):
+    assert report._compare(0.5, 0.49, 0.02).startswith("within the seed spread")
+    assert report._compare(0.5, 0.4, 0.02) == "higher (+0.100)"
+    assert report._compare(0.4, 0.5, None) == "lower (-0.100)"
+    assert report._compare(None, 0.5, 0.1) == "n/a"
 
 
-def test_rerun_summary(reproduce, tmp_path):
-    results = _results(reproduce)
+def test_rerun_summary(report, tmp_path):
+    results = _results(report)
     other = json.loads(json.dumps(results))
     other["evaluations"]["pcam"]["mean_auc"] = 0.80
     path = tmp_path / "results.json"
     path.write_text(json.dumps(other))
-    summary = reproduce.rerun_summary(results, path)
+    summary = report.rerun_summary(results, path)
     assert summary["differences"]["pcam"]["mean_auc"] == pytest.approx(0.01)
     assert "near, not on" in summary["text"]
     other["settings"]["steps"] = 99
     path.write_text(json.dumps(other))
     with pytest.raises(ValueError, match="steps"):
-        reproduce.rerun_summary(results, path)
+        report.rerun_summary(results, path)
 
 
 def test_accuracy_per_class(reproduce, tmp_path):
@@ -318,12 +323,12 @@ def test_smoke_run_end_to_end(tmp_path):
     assert md.read_text() == text
 
 
-def test_partial_report_names_missing_runs(reproduce, tmp_path):
-    results = _results(reproduce)
+def test_partial_report_names_missing_runs(report, tmp_path):
+    results = _results(report)
     results["complete"] = False
     results["planned_runs"] = ["pcam", "pcam_seed1", "lse", "infomask_infomask", "max"]
     md = tmp_path / "RESULTS.md"
-    reproduce.write_report(results, md, tmp_path / "results")
+    report.write_report(results, md, tmp_path / "results")
     assert "Partial results: 4 of 5 trainings finished" in md.read_text()
     assert "missing: max." in md.read_text()
 
@@ -354,14 +359,14 @@ def test_run_order_puts_headline_runs_first(reproduce):
     ]
 
 
-def test_report_says_when_classifiers_are_near_chance(reproduce, tmp_path):
-    results = _results(reproduce)
+def test_report_says_when_classifiers_are_near_chance(report, tmp_path):
+    results = _results(report)
     md = tmp_path / "RESULTS.md"
-    reproduce.write_report(results, md, tmp_path / "results")
+    report.write_report(results, md, tmp_path / "results")
     assert "near chance" not in md.read_text()
     for name in ("pcam", "lse"):
         results["evaluations"][name]["mean_auc"] = 0.52
-    reproduce.write_report(results, md, tmp_path / "results")
+    report.write_report(results, md, tmp_path / "results")
     assert "every pooling classifies near chance** (mean AUC 0.520" in md.read_text()
 
 
@@ -401,12 +406,12 @@ def test_real_train_argv_starts_from_the_papers_flagfiles(reproduce):
     assert not any(a.startswith("--pooling") for a in argv)
 
 
-def test_report_names_findings_without_positives(reproduce):
+def test_report_names_findings_without_positives(report):
     data = {
         "test_positives": {f: (0 if f == "Hernia" else 2) for f in schema.FINDINGS},
         "test_boxes": {f: (0 if f == "Mass" else 1) for f in schema.BOXED_FINDINGS},
     }
-    text = reproduce.missing_findings(data)
+    text = report.missing_findings(data)
     assert "no positive test film for Hernia (AUC undefined)" in text
     assert "no test box for Mass" in text
 
