@@ -118,12 +118,15 @@ def _conv_stack(inputs, layout, prefix, normalization, width=1.0):
     return x
 
 
-def _check_input_shape(input_shape):
+def _standalone(trunk, input_shape, input_name, name, normalization):
+    """`trunk` as a functional model, after checking `input_shape`."""
     if len(input_shape) != 3 or not input_shape[-1] or input_shape[-1] < 1:
         raise ValueError(
             "`input_shape` must be (height, width, channels) with channels >= 1. "
             f"Received: input_shape={input_shape!r}"
         )
+    inputs = keras.Input(shape=tuple(input_shape), name=input_name)
+    return keras.Model(inputs, trunk(inputs, normalization), name=name)
 
 
 def InfoMaskEncoder(  # noqa: N802
@@ -144,9 +147,7 @@ def InfoMaskEncoder(  # noqa: N802
     Raises:
       ValueError: bad `input_shape`.
     """
-    _check_input_shape(input_shape)
-    inputs = keras.Input(shape=tuple(input_shape), name="image")
-    return keras.Model(inputs, encoder_trunk(inputs, normalization), name=name)
+    return _standalone(encoder_trunk, input_shape, "image", name, normalization)
 
 
 def InfoMaskClassifier(  # noqa: N802
@@ -171,9 +172,9 @@ def InfoMaskClassifier(  # noqa: N802
     Raises:
       ValueError: bad `input_shape`.
     """
-    _check_input_shape(input_shape)
-    inputs = keras.Input(shape=tuple(input_shape), name="masked_image")
-    return keras.Model(inputs, classifier_trunk(inputs, normalization), name=name)
+    return _standalone(
+        classifier_trunk, input_shape, "masked_image", name, normalization
+    )
 
 
 def encoder_trunk(inputs, normalization=STABLE.normalization, width=1.0):
