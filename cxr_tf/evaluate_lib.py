@@ -822,28 +822,42 @@ def store_box_threshold(directory, data_dir, split="val", checkpoint="final",
     loaded = model_dir.load(directory, checkpoint)
     choice = choose_box_threshold(loaded, data_dir, split, batch_size, max_images)
     if choice is None:
-        logging.warning(
-            "No boxed %s image in %s: no box threshold chosen for %s; the "
-            "%s default %s applies.", split, data_dir, directory, loaded.map_kind,
-            localization.DEFAULT_THRESHOLDS[loaded.map_kind],
-        )
+        _warn_no_box_threshold(directory, data_dir, split, loaded.map_kind)
         return None
-    model_dir.write_box_thresholds(directory, {loaded.map_kind: choice["threshold"]})
-    logging.info(
-        "Box threshold %.2f chosen on %d boxed %s pairs (error %.4f), in %s",
-        choice["threshold"], choice["pairs"], split, choice["error"], directory,
-    )
+    _write_box_threshold(directory, loaded.map_kind, choice)
     return choice
 
 
+def _write_box_threshold(directory, map_kind, choice):
+    model_dir.write_box_thresholds(directory, {map_kind: choice["threshold"]})
+    logging.info(
+        "Box threshold %.2f chosen on %d boxed %s pairs (error %.4f), in %s",
+        choice["threshold"], choice["pairs"], choice["split"], choice["error"],
+        directory,
+    )
+
+
+def _warn_no_box_threshold(directory, data_dir, split, kind):
+    logging.warning(
+        "No boxed %s image in %s: no box threshold chosen for %s; the %s "
+        "default %s applies.", split, data_dir, directory, kind,
+        localization.DEFAULT_THRESHOLDS[kind],
+    )
+
+
 def store_mask_threshold_choices(directory, data_dir, split="val",
-                                 checkpoints=("final", "best"), batch_size=8):
+                                 checkpoints=("final", "best"), batch_size=8,
+                                 box_threshold_of=None):
     """Chooses the IoP threshold of each checkpoint on `split`, once, for evaluate.
 
     Training calls it when it ends, so that evaluate (of "best" by default)
     reads the choice instead of a second forward pass over the validation
     split. Each choice is tied to its checkpoint file's sha256 and to the
     split's record files (`model_dir.LoadedModel.mask_threshold_choice`).
+
+    The box threshold of a mask model follows the same rule on the same
+    split (`choose_box_threshold`), so `box_threshold_of` stores it from
+    this pass instead of a second one (`store_box_threshold`).
 
     Args:
       directory: the model directory.
@@ -852,24 +866,30 @@ def store_mask_threshold_choices(directory, data_dir, split="val",
       checkpoints: which checkpoints of `directory` (missing ones are skipped;
         files with equal bytes are chosen for once).
       batch_size: images per forward pass.
+      box_threshold_of: None, or the name in `checkpoints` whose choice also
+        becomes the model's box threshold (config.json `box_thresholds`);
+        nothing is written when its split has no boxed pair.
 
     Returns:
       The list of choices written (empty when the split has no records).
     """
     records = model_dir.records_fingerprint(data_dir, split)
     if not records["files"]:
+        if box_threshold_of:
+            # Only mask models (probability maps) ask for a box threshold.
+            _warn_no_box_threshold(directory, data_dir, split, "probability")
         return []
     choices = []
-    seen = set()
+    by_digest, by_name = {}, {}
     for name in checkpoints:
         try:
             loaded = model_dir.load(directory, name)
         except errors.UserFileError:
             continue
         digest = model_dir.file_sha256(loaded.path)
-        if digest in seen:
+        if digest in by_digest:
+            by_name[name] = by_digest[digest]
             continue
-        seen.add(digest)
         computer = predict_lib.MapComputer(loaded, "model")
         candidates = DEFAULT_MASK_THRESHOLDS[computer.map_kind]
         choice = choose_mask_threshold_on_split(
@@ -886,7 +906,15 @@ def store_mask_threshold_choices(directory, data_dir, split="val",
             "candidates": [float(c) for c in candidates],
             **choice,
         })
+        by_digest[digest] = by_name[name] = choices[-1]
     model_dir.write_mask_threshold_choices(directory, choices)
+    if box_threshold_of:
+        chosen = by_name.get(box_threshold_of)
+        if chosen is None or chosen["threshold"] is None:
+            kind = chosen["map_kind"] if chosen else "probability"
+            _warn_no_box_threshold(directory, data_dir, split, kind)
+        else:
+            _write_box_threshold(directory, chosen["map_kind"], {**chosen, "split": split})
     return choices
 
 

@@ -321,16 +321,16 @@ def _train(config):
     if chief:
         from cxr_tf import evaluate_lib  # pylint: disable=g-import-not-at-top
 
-        if model_config.backbone == "infomask":
-            # A mask's values end at 1 - tau, so no fixed threshold fits every
-            # model: choose its box threshold on val, as evaluate does for IoP.
-            evaluate_lib.store_box_threshold(
-                model_dir, config.data_dir, "val", batch_size=config.batch_size
-            )
         # Evaluate's IoP threshold of the final and best models, chosen on val
-        # once here rather than in every evaluation.
+        # once here rather than in every evaluation. A mask's values end at
+        # 1 - tau, so no fixed box threshold fits every InfoMask model: the
+        # final model's choice (the same rule) becomes its box threshold.
         evaluate_lib.store_mask_threshold_choices(
-            model_dir, config.data_dir, "val", batch_size=config.batch_size
+            model_dir,
+            config.data_dir,
+            "val",
+            batch_size=config.batch_size,
+            box_threshold_of="final" if model_config.backbone == "infomask" else None,
         )
     best = None
     best_state = os.path.join(model_dir, "checkpoints", "best.json")

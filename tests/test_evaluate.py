@@ -286,6 +286,17 @@ def test_box_threshold_is_chosen_on_val_and_becomes_the_default(tmp_path):
     # No such split: nothing chosen, nothing written.
     assert evaluate_lib.store_box_threshold(directory, str(data), "test") is None
     assert model_dir_lib.load(directory).box_threshold == choice["threshold"]
+    # Training's one pass: the final model's IoP choice is its box threshold.
+    model_dir_lib.write_box_thresholds(directory, {"probability": 0.99})  # off the grid
+    stored = evaluate_lib.store_mask_threshold_choices(
+        directory, str(data), "val", box_threshold_of="final"
+    )
+    assert [c["threshold"] for c in stored] == [choice["threshold"]]
+    assert model_dir_lib.load(directory).box_threshold == choice["threshold"]
+    evaluate_lib.store_mask_threshold_choices(
+        directory, str(data), "test", box_threshold_of="final"
+    )
+    assert model_dir_lib.load(directory).box_threshold == choice["threshold"]
 
 
 @pytest.mark.slow
