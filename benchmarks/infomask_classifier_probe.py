@@ -16,6 +16,9 @@ Blocks (name = layout_normalisation):
   layout "paperw1": the same at width 1.0 (the paper's filter counts).
   layout "deep": conv 32, pool, conv 32, pool, conv 64, pool, conv 64, pool,
     conv 128; receptive field 78 px, four poolings as in a ResNet stem.
+  layout "compact": the compact ResNet trunk of the PCAM demo
+    (`resnet.COMPACT`, stride 8, its own batch norm: name it
+    "compact_batch").
   normalisation "group" (8 groups, what `infomask_net.STABLE` uses),
     "batch" (momentum 0.9, `infomask_net.BATCH_NORM_MOMENTUM`) or "none"
     (Glorot kernels with biases, the paper's bare convs). With a norm, convs
@@ -30,7 +33,12 @@ InfoMask network's encoder (group norm, --width) and `InfoMask` layer
 (`infomask_net.STABLE`'s attention and clip, KL weight 0.01, tau 0.2) come
 first, as in `build_model`. Each epoch then also reports the mask's mean
 inside and outside the truth boxes of the boxed validation films (at the
-network input, in inference).
+network input, in inference). --encoder=compact computes the mask from the
+compact ResNet trunk instead (stride 8, receptive field over 100 px);
+--variant=featuremask makes the mask deterministic (no noise, no KL);
+--input_scale=unit feeds films scaled to [0, 1] instead of the standard
+(x - 128) / 64, so that a masked-out pixel turns black rather than the
+mean grey.
 """
 
 import argparse
@@ -43,15 +51,35 @@ _LAYOUTS = {
     "paper": None,  # infomask_net.CLASSIFIER_LAYOUT at --width
     "paperw1": None,  # the same at width 1.0
     "deep": (32, "pool", 32, "pool", 64, "pool", 64, "pool", 128),
+    "compact": None,  # resnet.COMPACT, batch norm only
 }
+_ENCODERS = ("paper", "compact")
+_INPUT_SCALES = {"standard": (128.0, 64.0), "unit": (0.0, 255.0)}
 _NORMS = ("group", "batch", "none")
 
 
-def build_block(name, image_size, width, mask=False):
+def _compact(inputs, prefix):
+    import dataclasses  # pylint: disable=import-outside-toplevel
+
+    from cxr_tf.models import resnet  # pylint: disable=import-outside-toplevel
+
+    preset = dataclasses.replace(
+        resnet.COMPACT,
+        stem_name=f"{prefix}_stem",
+        pool_name=f"{prefix}_pool",
+        block_name=prefix + "_stage{stage}_block{block}",
+    )
+    return resnet.resnet_trunk(inputs, preset)
+
+
+def build_block(name, image_size, width, mask=False, encoder="paper",
+                variant="infomask"):
     """A whole-film classifier: `name`'s conv stack, global average pool, dense(14).
 
     With `mask`, returns (model of the logits, model of [logits, mask]),
-    the block behind the InfoMask encoder and mask.
+    the block behind the InfoMask mask computed by `encoder` ("paper": the
+    InfoMask encoder at `width`; "compact": the compact ResNet trunk), of
+    `variant` ("infomask" or "featuremask").
     """
     import keras  # pylint: disable=import-outside-toplevel
 
@@ -69,9 +97,12 @@ def build_block(name, image_size, width, mask=False):
         from cxr_tf import layers as cxr_layers  # pylint: disable=import-outside-toplevel
 
         recipe = infomask_net.STABLE
-        features = infomask_net.encoder_trunk(inputs, recipe.normalization, width)
+        if encoder == "compact":
+            features = _compact(inputs, "encoder")
+        else:
+            features = infomask_net.encoder_trunk(inputs, recipe.normalization, width)
         x, soft_mask = cxr_layers.InfoMask(
-            variant="infomask",
+            variant=variant,
             alpha=0.01,
             tau=0.2,
             attention_activation=recipe.attention_activation,
@@ -81,6 +112,9 @@ def build_block(name, image_size, width, mask=False):
             ),
             name="infomask",
         )([features, inputs])
+    if layout_name == "compact":
+        layout = ()
+        x = _compact(x, "classifier")
     for index, entry in enumerate(layout):
         if entry == "pool":
             x = keras.layers.MaxPooling2D(2)(x)
@@ -126,7 +160,8 @@ def _mask_inside_outside(mask, features, image_size):
     return pairs
 
 
-def probe(name, records, image_size, width, epochs, batch_size, seed, mask=False):
+def probe(name, records, image_size, width, epochs, batch_size, seed, mask=False,
+          encoder="paper", variant="infomask", input_scale="standard"):
     """Trains block `name` on records' train split; val mean AUROC per epoch."""
     import keras  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
@@ -141,7 +176,7 @@ def probe(name, records, image_size, width, epochs, batch_size, seed, mask=False
     config = input_pipeline.InputConfig(
         image_size=image_size,
         batch_size=batch_size,
-        normalization=schema.Normalization(mean=128.0, std=64.0),
+        normalization=schema.Normalization(*_INPUT_SCALES[input_scale]),
         seed=seed,
     )
     train = input_pipeline.build_dataset(records, "train", config, training=True)
@@ -151,7 +186,9 @@ def probe(name, records, image_size, width, epochs, batch_size, seed, mask=False
     films = train_data.count_examples(records, "train")
     steps = max(1, films // batch_size)
     if mask:
-        model, with_mask = build_block(name, image_size, width, mask=True)
+        model, with_mask = build_block(
+            name, image_size, width, mask=True, encoder=encoder, variant=variant
+        )
     else:
         model = with_mask = build_block(name, image_size, width)
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -160,7 +197,9 @@ def probe(name, records, image_size, width, epochs, batch_size, seed, mask=False
     model.compile(keras.optimizers.Adam(schedule), losses.get_loss("balanced_bce"))
     out = {
         "block": name,
-        "mask": "infomask" if mask else None,
+        "mask": variant if mask else None,
+        "encoder": encoder if mask else None,
+        "input_scale": input_scale,
         "parameters": model.count_params(),
         "epochs": [],
     }
@@ -208,12 +247,20 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mask", choices=("none", "infomask"), default="none",
                         help="Put the InfoMask encoder and mask before each block.")
+    parser.add_argument("--encoder", choices=_ENCODERS, default="paper",
+                        help="What computes the mask (with --mask=infomask).")
+    parser.add_argument("--variant", choices=("infomask", "featuremask"),
+                        default="infomask", help="The mask's variant.")
+    parser.add_argument("--input_scale", choices=tuple(_INPUT_SCALES),
+                        default="standard", help="standard: (x - 128) / 64; unit: x / 255.")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     blocks = args.blocks.split(",")
     for name in blocks:
         layout, _, norm = name.partition("_")
-        if layout not in _LAYOUTS or norm not in _NORMS:
+        if layout not in _LAYOUTS or norm not in _NORMS or (
+            layout == "compact" and norm != "batch"
+        ):
             parser.error(
                 f"--blocks: {name!r} is not layout_normalisation with layout in "
                 f"{sorted(_LAYOUTS)} and normalisation in {list(_NORMS)}"
@@ -237,7 +284,9 @@ def main(argv=None):
     for name in blocks:
         result["blocks"].append(
             probe(name, args.records, args.image_size, args.width, args.epochs,
-                  args.batch_size, args.seed, mask=args.mask == "infomask")
+                  args.batch_size, args.seed, mask=args.mask == "infomask",
+                  encoder=args.encoder, variant=args.variant,
+                  input_scale=args.input_scale)
         )
         if args.output:
             with open(args.output, "w") as f:

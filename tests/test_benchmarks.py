@@ -164,5 +164,16 @@ def test_classifier_probe_blocks_are_the_infomask_network_s():
     bare = probe.build_block("deep_batch", 64, 0.25)
     assert bare.count_params() < narrow.count_params() < wide.count_params()
     assert bare.count_params() == probe.build_block("deep_batch", 64, 1.0).count_params()
+    # The compact ResNet trunk as the block and as the mask's encoder.
+    compact = probe.build_block("compact_batch", 64, 1.0)
+    assert compact.output_shape == (None, 14)
+    _, compact_mask = probe.build_block(
+        "compact_batch", 64, 0.25, mask=True, encoder="compact", variant="featuremask"
+    )
+    names = {layer.name for layer in compact_mask.layers}
+    assert "encoder_stem_conv" in names and "classifier_stem_conv" in names, names
+    assert compact_mask.get_layer("infomask").variant == "featuremask"
     with pytest.raises(SystemExit):
         probe.main(["--records", str(BENCHMARKS), "--blocks", "wide_group"])
+    with pytest.raises(SystemExit):
+        probe.main(["--records", str(BENCHMARKS), "--blocks", "compact_group"])
