@@ -824,16 +824,15 @@ def store_box_threshold(directory, data_dir, split="val", checkpoint="final",
     if choice is None:
         _warn_no_box_threshold(directory, data_dir, split, loaded.map_kind)
         return None
-    _write_box_threshold(directory, loaded.map_kind, choice)
+    _write_box_threshold(directory, loaded.map_kind, choice, split)
     return choice
 
 
-def _write_box_threshold(directory, map_kind, choice):
+def _write_box_threshold(directory, map_kind, choice, split):
     model_dir.write_box_thresholds(directory, {map_kind: choice["threshold"]})
     logging.info(
         "Box threshold %.2f chosen on %d boxed %s pairs (error %.4f), in %s",
-        choice["threshold"], choice["pairs"], choice["split"], choice["error"],
-        directory,
+        choice["threshold"], choice["pairs"], split, choice["error"], directory,
     )
 
 
@@ -914,7 +913,7 @@ def store_mask_threshold_choices(directory, data_dir, split="val",
             kind = chosen["map_kind"] if chosen else "probability"
             _warn_no_box_threshold(directory, data_dir, split, kind)
         else:
-            _write_box_threshold(directory, chosen["map_kind"], {**chosen, "split": split})
+            _write_box_threshold(directory, chosen["map_kind"], chosen, split)
     return choices
 
 
