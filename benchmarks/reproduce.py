@@ -61,6 +61,7 @@ if str(ROOT) not in sys.path:
 
 from cxr_tf import choices  # noqa: E402 pylint: disable=g-import-not-at-top
 from cxr_tf import cli  # noqa: E402 pylint: disable=g-import-not-at-top
+from cxr_tf import model_dir as model_dir_lib  # noqa: E402 pylint: disable=g-import-not-at-top
 from cxr_tf.data import schema  # noqa: E402 pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -617,16 +618,25 @@ def execute_stages(stages, work_dir, reuse):
 
 
 def run_config(model_dir):
-    """The settings of a finished training that the report states."""
-    path = pathlib.Path(model_dir) / "config.json"
+    """The settings of a finished training that the report states.
+
+    Model settings come from config.json's "model" (the `ModelConfig`), the
+    rest from its "train" (the `TrainConfig`), so model directories written
+    before TrainConfig nested its ModelConfig read the same.
+    """
+    path = pathlib.Path(model_dir) / model_dir_lib.CONFIG_FILE
     if not path.is_file():
         return {}
-    config = json.loads(path.read_text())
-    config = config.get("train", config)
+    payload = model_dir_lib.read_config(str(path))
+    model, train = payload["model"], payload.get("train") or {}
     keys = ("backbone", "pooling", "image_size", "batch_size", "epochs",
             "steps_per_epoch", "learning_rate", "lr_schedule", "optimizer",
             "loss", "weights", "findings", "mixed_precision", "strategy")
-    return {k: config[k] for k in keys if k in config}
+    return {
+        k: model[k] if k in model else train[k]
+        for k in keys
+        if k in model or k in train
+    }
 
 
 # ---------------------------------------------------------------------------

@@ -94,6 +94,44 @@ def test_training_data_says_synthetic_from_the_generator_marker(tmp_path):
     assert data["synthetic"] is False and str(real) in data["source"]
 
 
+# config.json's "train" as training wrote it before TrainConfig nested its
+# ModelConfig (to_dict at 1131e28): the model fields flat beside the others.
+FLAT_TRAIN_SECTION = {
+    "allow_upscale": False, "augment": True, "backbone": "compact",
+    "backup_every_steps": 50, "batch_size": 16, "data_dir": "records",
+    "epochs": 1, "findings": ["Pneumonia"], "flip": False, "image_size": 64,
+    "infomask_alpha": 0.01, "infomask_tau": 0.2, "infomask_variant": "infomask",
+    "infomask_width": 1.0, "jit_compile": "auto", "learning_rate": 0.0001,
+    "loss": "balanced_bce", "lr_decay_epochs": [], "lr_decay_factor": 0.1,
+    "lr_schedule": "constant", "lr_warmup_steps": 0, "mixed_precision": "none",
+    "model_dir": "model", "momentum": 0.9, "num_cpu_devices": 0,
+    "num_overlay_images": 4, "optimizer": "adam", "pooling": "lse",
+    "pooling_options": {"gamma": 10.0}, "seed": 0, "shuffle_buffer": 1024,
+    "steps_per_epoch": None, "strategy": "mirrored", "validation_steps": None,
+    "verbose": 1, "weight_decay": 0.0, "weights": None,
+}
+
+
+def test_a_model_dir_written_with_the_flat_train_section_still_loads(tmp_path):
+    from cxr_tf.models import ModelConfig
+    from cxr_tf.models import build_model
+
+    config = ModelConfig(
+        backbone="compact", pooling="lse", num_classes=1, image_size=64,
+        pooling_options={"gamma": 10.0},
+    )
+    directory = tmp_path / "m"
+    path = model_dir.write_config(str(directory), config, ("Pneumonia",))
+    payload = model_dir.read_config(path)
+    payload["train"] = FLAT_TRAIN_SECTION
+    model_dir.atomic_write_text(path, json.dumps(payload))
+    build_model(config).save(str(directory / model_dir.FINAL_MODEL))
+    loaded = model_dir.load(str(directory))
+    # The model comes from the top-level "model"; "train" passes through as is.
+    assert loaded.model_config == config and loaded.findings == ("Pneumonia",)
+    assert loaded.map_kind == "cam" and loaded.payload["train"] == FLAT_TRAIN_SECTION
+
+
 def test_checkpoint_rule(tmp_path):
     from cxr_tf.models import ModelConfig
 

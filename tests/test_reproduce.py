@@ -274,6 +274,32 @@ def test_accuracy_per_class(reproduce, tmp_path):
     assert acc == {"Mass": 1.0, "Nodule": 0.5}
 
 
+def test_run_config_reads_the_model_from_the_model_section(reproduce, tmp_path):
+    from cxr_tf import model_dir as model_dir_lib
+    from cxr_tf.models import ModelConfig
+    from tests.test_model_dir import FLAT_TRAIN_SECTION
+
+    model = ModelConfig(
+        backbone="compact", pooling="lse", num_classes=1, image_size=64,
+        pooling_options={"gamma": 10.0},
+    )
+    path = model_dir_lib.write_config(
+        str(tmp_path / "old"), model, ("Pneumonia",), map_kind="cam"
+    )
+    payload = model_dir_lib.read_config(path)
+    payload["train"] = FLAT_TRAIN_SECTION
+    model_dir_lib.atomic_write_text(path, json.dumps(payload))
+    expected = {
+        "backbone": "compact", "pooling": "lse", "image_size": 64, "batch_size": 16,
+        "epochs": 1, "steps_per_epoch": None, "learning_rate": 0.0001,
+        "lr_schedule": "constant", "optimizer": "adam", "loss": "balanced_bce",
+        "weights": None, "findings": ["Pneumonia"], "mixed_precision": "none",
+        "strategy": "mirrored",
+    }
+    assert reproduce.run_config(tmp_path / "old") == expected
+    assert reproduce.run_config(tmp_path / "none") == {}
+
+
 def test_choose_figure_images(reproduce, tmp_path):
     (tmp_path / "BBox_List_2017.csv").write_text(
         "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
