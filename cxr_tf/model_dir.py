@@ -20,7 +20,11 @@ config.json holds:
     training saw them (`cxr_tf.data.preprocess`).
   training_data: where the training films came from: {"source", "synthetic",
     "films": {split: count}, "ingest_image_size", "data_dir"}.
-  train: the `TrainConfig` dict of the run, or None.
+  train: the `TrainConfig` dict of the run, or None. Its "model" is the
+    same dict as the top-level "model"; directories written before
+    TrainConfig nested its ModelConfig hold the model fields flat here.
+    Model settings are read from the top-level "model" only, in either
+    layout.
   box_thresholds (optional): {map kind: map threshold} chosen for this
     model on its validation split (`write_box_thresholds`); evaluate,
     predict and export use it instead of the kind's default.

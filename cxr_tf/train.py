@@ -138,18 +138,28 @@ _VERBOSE = flags.DEFINE_integer(
 
 
 def config_from_flags():
-    """Builds the `TrainConfig` from the parsed flags."""
+    """Builds the `TrainConfig` (and its `ModelConfig`) from the parsed flags."""
     from cxr_tf import train_lib  # pylint: disable=import-outside-toplevel
+    from cxr_tf.models import ModelConfig  # pylint: disable=import-outside-toplevel
 
+    model = cli.make_config(
+        ModelConfig,
+        backbone=_BACKBONE.value,
+        pooling=_POOLING.value,
+        num_classes=len(_FINDINGS.value),
+        image_size=_IMAGE_SIZE.value,
+        weights=None if _WEIGHTS.value == "none" else _WEIGHTS.value,
+        pooling_options=train_lib.parse_options(_POOLING_OPTIONS.value),
+        infomask_variant=_INFOMASK_VARIANT.value,
+        infomask_alpha=_INFOMASK_ALPHA.value,
+        infomask_tau=_INFOMASK_TAU.value,
+        infomask_width=_INFOMASK_WIDTH.value,
+    )
     return cli.make_config(
         train_lib.TrainConfig,
         data_dir=_DATA_DIR.value,
         model_dir=_MODEL_DIR.value,
-        backbone=_BACKBONE.value,
-        pooling=_POOLING.value,
-        pooling_options=train_lib.parse_options(_POOLING_OPTIONS.value),
-        image_size=_IMAGE_SIZE.value,
-        weights=None if _WEIGHTS.value == "none" else _WEIGHTS.value,
+        model=model,
         findings=tuple(_FINDINGS.value),
         batch_size=_BATCH_SIZE.value,
         epochs=_EPOCHS.value,
@@ -174,10 +184,6 @@ def config_from_flags():
         shuffle_buffer=_SHUFFLE_BUFFER.value,
         backup_every_steps=_BACKUP_EVERY_STEPS.value,
         num_overlay_images=_NUM_OVERLAY_IMAGES.value,
-        infomask_variant=_INFOMASK_VARIANT.value,
-        infomask_alpha=_INFOMASK_ALPHA.value,
-        infomask_tau=_INFOMASK_TAU.value,
-        infomask_width=_INFOMASK_WIDTH.value,
         allow_upscale=_ALLOW_UPSCALE.value,
         verbose=_VERBOSE.value,
     )

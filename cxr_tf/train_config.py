@@ -6,6 +6,7 @@ import dataclasses
 from cxr_tf import choices
 from cxr_tf import config_dict
 from cxr_tf.data import schema
+from cxr_tf.models.config import ModelConfig
 
 
 # The names live in cxr_tf.choices (the CLI checks them before TF loads).
@@ -23,11 +24,10 @@ class TrainConfig:
     Attributes:
       data_dir: directory of ingested TFRecords (`{split}-*.tfrecord.gz`).
       model_dir: output directory (config, checkpoints, logs, final model).
-      backbone: a `cxr_tf.models.config.BACKBONES` name.
-      pooling: a `cxr_tf.layers.POOLING_NAMES` name.
-      pooling_options: extra pooling arguments as sorted (name, value) pairs.
-      image_size: square network input side in pixels.
-      weights: None or "imagenet" (keras.applications backbones only).
+      model: the `ModelConfig` of the network trained (a dict, as `to_dict`
+        writes it, is read with `ModelConfig.from_dict`); every model setting
+        lives there. Its `num_classes` must equal the number of `findings`
+        and its `channels` must be 1 (the records hold grayscale films).
       findings: the findings to train on, a subset of `schema.FINDINGS` in
         canonical order (the InfoMask setup trains on Pneumonia alone).
       batch_size: global batch size, split across replicas.
@@ -60,22 +60,14 @@ class TrainConfig:
       shuffle_buffer: training shuffle buffer (examples).
       backup_every_steps: steps between fault-tolerance backups.
       num_overlay_images: validation images whose maps go to TensorBoard.
-      infomask_variant: InfoMask backbone variant.
-      infomask_alpha: weight of the InfoMask KL (or L1) term.
-      infomask_tau: InfoMask mask offset.
-      infomask_width: InfoMask filter-count multiplier (1.0: the paper's).
-      allow_upscale: train on records stored smaller than `image_size`
+      allow_upscale: train on records stored smaller than `model.image_size`
         (upscaled, with a warning) instead of refusing them.
       verbose: Keras progress output (1 = progress bar, 2 = one line/epoch).
     """
 
     data_dir: str
     model_dir: str
-    backbone: str = "resnet34"
-    pooling: str = "pcam"
-    pooling_options: tuple = ()
-    image_size: int = 512
-    weights: str | None = None
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     findings: tuple = schema.FINDINGS
     batch_size: int = 16
     epochs: int = 10
@@ -100,27 +92,21 @@ class TrainConfig:
     shuffle_buffer: int = 1024
     backup_every_steps: int = 50
     num_overlay_images: int = 4
-    infomask_variant: str = "infomask"
-    infomask_alpha: float = 0.01  # As ModelConfig (docs/design/infomask.md).
-    infomask_tau: float = 0.2
-    infomask_width: float = 1.0
     allow_upscale: bool = False
     verbose: int = 1
 
     def __post_init__(self):
-        if isinstance(self.pooling_options, dict):
-            object.__setattr__(
-                self, "pooling_options", tuple(sorted(self.pooling_options.items()))
+        if isinstance(self.model, dict):
+            object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
+        if not isinstance(self.model, ModelConfig):
+            raise ValueError(
+                "`model` must be a ModelConfig (or its dict). "
+                f"Received: model={self.model!r}"
             )
         for name in ("findings", "lr_decay_epochs"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
-        object.__setattr__(
-            self,
-            "pooling_options",
-            tuple(tuple(item) for item in self.pooling_options),
-        )
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("strategy", self.strategy, STRATEGIES)
@@ -156,30 +142,22 @@ class TrainConfig:
             raise ValueError("`data_dir` must be a directory of TFRecords.")
         if not self.model_dir:
             raise ValueError("`model_dir` must be an output directory.")
-        # Validates backbone, image size, weights.
-        self.model_config()
-
-    def model_config(self):
-        """Returns the `ModelConfig` this run builds."""
-        from cxr_tf.models.config import ModelConfig
-
-        return ModelConfig(
-            backbone=self.backbone,
-            pooling=self.pooling,
-            num_classes=len(self.findings),
-            image_size=self.image_size,
-            channels=1,
-            weights=self.weights,
-            pooling_options=self.pooling_options,
-            infomask_variant=self.infomask_variant,
-            infomask_alpha=self.infomask_alpha,
-            infomask_tau=self.infomask_tau,
-            infomask_width=self.infomask_width,
-        )
+        # The model checked its own fields; what training adds is checked here.
+        if self.model.num_classes != len(self.findings):
+            raise ValueError(
+                f"`model.num_classes` must equal the number of `findings` "
+                f"({len(self.findings)}: {', '.join(self.findings)}). "
+                f"Received: model.num_classes={self.model.num_classes!r}"
+            )
+        if self.model.channels != 1:
+            raise ValueError(
+                "`model.channels` must be 1: the records hold grayscale films. "
+                f"Received: model.channels={self.model.channels!r}"
+            )
 
     def to_dict(self):
         d = dataclasses.asdict(self)
-        d["pooling_options"] = dict(self.pooling_options)
+        d["model"] = self.model.to_dict()
         d["findings"] = list(self.findings)
         d["lr_decay_epochs"] = list(self.lr_decay_epochs)
         return d

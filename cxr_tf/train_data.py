@@ -66,9 +66,9 @@ def input_config(config, training):
     from cxr_tf.data import input_pipeline
 
     return input_pipeline.InputConfig(
-        image_size=config.image_size,
+        image_size=config.model.image_size,
         batch_size=config.batch_size,
-        normalization=config.model_config().normalization,
+        normalization=config.model.normalization,
         augment=bool(config.augment and training),
         flip=bool(config.flip and training),
         shuffle_buffer=config.shuffle_buffer,
@@ -138,7 +138,7 @@ def make_dataset(config, split, training, with_info=False, batch_size=None):
 def check_stored_size(config):
     """Checks the records' stored size against the network size.
 
-    Records stored larger than `image_size` are letterboxed down, as in the
+    Records stored larger than `model.image_size` are letterboxed down, as in the
     papers' setup (films stored at 1024, fed at 512); the stored size goes
     into config.json so predict and the served model shrink raw films the
     same way. Records stored smaller would be upscaled: refused unless
@@ -151,28 +151,28 @@ def check_stored_size(config):
       `model_dir.training_data(config.data_dir)`.
 
     Raises:
-      UserValueError: records stored smaller than `image_size`.
+      UserValueError: records stored smaller than `model.image_size`.
     """
     data = model_dir_lib.training_data(config.data_dir)
     stored = data["ingest_image_size"]
-    if stored is not None and stored < config.image_size:
+    if stored is not None and stored < config.model.image_size:
         message = (
             f"records are stored at {stored} px, smaller than "
-            f"--image_size={config.image_size}"
+            f"--image_size={config.model.image_size}"
         )
         if not config.allow_upscale:
             raise errors.UserValueError(
                 f"{message}: training would upscale them",
                 f"--data_dir={config.data_dir}",
-                f"re-ingest with --image_size>={config.image_size}, train with "
+                f"re-ingest with --image_size>={config.model.image_size}, train with "
                 f"--image_size<={stored}, or pass --allow_upscale",
             )
         logging.warning("%s; upscaling them (--allow_upscale).", message)
-    elif stored is not None and stored != config.image_size:
+    elif stored is not None and stored != config.model.image_size:
         logging.info(
             "Records stored at %d px, letterboxed to %d px; config.json records "
             "the stored size for predict and export.",
             stored,
-            config.image_size,
+            config.model.image_size,
         )
     return data

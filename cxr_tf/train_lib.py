@@ -182,12 +182,11 @@ def _train(config):
         1, math.ceil(count_examples(config.data_dir, "train") / config.batch_size)
     )
     total_steps = config.epochs * steps_per_epoch
-    model_config = config.model_config()
     model_dir = config.model_dir
     if chief:
         os.makedirs(model_dir, exist_ok=True)
         model_dir_lib.write_config(
-            model_dir, model_config, config.findings, config, data=data
+            model_dir, config.model, config.findings, config, data=data
         )
         with open(os.path.join(model_dir, "train_config.json"), "w") as f:
             json.dump(
@@ -199,9 +198,9 @@ def _train(config):
     logging.info(
         "Training %s/%s at %d px: %d epochs x %d steps, global batch %d on %d "
         "replica(s).",
-        config.backbone,
-        config.pooling,
-        config.image_size,
+        config.model.backbone,
+        config.model.pooling,
+        config.model.image_size,
         config.epochs,
         steps_per_epoch,
         config.batch_size,
@@ -210,7 +209,7 @@ def _train(config):
 
     jit = distribute.resolve_jit_compile(config, strategy)
     with strategy.scope():
-        model = build_model(model_config)
+        model = build_model(config.model)
         loss_fn = losses.get_loss(config.loss)
         model.compile(
             optimizer=make_optimizer(config, steps_per_epoch),
@@ -330,7 +329,7 @@ def _train(config):
             config.data_dir,
             "val",
             batch_size=config.batch_size,
-            box_threshold_of="final" if model_config.backbone == "infomask" else None,
+            box_threshold_of="final" if config.model.backbone == "infomask" else None,
         )
     best = None
     best_state = os.path.join(model_dir, "checkpoints", "best.json")

@@ -290,7 +290,7 @@ def test_help_and_dry_run_print_no_cuda_lines(argv, recorder):
     assert "Traceback" not in output
     if "--dry_run" in argv:
         assert proc.returncode == 0, output
-        assert json.loads(proc.stdout)["backbone"] == "compact"
+        assert json.loads(proc.stdout)["model"]["backbone"] == "compact"
     assert "tensorflow" not in modules  # No TensorFlow import behind them.
 
 

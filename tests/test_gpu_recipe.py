@@ -118,7 +118,8 @@ def test_recipe_commands_resolve_with_the_gpu_flags():
     for (env, argv), config in zip(commands, configs):
         assert config["mixed_precision"] == "mixed_bfloat16", argv
         # XLA everywhere but InfoMask, whose compiled bf16 step fails.
-        xla = "false" if config["backbone"] == "infomask" else "true"
+        backbone = config["model"]["backbone"]
+        xla = "false" if backbone == "infomask" else "true"
         assert config["jit_compile"] == xla, argv
         topology = _topology(env)
         if topology == "machines":
@@ -132,7 +133,7 @@ def test_recipe_commands_resolve_with_the_gpu_flags():
         assert config["batch_size"] % replicas == 0, (argv, replicas)
         if topology != "machines":
             paper = {"resnet34": 36, "infomask": 32}
-            assert config["batch_size"] == paper[config["backbone"]], argv
+            assert config["batch_size"] == paper[backbone], argv
 
 
 def test_readme_estimate_table_is_the_scripts():

@@ -49,8 +49,13 @@ def _report(folder, image_size, source_dir=None, written=None):
     return folder
 
 
-def _config(data_dir, **overrides):
-    args = dict(data_dir=str(data_dir), model_dir="unused", image_size=128)
+def _config(data_dir, image_size=128, **overrides):
+    from cxr_tf.models import ModelConfig
+
+    args = dict(
+        data_dir=str(data_dir), model_dir="unused",
+        model=ModelConfig(image_size=image_size),
+    )
     args.update(overrides)
     return train_lib.TrainConfig(**args)
 

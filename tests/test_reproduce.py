@@ -274,8 +274,9 @@ def test_accuracy_per_class(reproduce, tmp_path):
     assert acc == {"Mass": 1.0, "Nodule": 0.5}
 
 
-def test_run_config_reads_the_model_from_the_model_section(reproduce, tmp_path):
+def test_run_config_reads_old_and_new_config_json_alike(reproduce, tmp_path):
     from cxr_tf import model_dir as model_dir_lib
+    from cxr_tf import train_lib
     from cxr_tf.models import ModelConfig
     from tests.test_model_dir import FLAT_TRAIN_SECTION
 
@@ -283,8 +284,16 @@ def test_run_config_reads_the_model_from_the_model_section(reproduce, tmp_path):
         backbone="compact", pooling="lse", num_classes=1, image_size=64,
         pooling_options={"gamma": 10.0},
     )
+    # The same run as FLAT_TRAIN_SECTION, written as training writes it now.
+    train = train_lib.TrainConfig.from_dict(
+        {**{k: v for k, v in FLAT_TRAIN_SECTION.items() if k not in model.to_dict()},
+         "model": model.to_dict()}
+    )
+    model_dir_lib.write_config(
+        str(tmp_path / "new"), model, train.findings, train, map_kind="cam"
+    )
     path = model_dir_lib.write_config(
-        str(tmp_path / "old"), model, ("Pneumonia",), map_kind="cam"
+        str(tmp_path / "old"), model, train.findings, map_kind="cam"
     )
     payload = model_dir_lib.read_config(path)
     payload["train"] = FLAT_TRAIN_SECTION
@@ -296,6 +305,7 @@ def test_run_config_reads_the_model_from_the_model_section(reproduce, tmp_path):
         "weights": None, "findings": ["Pneumonia"], "mixed_precision": "none",
         "strategy": "mirrored",
     }
+    assert reproduce.run_config(tmp_path / "new") == expected
     assert reproduce.run_config(tmp_path / "old") == expected
     assert reproduce.run_config(tmp_path / "none") == {}
 

@@ -23,6 +23,7 @@ from cxr_tf.data import images
 from cxr_tf.data import ingest
 from cxr_tf.data import preprocess
 from cxr_tf.data import synthetic
+from cxr_tf.models import ModelConfig
 
 # The acceptance bound: mean absolute difference per film and finding.
 MAX_MEAN_ABS_DIFF = 0.005
@@ -46,9 +47,7 @@ def _train(records, model_dir, image_size, **overrides):
     args = dict(
         data_dir=str(records),
         model_dir=str(model_dir),
-        backbone="compact",
-        pooling="pcam",
-        image_size=image_size,
+        model=ModelConfig(backbone="compact", pooling="pcam", image_size=image_size),
         batch_size=4,
         epochs=1,
         steps_per_epoch=3,

@@ -15,6 +15,7 @@ from cxr_tf import evaluate_lib
 from cxr_tf import model_dir as model_dir_lib
 from cxr_tf import train_lib
 from cxr_tf.data import schema
+from cxr_tf.models import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,9 +79,11 @@ def write_tiny_records(directory, counts=None, size=64, seed=0, shapes=None):
     return written
 
 
-def _config(tmp_path, **kw):
+def _config(tmp_path, model=None, **kw):
     defaults = dict(data_dir=str(tmp_path / "data"), model_dir=str(tmp_path / "model"))
     defaults.update(kw)
+    if model is not None:
+        defaults["model"] = ModelConfig(**model)
     return train_lib.TrainConfig(**defaults)
 
 
@@ -92,15 +95,18 @@ def test_config_validates_and_round_trips(tmp_path):
     config = _config(
         tmp_path,
         findings=["Pneumonia", "Infiltrate"],
-        pooling="lse",
-        pooling_options={"gamma": 10.0},
+        model={"num_classes": 2, "pooling": "lse", "pooling_options": {"gamma": 10.0}},
         lr_decay_epochs=[2, 4],
     )
     # Canonical names in the canonical order, whatever was given.
     assert config.findings == ("Infiltration", "Pneumonia")
-    assert config.model_config().num_classes == 2
-    again = train_lib.TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
-    assert again == config
+    assert config.model.pooling_options == (("gamma", 10.0),)
+    written = json.loads(json.dumps(config.to_dict()))
+    # The model settings have one home: the nested ModelConfig's dict.
+    assert written["model"] == config.model.to_dict()
+    assert not {"backbone", "pooling", "image_size"} & set(written)
+    again = train_lib.TrainConfig.from_dict(written)
+    assert again == config and isinstance(again.model, ModelConfig)
 
 
 @pytest.mark.parametrize(
@@ -111,14 +117,26 @@ def test_config_validates_and_round_trips(tmp_path):
         ({"strategy": "tpu"}, "strategy"),
         ({"findings": ["Pneumonia", "Pneumonia"]}, "duplicates"),
         ({"findings": ["Flu"]}, "Flu"),
-        ({"backbone": "vgg"}, "backbone"),
+        ({"model": {"backbone": "vgg"}}, "backbone"),
         ({"learning_rate": 0.0}, "learning_rate"),
         ({"num_cpu_devices": -1}, "num_cpu_devices"),
+        # What training asks of the model beyond its own checks.
+        ({"findings": ["Pneumonia"]}, r"model.num_classes.*1: Pneumonia.*=14"),
+        ({"model": {"channels": 3}}, "model.channels"),
     ],
 )
 def test_config_errors_name_the_value(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         _config(tmp_path, **kw)
+
+
+def test_config_refuses_a_model_that_is_no_model_config():
+    with pytest.raises(ValueError, match="unknown_field"):
+        train_lib.TrainConfig.from_dict(
+            {"data_dir": "d", "model_dir": "m", "model": {"unknown_field": 1}}
+        )
+    with pytest.raises(ValueError, match="ModelConfig"):
+        train_lib.TrainConfig(data_dir="d", model_dir="m", model="resnet34")
 
 
 def test_parse_pooling_options():
@@ -215,12 +233,15 @@ def test_checked_in_flagfiles_resolve():
         assert train_lib.TrainConfig.from_dict(config).to_dict() == config
     by_name = {name: configs[path] for name, path in zip(names, paths)}
     pcam = by_name["pcam_resnet34"]
-    assert (pcam["image_size"], pcam["batch_size"], pcam["epochs"]) == (1024, 36, 10)
-    assert pcam["pooling"] == "pcam" and pcam["learning_rate"] == 1e-4
+    assert (pcam["model"]["image_size"], pcam["batch_size"], pcam["epochs"]) == (
+        1024, 36, 10
+    )
+    assert pcam["model"]["pooling"] == "pcam" and pcam["learning_rate"] == 1e-4
     assert pcam["loss"] == "balanced_bce"
-    assert by_name["lse_resnet34"]["pooling"] == "lse"
+    assert by_name["lse_resnet34"]["model"]["pooling"] == "lse"
     assert by_name["infomask"]["findings"] == ["Pneumonia"]
-    assert by_name["chexpert_densenet121"]["backbone"] == "densenet121"
+    assert by_name["infomask"]["model"]["num_classes"] == 1
+    assert by_name["chexpert_densenet121"]["model"]["backbone"] == "densenet121"
 
 
 # ---------------------------------------------------------------------------
@@ -316,7 +337,10 @@ def test_sigkill_mid_epoch_then_resume_finishes_planned_steps(tiny_data, tmp_pat
         assert os.path.isfile(os.path.join(model_dir, name)), name
     # Evaluate's IoP threshold was chosen on val for the final and best files.
     with open(os.path.join(model_dir, "config.json")) as f:
-        choices = json.load(f)["mask_threshold_choices"]
+        payload = json.load(f)
+    # The run's TrainConfig nests the very ModelConfig the model was built from.
+    assert payload["train"]["model"] == payload["model"]
+    choices = payload["mask_threshold_choices"]
     digests = {c["model_sha256"] for c in choices}
     for name in ("model.keras", "checkpoints/best.keras"):
         assert model_dir_lib.file_sha256(os.path.join(model_dir, name)) in digests
