@@ -222,9 +222,9 @@ def check_flags():
             "or --weights=none",
         )
     unknown = [f for f in _FINDINGS.value if f not in schema.FINDINGS]
-    if unknown:
+    if unknown or not _FINDINGS.value:
         raise errors.UserValueError(
-            f"unknown finding(s) {unknown}",
+            f"unknown finding(s) {unknown}" if unknown else "no finding given",
             "--findings",
             f"use names of {', '.join(schema.FINDINGS)}",
         )
