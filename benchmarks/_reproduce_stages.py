@@ -48,16 +48,10 @@ def free_checkpoints(model_dir):
 
 
 def _train(stage):
-    from absl import flags
-
     from cxr_tf import train
     from cxr_tf import train_lib
 
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["cxr_tf.train"] + list(stage["argv"]))
-    train.check_flags()
-    train.check_paths()
-    train_lib.train(train.config_from_flags())
+    train_lib.train(train.config_from_argv(list(stage["argv"])))
     free_checkpoints(stage["dir"])
 
 

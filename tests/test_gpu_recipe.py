@@ -81,14 +81,10 @@ def _cpu_argv(argv, data, model_dir, jit):
 
 _RESOLVE = """
 import json, sys
-from absl import flags
 from cxr_tf import train
 out = []
 for argv in json.loads(sys.argv[1]):
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["train"] + argv[2:])
-    train.check_flags()
-    out.append(train.config_from_flags().to_dict())
+    out.append(train.config_from_argv(argv[2:], paths=False).to_dict())
 print(json.dumps(out))
 """
 

@@ -196,20 +196,20 @@ def test_resolve_model_path(tmp_path):
 
 _RESOLVE_FLAGFILES = """
 import json, sys
-from absl import flags
 from cxr_tf import train
 out = {}
 for path in sys.argv[1:]:
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["train", f"--flagfile={path}", "--data_dir=d", "--model_dir=m",
-                 "--seed=7"])
-    out[path] = train.config_from_flags().to_dict()
+    config = train.config_from_argv(
+        [f"--flagfile={path}", "--data_dir=d", "--model_dir=m", "--seed=7"],
+        paths=False,
+    )
+    out[path] = config.to_dict()
 print(json.dumps(out))
 """
 
 
 def test_checked_in_flagfiles_resolve():
-    # A subprocess: the CLI's flags live in the global absl registry.
+    # A subprocess: a clean import of the CLI module, as a user runs it.
     # Every checked-in flagfile: one added later cannot be forgotten here.
     names = sorted(
         n[: -len(".flags")] for n in os.listdir(os.path.join(REPO, "configs"))
