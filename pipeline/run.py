@@ -18,21 +18,21 @@ import time
 
 from absl import flags, logging
 
+from cxr_tf import child
 from cxr_tf import cli
 from cxr_tf import errors
+from cxr_tf.data import synthetic
 from pipeline import _subprocess, base, evaluate, push, statistics, train
 
-# The code each step runs, found from its imports (`base.module_sources`):
-# the step's own module and the CLI module it runs in a child process.
+# The code each step runs, found from its imports (`base.module_sources`).
 # Editing any file they import reruns that step (and those after it). The
-# synthetic and ingest steps are closures below that only call their CLI
-# module (their arguments are in the step's parameters), so their code is
-# that module's and the child-process runner's.
+# synthetic and ingest steps are closures below: their code is the library
+# or CLI module they run in a child process and that runner.
 STEP_MODULES = {
-    "synthetic": ("pipeline._subprocess", "cxr_tf.data.synthetic"),
+    "synthetic": ("cxr_tf.child", "cxr_tf.data.synthetic"),
     "ingest": ("pipeline._subprocess", "pipeline.ingest"),
     "statistics": ("pipeline.statistics",),
-    "train": ("pipeline.train", "cxr_tf.train"),
+    "train": ("pipeline.train",),
     "evaluate": ("pipeline.evaluate", "cxr_tf.evaluate"),
     "push": ("pipeline.push", "cxr_tf.export"),
 }
@@ -144,6 +144,8 @@ def run_pipeline(config):
       dict step name -> `base.Artifact`.
 
     Raises:
+      cxr_tf.errors.UserError: the training flagfile or `train_args` hold a
+        bad flag or value (before any step runs).
       base.StepFailedError: a step failed (its record says why).
       base.AnomaliesFoundError: the statistics step found anomalies.
     """
@@ -153,13 +155,16 @@ def run_pipeline(config):
             f"Unknown steps in --force_steps: {sorted(unknown)}; "
             f"expected some of {list(SOURCES)}"
         )
+    # Read before any step starts or anything is written: a bad value in the
+    # training flagfile fails with the training command's one line.
+    train_config = train.config_from_flagfile(config.train_flagfile, config.train_args)
     steps = [s for s in SOURCES if s != "synthetic" or config.synthetic_patients]
     progress = _Progress(steps)
     artifacts = {}
     started = time.time()
     report = {"status": "running", "failed_step": None, "error": None}
     try:
-        _run_steps(config, progress, artifacts, report)
+        _run_steps(config, train_config, progress, artifacts, report)
     except BaseException as e:
         failed = [s for s, row in progress.rows.items() if row["action"] == "failed"]
         report.update(
@@ -192,7 +197,7 @@ def run_pipeline(config):
     return artifacts
 
 
-def _run_steps(config, progress, artifacts, report):
+def _run_steps(config, train_config, progress, artifacts, report):
     root = config.pipeline_root
 
     def step(name, fn, params, inputs=None, **kwargs):
@@ -217,9 +222,10 @@ def _run_steps(config, progress, artifacts, report):
         }
 
         def make_data(out):
-            _subprocess.run_module(
-                "cxr_tf.data.synthetic",
-                [f"--output_dir={out}", *(f"--{k}={v}" for k, v in params.items())],
+            child.run(
+                synthetic.generate_dataset,
+                synthetic.SyntheticConfig(output_dir=out, **params),
+                name="synthetic data",
             )
             return {"data_dir": out}
 
@@ -269,16 +275,10 @@ def _run_steps(config, progress, artifacts, report):
         {"examples": examples},
     )
 
-    train_params = {
-        "flags": train.read_flagfile(config.train_flagfile),
-        "overrides": list(config.train_args),
-    }
     model = step(
         "train",
-        lambda out, examples, statistics: train.run_train(
-            out, examples, config.train_flagfile, config.train_args
-        ),
-        train_params,
+        lambda out, examples, statistics: train.run_train(out, examples, train_config),
+        {"config": train.parameters(train_config)},
         {"examples": examples, "statistics": stats},
         keep=True,
     )

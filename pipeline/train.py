@@ -1,58 +1,81 @@
 """Trainer: trains a model on the ingested records with a training flagfile.
 
-python -m pipeline.train --examples_dir=T --flagfile_train=F --output_dir=M
+python -m pipeline.train --examples_dir=T --flagfile_train=F --output_dir=M [--epochs=3 ...]
 """
 
+import dataclasses
 import pathlib
 
 from absl import flags
 
+from cxr_tf import child
 from cxr_tf import cli
+from cxr_tf import train as train_cli
+from cxr_tf import train_lib
 
-from pipeline import _subprocess
+# Stands for the folders the step sets (the ingest output, the step's own);
+# a flagfile's --data_dir and --model_dir lose to them.
+_STEP_SETS = "<set by the train step>"
 
 
-def read_flagfile(path):
-    """Returns the flag lines of an absl flagfile (comments and blanks dropped).
+def config_from_flagfile(flagfile, overrides=()):
+    """The `TrainConfig` of a training flagfile, read as `cxr_tf.train` reads it.
+
+    Runs in the pipeline's process, so a bad value fails with the training
+    command's one-line error before any step starts.
+
+    Args:
+      flagfile: the training flagfile.
+      overrides: extra `--flag=value` strings (they win over the flagfile).
+
+    Returns:
+      A `TrainConfig` whose `data_dir` and `model_dir` `run_train` sets.
 
     Raises:
-      FileNotFoundError: `path` does not exist, naming it.
+      cxr_tf.errors.UserError: a flag or a value is wrong.
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Training flagfile not found: {path}")
-    lines = []
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if line and not line.startswith(("#", "//")):
-            lines.append(line)
-    return lines
+    return train_cli.config_from_argv(
+        [
+            f"--flagfile={pathlib.Path(flagfile).resolve()}",
+            *overrides,
+            f"--data_dir={_STEP_SETS}",
+            f"--model_dir={_STEP_SETS}",
+        ],
+        paths=False,
+    )
 
 
-def run_train(output_dir, examples, flagfile, overrides=()):
-    """Trains with `python -m cxr_tf.train`, model dir = this step's folder.
+def parameters(config):
+    """The settings of `config` that the step's cache key holds (not its folders)."""
+    d = config.to_dict()
+    del d["data_dir"], d["model_dir"]
+    return d
 
-    The training CLI resumes from its own backup when the folder holds one, so
+
+def run_train(output_dir, examples, config):
+    """Trains `config` in a child process; model dir = this step's folder.
+
+    Training resumes from its own backup when the folder holds one, so
     rerunning a killed pipeline continues the same run.
 
     Args:
       output_dir: the step's folder (the model dir).
       examples: the ingest artifact (or its folder).
-      flagfile: the training flagfile.
-      overrides: extra `--flag=value` strings (they win over the flagfile).
+      config: a `TrainConfig` (`config_from_flagfile`).
 
     Returns:
-      dict with `model_dir` and `model` (the final .keras file).
+      dict with `model_dir`.
     """
-    examples_dir = getattr(examples, "uri", examples)
-    args = [
-        f"--flagfile={pathlib.Path(flagfile).resolve()}",
-        *overrides,
-        f"--data_dir={examples_dir}",
-        f"--model_dir={output_dir}",
-    ]
-    _subprocess.run_module(
-        "cxr_tf.train", args, log_path=pathlib.Path(output_dir) / "train.log"
+    config = dataclasses.replace(
+        config,
+        data_dir=str(getattr(examples, "uri", examples)),
+        model_dir=str(output_dir),
+    )
+    child.run(
+        train_lib.train,
+        config,
+        log_path=pathlib.Path(output_dir) / "train.log",
+        name="training",
     )
     return {"model_dir": str(output_dir)}
 
@@ -61,12 +84,8 @@ def main(argv):
     cli.check_dir(_EXAMPLES_DIR, contains=bool, hint="run pipeline.ingest first")
     cli.check_file(_FLAGFILE_TRAIN)
     cli.check_writable_dir(_OUTPUT_DIR)
-    run_train(
-        _OUTPUT_DIR.value,
-        _EXAMPLES_DIR.value,
-        _FLAGFILE_TRAIN.value,
-        overrides=argv[1:],
-    )
+    config = config_from_flagfile(_FLAGFILE_TRAIN.value, argv[1:])
+    run_train(_OUTPUT_DIR.value, _EXAMPLES_DIR.value, config)
 
 
 if __name__ == "__main__":

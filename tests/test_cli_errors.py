@@ -211,6 +211,15 @@ CASES = [
         True,
     ),
     (
+        # Read by the training command's own flag code, before any step.
+        "pipeline_train_flag_typo",
+        ["-m", "pipeline.run", "--train_flagfile=configs/demo.flags",
+         "--train_arg=--pooling=pcma", "--synthetic_patients=4",
+         "--pipeline_root={tmp}/root"],
+        ["--pooling", "pcam", "lse_lba"],
+        True,
+    ),
+    (
         "synthetic_output_under_a_file",
         ["-m", "cxr_tf.data.synthetic", "--output_dir={a_file}/syn"],
         ["--output_dir", "a_file"],

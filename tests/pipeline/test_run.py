@@ -1,5 +1,6 @@
 """End-to-end tests of `python -m pipeline.run` on tiny synthetic data."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -130,6 +131,44 @@ def test_last_run_reflects_a_failed_run_and_times_each_step(
     table = caplog.text[caplog.text.rindex("steps:") :]
     for line in ("ingest       ran", "statistics   failed", "train        not run"):
         assert line in table, table
+
+
+def test_a_bad_training_flagfile_fails_before_any_child_starts(
+    tmp_path, monkeypatch
+):
+    from cxr_tf import errors
+    from pipeline import run
+
+    flagfile = tmp_path / "bad.flags"
+    flagfile.write_text("--backbone=compact\n--pooling=pcma\n")
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("a child process was started")
+
+    monkeypatch.setattr(run.child, "run", no_child)
+    monkeypatch.setattr(run._subprocess, "run_module", no_child)
+    config = run.PipelineConfig(
+        pipeline_root=str(tmp_path / "root"),
+        serving_model_dir=str(tmp_path / "serving"),
+        train_flagfile=str(flagfile),
+        synthetic_patients=4,
+    )
+    with pytest.raises(errors.UserError) as info:
+        run.run_pipeline(config)
+    # The line `python -m cxr_tf.train --flagfile=bad.flags` prints.
+    message = str(info.value)
+    assert message.startswith("unknown value 'pcma' (--pooling): use one of pcam")
+    assert "\n" not in message
+    assert not (tmp_path / "root").exists()
+    # An override from --train_arg is read the same way.
+    with pytest.raises(errors.UserError, match="Received: batch_size=0"):
+        run.run_pipeline(
+            dataclasses.replace(
+                config,
+                train_flagfile=str(REPO / "configs" / "demo.flags"),
+                train_args=("--batch_size=0",),
+            )
+        )
 
 
 @pytest.mark.slow
