@@ -203,6 +203,36 @@ def flag_error(e):
     return errors.UserValueError(message, where, "see --helpfull for valid values")
 
 
+def parse_argv(define_flags, argv, program):
+    """Parses a command's flags on a registry of their own; returns their holders.
+
+    For a process that runs a command's library with the config that command
+    would build (a pipeline step, the demo): its own flags may share names
+    with the command's, which one registry cannot hold. Flagfiles, later
+    flags winning, and the one-line errors are those of the command line.
+
+    Args:
+      define_flags: the command's `define_flags(registry) -> holders`.
+      argv: the flags, e.g. ["--flagfile=configs/demo.flags", "--epochs=1"].
+      program: the command's name, for messages.
+
+    Raises:
+      cxr_tf.errors.UserValueError, UserFileError: a bad flag or value, an
+        unreadable flagfile, or an argument that is not a flag.
+    """
+    registry = flags.FlagValues()
+    holders = define_flags(registry)
+    try:
+        rest = registry([program, *argv])
+    except flags.Error as e:
+        raise flag_error(e) from None
+    if len(rest) > 1:
+        raise errors.UserValueError(
+            f"unexpected argument {rest[1]!r}", "arguments", "flags start with --"
+        )
+    return holders
+
+
 def make_config(cls, **fields):
     """`cls(**fields)` from flag values; a value the class refuses is a user error.
 

@@ -9,6 +9,7 @@ temporary name, then renamed), so a server watching E never loads half of it.
 
 import json
 import os
+import types
 
 from absl import app
 from absl import flags
@@ -19,51 +20,80 @@ from cxr_tf import cli
 from cxr_tf import errors
 from cxr_tf import model_dir
 
-_MODEL = flags.DEFINE_string(
-    "model",
-    None,
-    "Trained .keras file, or a model directory (model.keras + config.json).",
-)
-_EXPORT_DIR = flags.DEFINE_string(
-    "export_dir", None, "TF Serving model base path; the export goes to E/<version>."
-)
-_VERSION = flags.DEFINE_integer(
-    "version", None, "Version number (default: one more than the newest in E)."
-)
-_THRESHOLD = flags.DEFINE_float(
-    "threshold",
-    None,
-    "Map threshold for boxes, every finding (default: the model's own, chosen "
-    "on validation at training, else 0.9 for probability maps, 180 on the "
-    "0..255 scale for CAMs).",
-)
-_CLASS_THRESHOLD = flags.DEFINE_multi_string(
-    "class_threshold", [], "FINDING=VALUE, a per-finding threshold (repeatable)."
-)
-_MAX_BOXES = flags.DEFINE_integer("max_boxes", 10, "Boxes kept per finding.")
-_BOX_WORK_SIZE = flags.DEFINE_integer(
-    "box_work_size",
-    choices.DEFAULT_BOX_WORK_SIZE,
-    "Find regions at this longer side at most (as predict; 0: at the image "
-    "size, exact, with a cost that grows with the film).",
-)
-_MODEL_CONFIG = flags.DEFINE_string(
-    "model_config", None, "config.json to use when none sits next to the model."
-)
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing version.")
-_CHECKPOINT = flags.DEFINE_enum(
-    "checkpoint",
-    "final",
-    list(model_dir.CHECKPOINTS),
-    "Which model of a model directory (the evaluated one: give the same "
-    "--checkpoint as to cxr_tf.evaluate, or --model=<its .keras file>).",
-)
-_METRICS = flags.DEFINE_string(
-    "metrics",
-    None,
-    "metrics.json of this model's evaluation, carried by the model card "
-    "(default: metrics.json in the model directory, if any).",
-)
+
+def define_flags(fv):
+    """Defines the flags of `cxr_tf.export` on the registry `fv`; returns holders.
+
+    The command defines them on `flags.FLAGS`; `config_from_argv` on a
+    registry of its own, for a process whose own flags share names.
+
+    Returns:
+      A namespace with one `FlagHolder` per flag, named after the flag.
+    """
+    f = types.SimpleNamespace()
+    f.model = flags.DEFINE_string(
+        "model",
+        None,
+        "Trained .keras file, or a model directory (model.keras + config.json).",
+        flag_values=fv,
+    )
+    f.export_dir = flags.DEFINE_string(
+        "export_dir",
+        None,
+        "TF Serving model base path; the export goes to E/<version>.",
+        flag_values=fv,
+    )
+    f.version = flags.DEFINE_integer(
+        "version", None, "Version number (default: one more than the newest in E).",
+        flag_values=fv,
+    )
+    f.threshold = flags.DEFINE_float(
+        "threshold",
+        None,
+        "Map threshold for boxes, every finding (default: the model's own, chosen "
+        "on validation at training, else 0.9 for probability maps, 180 on the "
+        "0..255 scale for CAMs).",
+        flag_values=fv,
+    )
+    f.class_threshold = flags.DEFINE_multi_string(
+        "class_threshold", [], "FINDING=VALUE, a per-finding threshold (repeatable).",
+        flag_values=fv,
+    )
+    f.max_boxes = flags.DEFINE_integer(
+        "max_boxes", 10, "Boxes kept per finding.",
+        flag_values=fv,
+    )
+    f.box_work_size = flags.DEFINE_integer(
+        "box_work_size",
+        choices.DEFAULT_BOX_WORK_SIZE,
+        "Find regions at this longer side at most (as predict; 0: at the image "
+        "size, exact, with a cost that grows with the film).",
+        flag_values=fv,
+    )
+    f.model_config = flags.DEFINE_string(
+        "model_config", None, "config.json to use when none sits next to the model.",
+        flag_values=fv,
+    )
+    f.overwrite = flags.DEFINE_bool(
+        "overwrite", False, "Replace an existing version.",
+        flag_values=fv,
+    )
+    f.checkpoint = flags.DEFINE_enum(
+        "checkpoint",
+        "final",
+        list(model_dir.CHECKPOINTS),
+        "Which model of a model directory (the evaluated one: give the same "
+        "--checkpoint as to cxr_tf.evaluate, or --model=<its .keras file>).",
+        flag_values=fv,
+    )
+    f.metrics = flags.DEFINE_string(
+        "metrics",
+        None,
+        "metrics.json of this model's evaluation, carried by the model card "
+        "(default: metrics.json in the model directory, if any).",
+        flag_values=fv,
+    )
+    return f
 
 
 def _class_thresholds(values):
@@ -83,60 +113,86 @@ def _class_thresholds(values):
     return pairs
 
 
-def check_paths():
+def check_paths(f):
     """Checks the model and the export folder before TF loads."""
-    path = cli.require(_MODEL)
+    path = cli.require(f.model)
     if not os.path.exists(path):
         raise errors.UserFileError(
             "no such model", f"--model={path}", "give a folder written by `cxr_tf.train`"
         )
-    if _MODEL_CONFIG.value:
-        cli.check_file(_MODEL_CONFIG)
+    if f.model_config.value:
+        cli.check_file(f.model_config)
     else:
-        cli.check_model(_MODEL, _CHECKPOINT.value, "checkpoint")
-    cli.check_file(_METRICS)
-    cli.check_writable_dir(_EXPORT_DIR)
+        cli.check_model(f.model, f.checkpoint.value, "checkpoint")
+    cli.check_file(f.metrics)
+    cli.check_writable_dir(f.export_dir)
+
+
+def config_from_flags(f):
+    """Checks the paths and builds the `ExportConfig` of parsed flags `f`."""
+    class_thresholds = _class_thresholds(f.class_threshold.value)
+    check_paths(f)
+    from cxr_tf import export_lib  # pylint: disable=import-outside-toplevel
+
+    return cli.make_config(
+        export_lib.ExportConfig,
+        model_path=f.model.value,
+        export_dir=f.export_dir.value,
+        version=f.version.value,
+        threshold=f.threshold.value,
+        class_thresholds=class_thresholds,
+        max_boxes=f.max_boxes.value,
+        box_work_size=f.box_work_size.value or None,
+        model_config_path=f.model_config.value,
+        checkpoint=f.checkpoint.value,
+        metrics_path=f.metrics.value,
+        overwrite=f.overwrite.value,
+    )
+
+
+def config_from_argv(argv):
+    """The `ExportConfig` that `python -m cxr_tf.export ARGV` would export.
+
+    Raises:
+      cxr_tf.errors.UserError: a flag, a value or a path is wrong; the
+        message is the line the command would print.
+    """
+    return config_from_flags(cli.parse_argv(define_flags, argv, "cxr_tf.export"))
+
+
+def export(config):
+    """Exports `config` as the command does; returns the version folder.
+
+    Raises:
+      cxr_tf.errors.UserError: the model cannot be read, or the version
+        exists; one line naming --model or --export_dir.
+    """
+    from cxr_tf import export_lib  # pylint: disable=import-outside-toplevel
+
+    logging.info("Export config: %s", json.dumps(config.to_dict(), sort_keys=True))
+    with (
+        cli.user_errors(
+            (FileNotFoundError, ValueError),
+            f"--model={config.model_path}",
+            "give a folder written by `cxr_tf.train`",
+        ),
+        cli.user_errors(
+            FileExistsError,
+            f"--export_dir={config.export_dir}",
+            "pass --overwrite or another --version",
+        ),
+    ):
+        return export_lib.export_saved_model(config)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    class_thresholds = _class_thresholds(_CLASS_THRESHOLD.value)
-    check_paths()
-    from cxr_tf import export_lib  # pylint: disable=import-outside-toplevel
-
-    config = cli.make_config(
-        export_lib.ExportConfig,
-        model_path=_MODEL.value,
-        export_dir=_EXPORT_DIR.value,
-        version=_VERSION.value,
-        threshold=_THRESHOLD.value,
-        class_thresholds=class_thresholds,
-        max_boxes=_MAX_BOXES.value,
-        box_work_size=_BOX_WORK_SIZE.value or None,
-        model_config_path=_MODEL_CONFIG.value,
-        checkpoint=_CHECKPOINT.value,
-        metrics_path=_METRICS.value,
-        overwrite=_OVERWRITE.value,
-    )
-    logging.info("Export config: %s", json.dumps(config.to_dict(), sort_keys=True))
-    with (
-        cli.user_errors(
-            (FileNotFoundError, ValueError),
-            f"--model={_MODEL.value}",
-            "give a folder written by `cxr_tf.train`",
-        ),
-        cli.user_errors(
-            FileExistsError,
-            f"--export_dir={_EXPORT_DIR.value}",
-            "pass --overwrite or another --version",
-        ),
-    ):
-        path = export_lib.export_saved_model(config)
-    print(path)
+    print(export(config_from_flags(_FLAGS)))
     return 0
 
 
 if __name__ == "__main__":
+    _FLAGS = define_flags(flags.FLAGS)
     flags.mark_flags_as_required(["model", "export_dir"])
     cli.run(main)

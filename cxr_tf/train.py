@@ -26,8 +26,8 @@ def define_flags(fv):
 
     `python -m cxr_tf.train` defines them on `flags.FLAGS`; `config_from_argv`
     on a registry of its own, so an orchestrator whose own flags share names
-    (--data_dir, --image_size, --seed) reads a training flagfile exactly as
-    the command line does.
+    (--data_dir, --image_size, --seed) reads a training flagfile as the
+    command line does.
 
     Returns:
       A namespace with one `FlagHolder` per flag, named after the flag.
@@ -324,9 +324,9 @@ def check_paths(f):
 def config_from_argv(argv, paths=True):
     """The `TrainConfig` that `python -m cxr_tf.train ARGV` would train with.
 
-    The flags are parsed on a registry of their own (`define_flags`) with the
-    command's checks and its one-line errors, so a flagfile means here what
-    it means on the command line, in a process whose own flags share names.
+    The flags are parsed on a registry of their own (`cli.parse_argv`) with
+    the command's checks and its one-line errors, so a flagfile means here
+    what it means on the command line, in a process whose flags share names.
 
     Args:
       argv: the flags, e.g. ["--flagfile=configs/demo.flags", "--epochs=1",
@@ -337,16 +337,7 @@ def config_from_argv(argv, paths=True):
       cxr_tf.errors.UserError: a flag, a value or a path is wrong; the
         message is the line the command would print.
     """
-    fv = flags.FlagValues()
-    f = define_flags(fv)
-    try:
-        rest = fv(["cxr_tf.train", *argv])
-    except flags.Error as e:
-        raise cli.flag_error(e) from None
-    if len(rest) > 1:
-        raise errors.UserValueError(
-            f"unexpected argument {rest[1]!r}", "arguments", "flags start with --"
-        )
+    f = cli.parse_argv(define_flags, argv, "cxr_tf.train")
     cli.require(f.data_dir)
     cli.require(f.model_dir)
     check_flags(f)
