@@ -12,9 +12,11 @@ import pathlib
 
 from absl import flags
 
+from cxr_tf import child
 from cxr_tf import cli
+from cxr_tf import evaluate as evaluate_cli
 
-from pipeline import _subprocess, base
+from pipeline import base
 
 BLESSING_FILE = "blessing.json"
 
@@ -113,7 +115,7 @@ def run_evaluate(
     tolerance=0.0,
     extra_args=(),
 ):
-    """Runs `python -m cxr_tf.evaluate` on the test split and writes a blessing.
+    """Evaluates the model on the test split in a child process; writes a blessing.
 
     Args:
       output_dir: the step's folder.
@@ -122,7 +124,8 @@ def run_evaluate(
       pipeline_root: where earlier push records are found.
       min_mean_auc, min_localization_accuracy: absolute floors (None: no floor).
       tolerance: allowed drop against the pushed model.
-      extra_args: more `--flag=value` strings for the evaluation CLI.
+      extra_args: more `--flag=value` strings of `cxr_tf.evaluate` (read
+        here, by that command's own flag code, into its `EvalConfig`).
 
     Returns:
       dict with `metrics`, `blessing` (paths), `blessed` and `summary`.
@@ -130,15 +133,21 @@ def run_evaluate(
     model_dir = getattr(model, "uri", model)
     examples_dir = getattr(examples, "uri", examples)
     eval_dir = pathlib.Path(output_dir) / "evaluation"
-    _subprocess.run_module(
-        "cxr_tf.evaluate",
+    config = evaluate_cli.config_from_argv(
         [
             f"--model_dir={model_dir}",
             f"--data_dir={examples_dir}",
             f"--output_dir={eval_dir}",
             *extra_args,
-        ],
+        ]
+    )
+    from cxr_tf import evaluate_lib  # pylint: disable=import-outside-toplevel
+
+    child.run(
+        evaluate_lib.evaluate,
+        config,
         log_path=pathlib.Path(output_dir) / "evaluate.log",
+        name="evaluation",
     )
     metrics_path = eval_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text(encoding="utf-8"))

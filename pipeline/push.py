@@ -8,15 +8,16 @@ import pathlib
 
 from absl import flags
 
+from cxr_tf import child
 from cxr_tf import cli
-
-from pipeline import _subprocess
+from cxr_tf import export as export_cli
 
 
 def run_push(output_dir, model, evaluation, serving_model_dir, export_args=()):
     """Exports the model into `serving_model_dir/<next version>` if it is blessed.
 
-    `cxr_tf.export` picks the next version and writes it atomically.
+    The export runs in a child process; `cxr_tf.export` picks the next
+    version and writes it atomically.
 
     Args:
       output_dir: the step's folder.
@@ -24,7 +25,8 @@ def run_push(output_dir, model, evaluation, serving_model_dir, export_args=()):
       evaluation: the evaluate artifact (or a dict with `blessed`, `reasons`,
         `summary`).
       serving_model_dir: the TF Serving model base path.
-      export_args: extra `--flag=value` strings for `cxr_tf.export`.
+      export_args: extra `--flag=value` strings of `cxr_tf.export` (read
+        here, by that command's own flag code, into its `ExportConfig`).
 
     Returns:
       dict with `pushed`, and `version`/`version_dir` when pushed, or `reasons`.
@@ -44,22 +46,27 @@ def run_push(output_dir, model, evaluation, serving_model_dir, export_args=()):
             evaluated = (json.load(f).get("source") or {}).get("model")
     # Export numbers the version and writes it atomically (a hidden folder
     # renamed into place), so a server polling the base path never loads
-    # half a model; the last line it prints is the version folder.
-    tail = _subprocess.run_module(
-        "cxr_tf.export",
+    # half a model; it returns the version folder.
+    config = export_cli.config_from_argv(
         [
             f"--model={evaluated or model_dir}",
             f"--export_dir={serving_model_dir}",
             *([f"--metrics={metrics_path}"] if metrics_path else []),
             *export_args,
-        ],
-        log_path=pathlib.Path(output_dir) / "export.log",
+        ]
     )
-    final = pathlib.Path(tail[-1].strip())
+    final = pathlib.Path(
+        child.run(
+            export_cli.export,
+            config,
+            log_path=pathlib.Path(output_dir) / "export.log",
+            name="export",
+        )
+    )
     if not (final.parent == pathlib.Path(serving_model_dir) and final.is_dir()):
         raise RuntimeError(
-            f"cxr_tf.export did not report a version folder under "
-            f"{serving_model_dir}; its last line: {tail[-1]!r}"
+            f"cxr_tf.export did not write a version folder under "
+            f"{serving_model_dir}: {final}"
         )
     version = int(final.name)
     return {

@@ -33,8 +33,8 @@ STEP_MODULES = {
     "ingest": ("pipeline._subprocess", "pipeline.ingest"),
     "statistics": ("pipeline.statistics",),
     "train": ("pipeline.train",),
-    "evaluate": ("pipeline.evaluate", "cxr_tf.evaluate"),
-    "push": ("pipeline.push", "cxr_tf.export"),
+    "evaluate": ("pipeline.evaluate",),
+    "push": ("pipeline.push",),
 }
 SOURCES = {step: base.module_sources(*m) for step, m in STEP_MODULES.items()}
 
