@@ -203,7 +203,7 @@ def flag_error(e):
     return errors.UserValueError(message, where, "see --helpfull for valid values")
 
 
-def parse_argv(define_flags, argv, program):
+def parse_argv(define_flags, argv, program, known_only=False):
     """Parses a command's flags on a registry of their own; returns their holders.
 
     For a process that runs a command's library with the config that command
@@ -215,6 +215,11 @@ def parse_argv(define_flags, argv, program):
       define_flags: the command's `define_flags(registry) -> holders`.
       argv: the flags, e.g. ["--flagfile=configs/demo.flags", "--epochs=1"].
       program: the command's name, for messages.
+      known_only: flags the command does not define are passed on (Beam
+        pipeline options), as with `parse_known_flags`.
+
+    Returns:
+      The holders; with `known_only`, (holders, the flags passed on).
 
     Raises:
       cxr_tf.errors.UserValueError, UserFileError: a bad flag or value, an
@@ -223,9 +228,11 @@ def parse_argv(define_flags, argv, program):
     registry = flags.FlagValues()
     holders = define_flags(registry)
     try:
-        rest = registry([program, *argv])
+        rest = registry([program, *argv], known_only=known_only)
     except flags.Error as e:
         raise flag_error(e) from None
+    if known_only:
+        return holders, rest[1:]
     if len(rest) > 1:
         raise errors.UserValueError(
             f"unexpected argument {rest[1]!r}", "arguments", "flags start with --"

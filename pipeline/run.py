@@ -11,6 +11,7 @@ does not know are Beam pipeline options and go to the Beam steps unchanged.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -22,15 +23,16 @@ from cxr_tf import child
 from cxr_tf import cli
 from cxr_tf import errors
 from cxr_tf.data import synthetic
-from pipeline import _subprocess, base, evaluate, push, statistics, train
+from pipeline import base, evaluate, push, statistics, train
+from pipeline import ingest as ingest_step
 
 # The code each step runs, found from its imports (`base.module_sources`).
 # Editing any file they import reruns that step (and those after it). The
-# synthetic and ingest steps are closures below: their code is the library
-# or CLI module they run in a child process and that runner.
+# synthetic and ingest steps are closures below: their code is the module
+# whose function they run in a child process, and that runner.
 STEP_MODULES = {
     "synthetic": ("cxr_tf.child", "cxr_tf.data.synthetic"),
-    "ingest": ("pipeline._subprocess", "pipeline.ingest"),
+    "ingest": ("cxr_tf.child", "pipeline.ingest"),
     "statistics": ("pipeline.statistics",),
     "train": ("pipeline.train",),
     "evaluate": ("pipeline.evaluate",),
@@ -250,8 +252,8 @@ def _run_steps(config, train_config, progress, artifacts, report):
     }
 
     def ingest(out):
-        _subprocess.run_module(
-            "pipeline.ingest",
+        # --ingest_arg flags are pipeline.ingest's; the rest are Beam options.
+        ingest_config, beam_args = ingest_step.config_from_argv(
             [
                 f"--data_dir={data_dir}",
                 f"--output_dir={out}",
@@ -259,8 +261,13 @@ def _run_steps(config, train_config, progress, artifacts, report):
                 f"--max_skip_fraction={config.max_skip_fraction}",
                 *config.ingest_args,
                 *config.beam_args,
-            ],
+            ]
+        )
+        child.run(
+            functools.partial(ingest_step.ingest, pipeline_args=beam_args),
+            ingest_config,
             log_path=pathlib.Path(out) / "ingest.log",
+            name="ingest",
         )
         return {"examples_dir": out}
 

@@ -41,9 +41,8 @@ def test_no_module_imports_another_modules_private_name():
                     if not a.name.startswith("_") or a.name.startswith("__"):
                         continue
                     # A package's private helper module (layers/_cam_head.py,
-                    # data/_phantom.py, pipeline/_subprocess.py) serves the
-                    # modules of its own package: that is what the
-                    # underscore says.
+                    # data/_phantom.py) serves the modules of its own
+                    # package: that is what the underscore says.
                     helper = REPO.joinpath(*node.module.split("."), f"{a.name}.py")
                     if helper.is_file() and helper.parent == path.parent:
                         continue

@@ -193,29 +193,6 @@ def test_user_error_in_a_step_is_one_line_naming_the_file(tmp_path):
     assert record["status"] == "failed" and "train-00001" in record["error"]
 
 
-def test_child_user_error_line_is_passed_on(tmp_path, monkeypatch):
-    from cxr_tf import errors
-    from pipeline import _subprocess
-
-    (tmp_path / "failing_cli.py").write_text(
-        "import sys\n"
-        "print('some progress')\n"
-        "print('error: damaged TFRecord file (/d/train-1.gz): rerun ingest', "
-        "file=sys.stderr)\n"
-        "sys.exit(1)\n"
-    )
-    monkeypatch.setenv(
-        "PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    )
-    with pytest.raises(errors.UserError) as info:
-        _subprocess.run_module("failing_cli", [], log_path=tmp_path / "log")
-    assert str(info.value) == "damaged TFRecord file (/d/train-1.gz): rerun ingest"
-    (tmp_path / "crashing_cli.py").write_text("raise RuntimeError('a bug')\n")
-    with pytest.raises(RuntimeError, match="a bug") as info:
-        _subprocess.run_module("crashing_cli", [])
-    assert not isinstance(info.value, errors.UserError)
-
-
 def test_module_sources_follow_imports_and_catch_what_a_hand_list_forgot():
     from pipeline import run
 

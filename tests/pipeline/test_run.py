@@ -94,15 +94,16 @@ def test_last_run_reflects_a_failed_run_and_times_each_step(
 
     data = tmp_path / "raw"
     data.mkdir()
+    (data / "Data_Entry_2017.csv").write_text("Image Index\n")
     root = tmp_path / "root"
     root.mkdir()
     (root / "last_run.json").write_text(json.dumps({"status": "succeeded"}))
     shard = str(data / "train-00001-of-00002.tfrecord.gz")
 
-    def ingest_fails(module, args, log_path=None):
+    def ingest_fails(fn, config, log_path=None, name=None):
         raise errors.UserFileError("damaged TFRecord file: truncated record", shard)
 
-    monkeypatch.setattr(run._subprocess, "run_module", ingest_fails)
+    monkeypatch.setattr(run.child, "run", ingest_fails)
     caplog.set_level("INFO", logger="absl")  # Whatever absl's verbosity.
     with pytest.raises(base.StepUserError, match="train-00001-of-00002"):
         run.run_pipeline(_config(tmp_path, data))
@@ -113,7 +114,7 @@ def test_last_run_reflects_a_failed_run_and_times_each_step(
     assert "pipeline step 1/5: ingest" in caplog.text
 
     # Ingest now works; statistics fails: ingest is timed, statistics named.
-    monkeypatch.setattr(run._subprocess, "run_module", lambda *a, **k: None)
+    monkeypatch.setattr(run.child, "run", lambda *a, **k: None)
 
     def statistics_fails(*args):
         raise base.AnomaliesFoundError("label_domain: value 2 in train")
@@ -146,7 +147,6 @@ def test_a_bad_training_flagfile_fails_before_any_child_starts(
         raise AssertionError("a child process was started")
 
     monkeypatch.setattr(run.child, "run", no_child)
-    monkeypatch.setattr(run._subprocess, "run_module", no_child)
     config = run.PipelineConfig(
         pipeline_root=str(tmp_path / "root"),
         serving_model_dir=str(tmp_path / "serving"),
