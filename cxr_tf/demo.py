@@ -1,23 +1,29 @@
 """The README's main job: synthetic data -> ingest -> train -> evaluate -> export.
 
-`python -m cxr_tf.demo --output_dir=demo_output` runs each step as the
-command a user would type (so the demo exercises the real CLIs), trains PCAM
-and the LSE baseline of Wang et al. with the same budget (configs/demo.flags),
-evaluates both on the synthetic test split, exports the PCAM model, draws
-overlays for a few test films, and prints and writes summary.json.
+`python -m cxr_tf.demo --output_dir=demo_output` runs each step's library
+with the config its command would build from the same flags (so a training
+flagfile means what it means to `python -m cxr_tf.train`), each in a child
+process (`cxr_tf.child`). It trains PCAM and the LSE baseline of Wang et al.
+with the same budget (configs/demo.flags), evaluates both on the synthetic
+test split, exports the PCAM model, draws overlays for a few test films, and
+prints and writes summary.json.
 """
 
+import functools
 import json
 import os
-import subprocess
-import sys
 import time
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from cxr_tf import child
 from cxr_tf import cli
+from cxr_tf import evaluate as evaluate_cli
+from cxr_tf import export as export_cli
+from cxr_tf import train as train_cli
+from cxr_tf import train_lib
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,32 +66,24 @@ _SKIP_EXISTING = flags.DEFINE_bool(
 SUMMARY_FILE = "summary.json"
 
 
-def _run(step, args, log_dir):
-    """Runs `python -m args...`, teeing output to log_dir/step.log."""
-    cmd = [sys.executable, "-m", *args]
-    logging.info("[%s] %s", step, " ".join(cmd))
-    print(f"\n=== {step}: {' '.join(args)}", flush=True)
+def _shown(line):
+    # Progress bars and the steps' own summaries; not TF chatter.
+    return not line.startswith(("WARNING", "I0000", "E0000", "W0000"))
+
+
+def _run(step, fn, config, log_dir):
+    """Runs `fn(config)` in a child process, teeing output to log_dir/step.log."""
+    logging.info("[%s] %s", step, config)
+    print(f"\n=== {step}", flush=True)
     start = time.time()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     log_path = os.path.join(log_dir, f"{step}.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        for line in proc.stdout:
-            log.write(line)
-            # Progress bars and the steps' own summaries; not TF chatter.
-            if not line.startswith(("WARNING", "I0000", "E0000", "W0000")):
-                sys.stdout.write(line)
-        proc.wait()
+    if os.path.exists(log_path):
+        os.remove(log_path)
+    try:
+        child.run(fn, config, log_path, name=f"demo step {step!r}", echo=_shown)
+    except RuntimeError as e:
+        raise RuntimeError(f"Demo step {step!r} failed; see {log_path}\n{e}") from e
     seconds = time.time() - start
-    if proc.returncode:
-        raise RuntimeError(
-            f"Demo step {step!r} failed with exit code {proc.returncode}; "
-            f"see {log_path}"
-        )
     print(f"=== {step} done in {seconds:.0f} s", flush=True)
     return seconds
 
@@ -130,75 +128,106 @@ def _figures(metrics):
     }
 
 
-def run_demo(output_dir):
-    """Runs the whole demo; returns the summary dict."""
-    start = time.time()
-    output_dir = os.path.abspath(output_dir)
-    logs = os.path.join(output_dir, "logs")
-    os.makedirs(logs, exist_ok=True)
-    synthetic = os.path.join(output_dir, "synthetic")
-    records = os.path.join(output_dir, "records")
-    timings = {}
+def _train_configs(records, output_dir):
+    """The PCAM and LSE `TrainConfig`s, read as `cxr_tf.train` reads the flags.
 
-    def stage(step, args, done=None):
-        # `done`: the file a finished run of the step leaves; with
-        # --skip_existing, a step whose file exists is not run again.
-        if not (done and _SKIP_EXISTING.value and os.path.isfile(done)):
-            timings[step] = _run(step, args, logs)
-
-    stage(
-        "synthetic",
-        [
-            "cxr_tf.data.synthetic",
-            f"--output_dir={synthetic}",
-            f"--num_patients={_NUM_PATIENTS.value}",
-            f"--image_size={_FILM_SIZE.value}",
-            f"--seed={_SEED.value}",
-            f"--num_workers={os.cpu_count() or 1}",
-        ],
-        done=os.path.join(synthetic, "test_list.txt"),
-    )
-    stage(
-        "ingest",
-        [
-            "pipeline.ingest",
-            f"--data_dir={synthetic}",
-            f"--output_dir={records}",
-            f"--image_size={_INGEST_SIZE.value}",
-            "--overwrite",
-        ],
-        done=os.path.join(records, "ingest_report.json"),
-    )
-
+    Raises:
+      cxr_tf.errors.UserError: a bad value in the flagfile or --train_args,
+        before any step starts.
+    """
     runs = {"pcam": [], "lse": ["--pooling=lse"]}
     if _LSE_OPTIONS.value:
         runs["lse"].append(f"--pooling_options={_LSE_OPTIONS.value}")
     extra = [f"--{a}" for a in _TRAIN_ARGS.value]
-    results, evaluated = {}, {}
-    for name, args in runs.items():
-        model_dir = os.path.join(output_dir, f"model_{name}")
-        eval_dir = os.path.join(output_dir, f"eval_{name}")
-        stage(
-            f"train_{name}",
+    return {
+        name: train_cli.config_from_argv(
             [
-                "cxr_tf.train",
                 f"--flagfile={_TRAIN_FLAGFILE.value}",
                 f"--data_dir={records}",
-                f"--model_dir={model_dir}",
+                f"--model_dir={os.path.join(output_dir, f'model_{name}')}",
                 "--verbose=2",
                 *args,
                 *extra,
             ],
-            done=os.path.join(model_dir, "model.keras"),
+            paths=False,
+        )
+        for name, args in runs.items()
+    }
+
+
+def run_demo(output_dir):
+    """Runs the whole demo; returns the summary dict."""
+    # pylint: disable=import-outside-toplevel
+    from cxr_tf import evaluate_lib
+    from cxr_tf import predict_lib
+    from cxr_tf.data import synthetic as synthetic_lib
+
+    # pylint: enable=import-outside-toplevel
+
+    start = time.time()
+    output_dir = os.path.abspath(output_dir)
+    synthetic = os.path.join(output_dir, "synthetic")
+    records = os.path.join(output_dir, "records")
+    train_configs = _train_configs(records, output_dir)
+    logs = os.path.join(output_dir, "logs")
+    os.makedirs(logs, exist_ok=True)
+    timings = {}
+
+    def finished(done):
+        # `done`: the file a finished run of a step leaves; with
+        # --skip_existing, a step whose file exists is not run again.
+        return done and _SKIP_EXISTING.value and os.path.isfile(done)
+
+    def stage(step, fn, config, done=None):
+        if not finished(done):
+            timings[step] = _run(step, fn, config, logs)
+
+    stage(
+        "synthetic",
+        synthetic_lib.generate_dataset,
+        synthetic_lib.SyntheticConfig(
+            output_dir=synthetic,
+            num_patients=_NUM_PATIENTS.value,
+            image_size=_FILM_SIZE.value,
+            seed=_SEED.value,
+            num_workers=os.cpu_count() or 1,
+        ),
+        done=os.path.join(synthetic, "test_list.txt"),
+    )
+    if not finished(os.path.join(records, "ingest_report.json")):
+        # Imports Beam and TensorFlow: only when the step runs.
+        from cxr_tf.data import ingest  # pylint: disable=import-outside-toplevel
+
+        stage(
+            "ingest",
+            ingest.run_ingest,
+            ingest.IngestConfig(
+                data_dir=synthetic,
+                output_dir=records,
+                image_size=_INGEST_SIZE.value,
+                overwrite=True,
+            ),
+        )
+
+    results, evaluated = {}, {}
+    for name, config in train_configs.items():
+        eval_dir = os.path.join(output_dir, f"eval_{name}")
+        stage(
+            f"train_{name}",
+            train_lib.train,
+            config,
+            done=os.path.join(config.model_dir, "model.keras"),
         )
         stage(
             f"evaluate_{name}",
-            [
-                "cxr_tf.evaluate",
-                f"--model_dir={model_dir}",
-                f"--data_dir={records}",
-                f"--output_dir={eval_dir}",
-            ],
+            evaluate_lib.evaluate,
+            evaluate_cli.config_from_argv(
+                [
+                    f"--model_dir={config.model_dir}",
+                    f"--data_dir={records}",
+                    f"--output_dir={eval_dir}",
+                ]
+            ),
         )
         with open(os.path.join(eval_dir, "metrics.json")) as f:
             metrics = json.load(f)
@@ -208,30 +237,32 @@ def run_demo(output_dir):
     # Export and draw with the very checkpoint evaluate scored (its default,
     # the best validation epoch), and carry its metrics on the model card.
     pcam_model = evaluated["pcam"]
+    results_path = os.path.join(output_dir, "eval_pcam", "metrics.json")
     if _EXPORT.value:
         stage(
             "export",
-            [
-                "cxr_tf.export",
-                f"--model={pcam_model}",
-                f"--metrics={os.path.join(output_dir, 'eval_pcam', 'metrics.json')}",
-                f"--export_dir={os.path.join(output_dir, 'export')}",
-                "--version=1",
-                "--overwrite",
-            ],
+            export_cli.export,
+            export_cli.config_from_argv(
+                [
+                    f"--model={pcam_model}",
+                    f"--metrics={results_path}",
+                    f"--export_dir={os.path.join(output_dir, 'export')}",
+                    "--version=1",
+                    "--overwrite",
+                ]
+            ),
         )
     films = _boxed_test_images(synthetic, _NUM_OVERLAYS.value)
     if films:
         stage(
             "overlays",
-            [
-                "cxr_tf.predict",
-                f"--model={pcam_model}",
-                f"--output_dir={os.path.join(output_dir, 'predictions')}",
+            functools.partial(predict_lib.predict, inputs=films),
+            predict_lib.PredictConfig(
+                model=pcam_model,
+                output_dir=os.path.join(output_dir, "predictions"),
                 # The films' truth, drawn next to the predicted boxes.
-                f"--bbox_list={os.path.join(synthetic, 'BBox_List_2017.csv')}",
-                *films,
-            ],
+                bbox_list=os.path.join(synthetic, "BBox_List_2017.csv"),
+            ),
         )
 
     pcam, lse = results["pcam"], results["lse"]
