@@ -1,11 +1,13 @@
 """Runs reproduce.py's trainings and evaluations in one process (its worker).
 
-    python benchmarks/_reproduce_stages.py PLAN.json
+reproduce.py runs `run_stages` in a child process (`cxr_tf.child`), or by
+hand: `python benchmarks/_reproduce_stages.py PLAN.json`.
 
-PLAN.json is a list of stages, each {"name", "kind", "dir", ...}:
+A stage is {"name", "kind", "dir", ...}:
 - kind "train": "argv", the `python -m cxr_tf.train` flags (a flagfile and
-  overrides), parsed by cxr_tf.train's own flags into its `TrainConfig`, so
-  a checked-in flagfile means here what it means on the command line;
+  overrides), read by cxr_tf.train's own flag code into its `TrainConfig`
+  (`with_config`, in the calling process), so a checked-in flagfile means
+  here what it means on the command line;
 - kind "evaluate": "config", the keyword arguments of
   `cxr_tf.evaluate_lib.EvalConfig`.
 
@@ -47,26 +49,41 @@ def free_checkpoints(model_dir):
             shutil.rmtree(path)
 
 
-def _train(stage):
-    from cxr_tf import train
-    from cxr_tf import train_lib
+def with_config(stage):
+    """The stage with "frozen", its config: a `TrainConfig` or an `EvalConfig`.
 
-    train_lib.train(train.config_from_argv(list(stage["argv"])))
-    free_checkpoints(stage["dir"])
+    Raises:
+      cxr_tf.errors.UserError: a training's flags hold a bad flag, value or
+        path (the line `python -m cxr_tf.train` would print).
+    """
+    if stage["kind"] == "train":
+        from cxr_tf import train
 
-
-def _evaluate(stage):
+        return {**stage, "frozen": train.config_from_argv(list(stage["argv"]))}
     from cxr_tf import evaluate_lib
 
     config = dict(stage["config"])
     for key in ("box_thresholds", "iobb_thresholds", "mask_thresholds"):
         if key in config:
             config[key] = tuple(config[key])
-    evaluate_lib.evaluate(evaluate_lib.EvalConfig(**config))
+    return {**stage, "frozen": evaluate_lib.EvalConfig(**config)}
+
+
+def _train(stage):
+    from cxr_tf import train_lib
+
+    train_lib.train(stage["frozen"])
+    free_checkpoints(stage["dir"])
+
+
+def _evaluate(stage):
+    from cxr_tf import evaluate_lib
+
+    evaluate_lib.evaluate(stage["frozen"])
 
 
 def run_stages(stages):
-    """Runs each stage in order; writes its record when it finishes."""
+    """Runs each stage (`with_config`) in order; writes its record when it finishes."""
     import keras
 
     for stage in stages:
@@ -89,7 +106,7 @@ def main(argv):
         return 2
     stages = json.loads(pathlib.Path(argv[1]).read_text())
     try:
-        run_stages(stages)
+        run_stages([with_config(stage) for stage in stages])
     except Exception:  # pylint: disable=broad-except
         traceback.print_exc()
         return 1

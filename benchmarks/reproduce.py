@@ -22,8 +22,9 @@ from the folder are reported, not an error: the report says how many of
 the tables' rows it ran on, and which findings have no positive or no box
 among them (n/a).
 
-Trainings and evaluations run in one worker process
-(`_reproduce_stages.py`), which imports TensorFlow once.
+Every stage runs a library function with a frozen config in a child
+process (`cxr_tf.child`); trainings and evaluations share one worker
+(`_reproduce_stages.run_stages`), which imports TensorFlow once.
 RESULTS.md, a pure function of results.json, is written by
 `_reproduce_report.py`.
 
@@ -39,13 +40,13 @@ reused when their arguments are unchanged (`--noreuse` redoes everything);
 everything for a quick end-to-end check.
 """
 
+import dataclasses
 import datetime
 import json
 import os
 import pathlib
 import platform
 import shlex
-import subprocess
 import sys
 import time
 
@@ -59,10 +60,13 @@ if str(ROOT) not in sys.path:
     # Runs from a checkout without `pip install -e .`.
     sys.path.insert(0, str(ROOT))
 
+from cxr_tf import child  # noqa: E402 pylint: disable=g-import-not-at-top
 from cxr_tf import choices  # noqa: E402 pylint: disable=g-import-not-at-top
 from cxr_tf import cli  # noqa: E402 pylint: disable=g-import-not-at-top
+from cxr_tf import errors  # noqa: E402 pylint: disable=g-import-not-at-top
 from cxr_tf import model_dir as model_dir_lib  # noqa: E402 pylint: disable=g-import-not-at-top
 from cxr_tf.data import schema  # noqa: E402 pylint: disable=g-import-not-at-top
+from pipeline import ingest as ingest_step  # noqa: E402 pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import _reproduce_real  # noqa: E402 pylint: disable=g-import-not-at-top
@@ -350,90 +354,94 @@ def plan_evaluations(settings, runs):
 
 
 # ---------------------------------------------------------------------------
-# Subprocess stages.
+# Stages in child processes.
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return env
-
-
-def run_stage(name, argv, stage_dir, reuse):
-    """Runs `python -m ...` once per distinct argument list; logs to a file.
+def run_stage(name, fn, config, stage_dir, reuse):
+    """Runs `fn(config)` in a child process once per distinct config; logs to a file.
 
     Args:
       name: stage name for messages.
-      argv: the module and its arguments (after `python -m`).
+      fn: the library function (`cxr_tf.child.run`).
+      config: its frozen dataclass config.
       stage_dir: directory whose `reproduce_stage.json` records the finished
-        stage (argv, wall time).
-      reuse: skip the stage when the record shows the same argv finished.
+        stage (config, wall time).
+      reuse: skip the stage when the record shows the same config finished.
 
     Returns:
-      dict with "argv", "wall_s", "reused".
+      dict with "config", "wall_s", "reused".
 
     Raises:
-      RuntimeError: the subprocess failed (its log's tail is in the message).
+      RuntimeError: the stage failed (its log's tail is in the message).
     """
+    spec = json.loads(json.dumps(dataclasses.asdict(config)))
     stage_dir = pathlib.Path(stage_dir)
     record_path = stage_dir / "reproduce_stage.json"
     if reuse and record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record.get("argv") == argv:
+        if record.get("config") == spec:
             logging.info("Reusing %s (%s)", name, stage_dir)
             return {**record, "reused": True}
     stage_dir.mkdir(parents=True, exist_ok=True)
     log_path = stage_dir / "reproduce_stage.log"
-    command = [sys.executable, "-m"] + argv
-    logging.info("Running %s: %s", name, shlex.join(command))
+    if log_path.exists():
+        log_path.unlink()
+    logging.info("Running %s: %s", name, json.dumps(spec, sort_keys=True))
     start = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(
-            command, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT
-        )
-    wall = time.time() - start
-    if proc.returncode:
-        tail = log_path.read_text(errors="replace")[-3000:]
+    try:
+        child.run(fn, config, log_path=log_path, name=name, echo=_quiet)
+    except (errors.UserError, RuntimeError) as e:
         raise RuntimeError(
-            f"Stage {name} failed with exit status {proc.returncode} after "
-            f"{wall:.0f} s: {shlex.join(command)}\nLog {log_path} ends:\n{tail}"
-        )
-    record = {"argv": argv, "wall_s": round(wall, 1)}
+            f"Stage {name} failed after {time.time() - start:.0f} s: {e}\n"
+            f"Log: {log_path}"
+        ) from e
+    wall = time.time() - start
+    record = {"config": spec, "wall_s": round(wall, 1)}
     record_path.write_text(json.dumps(record, indent=2))
     logging.info("%s done in %.0f s", name, wall)
     return {**record, "reused": False}
 
 
+def _quiet(line):
+    # A stage's output goes to its log only.
+    del line
+    return False
+
+
 def make_data(settings, work_dir, reuse):
     """Synthetic films, then TFRecords; returns (synthetic dir, records dir, timings)."""
+    from cxr_tf.data import synthetic  # pylint: disable=import-outside-toplevel
+
     synthetic_dir = work_dir / "synthetic"
     records_dir = work_dir / "records"
     timings = {}
     timings["synthetic"] = run_stage(
         "synthetic data",
-        [
-            "cxr_tf.data.synthetic",
-            f"--output_dir={synthetic_dir}",
-            f"--num_patients={settings['num_patients']}",
-            f"--image_size={settings['data_image_size']}",
-            f"--seed={settings['seed']}",
-        ],
+        synthetic.generate_dataset,
+        synthetic.SyntheticConfig(
+            output_dir=str(synthetic_dir),
+            num_patients=settings["num_patients"],
+            image_size=settings["data_image_size"],
+            seed=settings["seed"],
+        ),
         work_dir / "stage_synthetic",
         reuse,
     )
-    timings["ingest"] = run_stage(
-        "ingest",
+    # pipeline.ingest's own flag code: the config `python -m pipeline.ingest`
+    # would run with these flags.
+    ingest_config, _ = ingest_step.config_from_argv(
         [
-            "pipeline.ingest",
             f"--data_dir={synthetic_dir}",
             f"--output_dir={records_dir}",
             f"--image_size={settings['image_size']}",
             f"--seed={settings['seed']}",
             "--overwrite",
-        ],
+        ]
+    )
+    timings["ingest"] = run_stage(
+        "ingest",
+        ingest_step.ingest,
+        ingest_config,
         work_dir / "stage_ingest",
         # New films mean new records even if the ingest arguments match.
         reuse and timings["synthetic"]["reused"],
@@ -592,9 +600,12 @@ def execute_stages(stages, work_dir, reuse):
         return None
     plan_path = work_dir / "stages.json"
     plan_path.write_text(json.dumps(todo, indent=1))
+    # Read here, before the worker starts: a training's flags by
+    # cxr_tf.train's own flag code, an evaluation's EvalConfig.
+    frozen = [_reproduce_stages.with_config(stage) for stage in todo]
     log_path = work_dir / "stages.log"
-    command = [sys.executable, str(ROOT / "benchmarks" / "_reproduce_stages.py"),
-               str(plan_path)]
+    if log_path.exists():
+        log_path.unlink()
     logging.info(
         "Running %d stages in one worker (log: %s): %s",
         len(todo),
@@ -602,18 +613,18 @@ def execute_stages(stages, work_dir, reuse):
         ", ".join(f"{s['kind']} {s['name']}" for s in todo),
     )
     start = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(
-            command, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT
+    try:
+        child.run(
+            _reproduce_stages.run_stages,
+            frozen,
+            log_path=log_path,
+            name="the stage worker",
+            echo=_quiet,
         )
-    logging.info("Stages done in %.0f s (exit status %d)", time.time() - start,
-                 proc.returncode)
-    if proc.returncode:
-        tail = log_path.read_text(errors="replace")[-3000:]
-        return (
-            f"The stage worker failed with exit status {proc.returncode}: "
-            f"{shlex.join(command)}\nLog {log_path} ends:\n{tail}"
-        )
+    except (errors.UserError, RuntimeError) as e:
+        logging.info("Stages failed after %.0f s", time.time() - start)
+        return f"{e}\nLog: {log_path}"
+    logging.info("Stages done in %.0f s", time.time() - start)
     return None
 
 
