@@ -9,8 +9,13 @@ with one SQUARE x SQUARE square of +--brightness, label = square present), the
 setting of the PCAM toy test; they are already "normalised" (zero mean).
 Model: `build_infomask_model(ModelConfig(backbone="infomask", ...), recipe)`
 with one output: "paper" is the paper's text read literally
-(`infomask_net.PAPER`), "stable" what `build_model` builds
-(`infomask_net.STABLE`), "stable_batch_norm" the same with batch norm.
+(`infomask_net.PAPER`), "stable" its image mask with group norm, softplus
+attention and a leaky clip (`infomask_net.STABLE`), "stable_batch_norm" the
+same with batch norm, "features" what `build_model` builds
+(`infomask_net.FEATURES`: the mask on the compact trunk's stride-8
+features, whose mask-weighted average feeds the dense logit; its trunk
+counts as the "encoder" below, and the mask is repeated up to the film's
+size for the contrast).
 Training: Adam at --learning_rate (linear warm-up
 over --warmup_steps), BCE on the logit plus the mask's KL / L1 term, batches
 of --batch_size drawn from --train_films films.
@@ -24,7 +29,8 @@ probe batch, before that step's update:
     pre-activation is > 0 (where a ReLU attention passes a gradient);
   mask_mean / mask_std / mask_zero: the mask over the batch's pixels;
   grad_norm: global gradient norm per block (encoder, attention = the
-    InfoMask layer's weights, classifier convs, dense head).
+    InfoMask layer's weights, classifier convs (image-mask recipes), dense
+    head).
   mask_contrast: over the batch's films with a square, the mean mask inside
     minus outside the square.
 At the end, on --test_films held-out films: accuracy, AUC, mask_contrast.
@@ -38,8 +44,10 @@ from absl import app
 from absl import flags
 import numpy as np
 
-RECIPES = ("paper", "stable", "stable_batch_norm")
-_RECIPE = flags.DEFINE_enum("recipe", "stable", list(RECIPES), "Network recipe.")
+RECIPES = ("paper", "stable", "stable_batch_norm", "features")
+_RECIPE = flags.DEFINE_enum("recipe", "features", list(RECIPES), "Network recipe.")
+# Layer-name prefixes of the compact trunk (`resnet.COMPACT`).
+TRUNK_PREFIXES = ("cstem", "cpool", "cstage")
 _VARIANT = flags.DEFINE_enum(
     "variant", "infomask", ["infomask", "featuremask", "regl1"], "Mask variant."
 )
@@ -69,10 +77,17 @@ def toy_films(count, size, square, rng, noise=0.15, brightness=1.0):
     return images.astype("float32"), labels[:, None], corners
 
 
-def square_contrast(masks, labels, corners, square):
-    """Mean over films with a square of mean(mask inside) - mean(mask outside)."""
+def square_contrast(masks, labels, corners, square, size=None):
+    """Mean over films with a square of mean(mask inside) - mean(mask outside).
+
+    A mask coarser than the film (the "features" recipe's stride-8 grid) is
+    repeated up to the film's `size` first, so every pixel counts once.
+    """
     values = []
     for mask, label, (y, x) in zip(masks, labels[:, 0], corners):
+        if size and mask.shape[0] != size:
+            factor = size // mask.shape[0]
+            mask = np.repeat(np.repeat(mask, factor, 0), factor, 1)
         if label:
             inside = np.zeros(mask.shape[:2], bool)
             inside[y : y + square, x : x + square] = True
@@ -91,19 +106,25 @@ def auc(scores, labels):
 
 
 def block_of(path):
-    """Block name of a variable path."""
+    """Block name of a variable path ("encoder": also the "features" trunk)."""
     if "infomask" in path.split("/")[0]:
         return "attention"
     for block in ("encoder", "classifier_dense", "classifier"):
         if path.startswith(block):
             return "head" if block == "classifier_dense" else block
+    if path.startswith(TRUNK_PREFIXES):
+        return "encoder"
     return "other"
 
 
 def post_relu_layers(model):
     """Names of the tensors after each conv's ReLU, in order."""
     names = {layer.name for layer in model.layers}
-    out = []
+    out = [  # The "features" recipe's compact trunk, in graph order.
+        layer.name
+        for layer in model.layers
+        if layer.name.startswith(TRUNK_PREFIXES) and layer.name.endswith("_relu")
+    ]
     for prefix in ("encoder", "classifier"):
         i = 1
         while f"{prefix}_conv{i}" in names:
@@ -145,7 +166,9 @@ def measure(probe, names, layer, images, labels, corners, square):
     figures["mask_mean"] = round(float(mask.mean()), 5)
     figures["mask_std"] = round(float(mask.std()), 5)
     figures["mask_zero"] = round(float(np.mean(mask <= 0)), 5)
-    figures["mask_contrast"] = round(square_contrast(mask, labels, corners, square), 5)
+    figures["mask_contrast"] = round(
+        square_contrast(mask, labels, corners, square, images.shape[1]), 5
+    )
     return figures
 
 
@@ -175,6 +198,7 @@ def run(recipe_name, variant, image_size, square, steps, batch_size, learning_ra
         "stable_batch_norm": dataclasses.replace(
             infomask_net.STABLE, normalization="batch"
         ),
+        "features": infomask_net.FEATURES,
     }[recipe_name]
     config = ModelConfig(
         backbone="infomask",
@@ -258,7 +282,9 @@ def run(recipe_name, variant, image_size, square, steps, batch_size, learning_ra
         "test": {
             "accuracy": float(np.mean((logits > 0) == (test_y[:, 0] > 0))),
             "auc": auc(logits, test_y[:, 0]),
-            "mask_contrast": square_contrast(masks, test_y, test_corners, square),
+            "mask_contrast": square_contrast(
+                masks, test_y, test_corners, square, image_size
+            ),
             "mask_std": float(masks.std()),
             "mask_max": float(masks.max()),
         },

@@ -52,7 +52,7 @@ BACKBONE_REGISTRY = {
         "ResNet-50",
     ),
     "infomask": Backbone(
-        None, 4, "fixed", description="InfoMask encoder and classification block"
+        None, 8, "fixed", description="InfoMask mask on the compact trunk's features"
     ),
     "compact": Backbone(
         "cxr_tf.models.compact:trunk_features", 8, "fixed",

@@ -185,13 +185,6 @@ def define_flags(fv):
         "infomask_tau", 0.2, "InfoMask mask offset.",
         flag_values=fv,
     )
-    f.infomask_width = flags.DEFINE_float(
-        "infomask_width",
-        1.0,
-        "Multiplier of the InfoMask network's filter counts (1.0: the paper's; "
-        "configs/infomask_demo.flags uses less on CPU).",
-        flag_values=fv,
-    )
     f.allow_upscale = flags.DEFINE_bool(
         "allow_upscale",
         False,
@@ -232,7 +225,6 @@ def config_from_flags(f):
         infomask_variant=f.infomask_variant.value,
         infomask_alpha=f.infomask_alpha.value,
         infomask_tau=f.infomask_tau.value,
-        infomask_width=f.infomask_width.value,
     )
     return cli.make_config(
         train_lib.TrainConfig,

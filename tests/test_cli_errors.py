@@ -139,14 +139,6 @@ CASES = [
         True,
     ),
     (
-        # Checked by the ModelConfig the flags build, still before TensorFlow.
-        "train_model_config_refused",
-        ["-m", "cxr_tf.train", "--infomask_width=9", "--data_dir={records}",
-         "--model_dir={tmp}/m"],
-        ["infomask_width", "(0, 4]", "9.0"],
-        True,
-    ),
-    (
         "train_missing_flagfile",
         ["-m", "cxr_tf.train", "--flagfile={tmp}/nope.flags"],
         ["--flagfile", "nope.flags"],

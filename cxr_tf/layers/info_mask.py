@@ -21,6 +21,9 @@ class InfoMask(keras.layers.Layer):
     sigma = exp(logvar / 2); z = mu + sigma * eps with eps ~ N(0, 1) drawn
     only when training (z = mu otherwise);
     M = clip(sigmoid(z) - tau, 0, 1) (eq. 4) and the output is images * M.
+    With `num_masks` = K > 1 (one mask per finding of a multi-label task;
+    the paper's task has one), each mask has its own attention channel, mu
+    and log-variance, and the KL (or L1) is averaged over the masks too.
 
     Regulariser, added with `self.add_loss` on every call:
     - "infomask": alpha * KL(N(mu, sigma^2) || N(0, 1)), the KL averaged over
@@ -43,7 +46,8 @@ class InfoMask(keras.layers.Layer):
 
     Output shape:
       A tuple `(masked_images, mask)`: (B, H, W, Ci) and (B, H, W, 1) in
-      [0, 1 - tau].
+      [0, 1 - tau]; with K masks, (B, H, W, K, Ci) (one masked copy per
+      mask) and (B, H, W, K).
 
     Example:
     >>> masked, mask = InfoMask(seed=0)(
@@ -62,12 +66,13 @@ class InfoMask(keras.layers.Layer):
       attention_bias_initializer: initializer of the attention conv's bias
         (None: `bias_initializer`); a positive start keeps the attention in
         its linear range, where its spatial variation reaches the mask.
+      num_masks: K, the number of masks (1: the paper's).
       **kwargs: base `keras.layers.Layer` arguments.
 
     Raises:
       ValueError: on an unknown `variant` or `attention_activation`, a
         negative `alpha`, `tau` outside [0, 1), `clip_gradient_leak` outside
-        [0, 1] or a non-int `seed`.
+        [0, 1], a non-int `seed` or a `num_masks` that is not a positive int.
     """
 
     # The mask M is in [0, 1]: the model's localization map is a probability.
@@ -84,6 +89,7 @@ class InfoMask(keras.layers.Layer):
         attention_activation="relu",
         clip_gradient_leak=0.0,
         attention_bias_initializer=None,
+        num_masks=1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -121,6 +127,16 @@ class InfoMask(keras.layers.Layer):
                 "`clip_gradient_leak` must be a float in [0, 1]. "
                 f"Received: clip_gradient_leak={clip_gradient_leak!r}"
             )
+        if (
+            isinstance(num_masks, bool)
+            or not isinstance(num_masks, int)
+            or num_masks < 1
+        ):
+            raise ValueError(
+                "`num_masks` must be a positive int. "
+                f"Received: num_masks={num_masks!r}"
+            )
+        self.num_masks = num_masks
         self.variant = variant
         self.attention_activation = attention_activation
         self.clip_gradient_leak = clip_gradient_leak
@@ -157,6 +173,8 @@ class InfoMask(keras.layers.Layer):
         self.attention_bias = self._bias(
             "attention_bias", self.attention_bias_initializer
         )
+        # Per mask, mu and the log-variance are 1x1 convs of its own
+        # one-channel attention: a scale and a bias each.
         self.mu_kernel = self._kernel("mu_kernel", 1)
         self.mu_bias = self._bias("mu_bias")
         self.logvar_kernel = self._kernel("logvar_kernel", 1)
@@ -165,7 +183,7 @@ class InfoMask(keras.layers.Layer):
     def _kernel(self, name, channels):
         return self.add_weight(
             name=name,
-            shape=(channels, 1),
+            shape=(channels, self.num_masks),
             initializer=self.kernel_initializer,
             autocast=False,
         )
@@ -173,7 +191,7 @@ class InfoMask(keras.layers.Layer):
     def _bias(self, name, initializer=None):
         return self.add_weight(
             name=name,
-            shape=(1,),
+            shape=(self.num_masks,),
             initializer=initializer or self.bias_initializer,
             autocast=False,
         )
@@ -200,8 +218,8 @@ class InfoMask(keras.layers.Layer):
         features, images = inputs
         height, width = ops.shape(images)[1], ops.shape(images)[2]
         attention = ops.cast(self.attention(features, height, width), self.pool_dtype)
-        mu = attention * self.mu_kernel[0, 0] + self.mu_bias[0]
-        logvar = attention * self.logvar_kernel[0, 0] + self.logvar_bias[0]
+        mu = attention * self.mu_kernel[0] + self.mu_bias
+        logvar = attention * self.logvar_kernel[0] + self.logvar_bias
         z = mu
         if training and self.variant != "featuremask":
             eps = keras.random.normal(
@@ -216,7 +234,10 @@ class InfoMask(keras.layers.Layer):
         elif self.variant == "regl1":
             self.add_loss(alpha * ops.mean(ops.abs(mask)))
         mask = ops.cast(mask, self.compute_dtype)
-        return images * mask, mask
+        if self.num_masks == 1:
+            return images * mask, mask
+        # One masked copy of the input per mask: (B, H, W, num_masks, Ci).
+        return ops.expand_dims(images, -2) * ops.expand_dims(mask, -1), mask
 
     def clip(self, values):
         """clip(values, 0, 1); the backward pass leaks `clip_gradient_leak` outside."""
@@ -232,7 +253,10 @@ class InfoMask(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         images_shape = tuple(input_shape[1])
-        return images_shape, images_shape[:-1] + (1,)
+        mask_shape = images_shape[:-1] + (self.num_masks,)
+        if self.num_masks == 1:
+            return images_shape, mask_shape
+        return mask_shape + images_shape[-1:], mask_shape
 
     def get_config(self):
         config = super().get_config()
@@ -248,6 +272,7 @@ class InfoMask(keras.layers.Layer):
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
                 "attention_activation": self.attention_activation,
                 "clip_gradient_leak": self.clip_gradient_leak,
+                "num_masks": self.num_masks,
                 "attention_bias_initializer": (
                     None
                     if self.attention_bias_initializer is None

@@ -26,8 +26,11 @@ class ModelConfig:
       infomask_variant: "infomask", "featuremask" or "regl1" (InfoMask backbone).
       infomask_alpha: weight of the KL (or L1) term of the mask.
       infomask_tau: mask offset, M = clip(sigmoid(z) - tau, 0, 1).
-      infomask_width: multiplier of the InfoMask encoder's and classifier's
-        filter counts (1.0: the paper's; `infomask_net.scaled_filters`).
+      infomask_width: multiplier of the filter counts of the paper's
+        image-mask network (`localizer.build_infomask_model` with an
+        `infomask_net` image-site recipe; `infomask_net.scaled_filters`).
+        `build_model`'s InfoMask network has no width and refuses any value
+        but 1.0. No training flag sets it.
     """
 
     backbone: str = "resnet34"

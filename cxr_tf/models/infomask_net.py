@@ -26,12 +26,19 @@ class Recipe:
       attention_activation: the `InfoMask` attention, "relu" or "softplus".
       clip_gradient_leak: the `InfoMask` clip's backward leak.
       attention_bias: start value of the `InfoMask` attention conv's bias.
+      mask_site: "image" (the paper: the encoder's mask multiplies the
+        film, and the classification block reads the masked film) or
+        "features" (one compact ResNet trunk; the mask, computed from its
+        feature map, multiplies that feature map, and the classifier is
+        global average pooling and a dense layer, so the mask is the only
+        path from the features to the logits).
     """
 
     normalization: str
     attention_activation: str
     clip_gradient_leak: float
     attention_bias: float = 0.0
+    mask_site: str = "image"
 
 
 # The paper's text, read literally (Keras defaults where it says nothing).
@@ -46,7 +53,17 @@ STABLE = Recipe(
     clip_gradient_leak=0.1,
     attention_bias=1.0,
 )
+# What `build_model` builds (docs/design/infomask.md, "The mask on the
+# trunk's features"): STABLE's mask, on the compact trunk's stride-8 map.
+FEATURES = Recipe(
+    normalization="batch",
+    attention_activation="softplus",
+    clip_gradient_leak=0.1,
+    attention_bias=1.0,
+    mask_site="features",
+)
 NORMALIZATIONS = ("none", "batch", "group")
+MASK_SITES = ("image", "features")
 # Batch-norm statistics must settle within the few dozen steps of a CPU run
 # (Keras's 0.99 left inference accuracy at chance after 30 steps); group norm
 # has no statistics to settle: the same in training and inference.

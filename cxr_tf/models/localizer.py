@@ -5,6 +5,7 @@ from keras import ops
 
 from cxr_tf import choices
 from cxr_tf import layers as cxr_layers
+from cxr_tf.models import compact
 from cxr_tf.models import infomask_net
 from cxr_tf.models.config import ModelConfig
 
@@ -53,6 +54,75 @@ class ClassBroadcast(keras.layers.Layer):
         config = super().get_config()
         config["num_classes"] = self.num_classes
         return config
+
+
+@keras.saving.register_keras_serializable(package="cxr_tf")
+class MaskNormalizedPooling(keras.layers.Layer):
+    """Per mask, the features averaged with the mask as weights: sum(M F) / sum(M).
+
+    The InfoMask network's classifier on the trunk's features. With the
+    mask as the weights, a film's pooled features are those of the pixels
+    the mask keeps, whatever their number, so the classification loss
+    rewards a mask that keeps the discriminative pixels and drops the rest;
+    a constant mask gives global average pooling. Global average pooling of
+    F * M instead lets a network keep every pixel at one mask value and
+    scale the dense weights (measured: docs/design/infomask.md). Sums in
+    float32 under any dtype policy.
+
+    Args:
+      epsilon: added to sum(M) (an all-zero mask pools to 0).
+
+    Input shape:
+      A list `[features, masks]`: (B, h, w, C) and (B, h, w, K).
+
+    Output shape:
+      `(B, K, C)`: mask k's average of the features.
+    """
+
+    def __init__(self, epsilon=1e-3, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def call(self, inputs):
+        features, masks = (ops.cast(x, "float32") for x in inputs)
+        total = ops.einsum("bhwk,bhwc->bkc", masks, features)
+        weight = ops.sum(masks, axis=(1, 2))
+        pooled = total / (ops.expand_dims(weight, -1) + self.epsilon)
+        return ops.cast(pooled, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        features_shape, masks_shape = input_shape
+        return (features_shape[0], masks_shape[-1], features_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config["epsilon"] = self.epsilon
+        return config
+
+
+@keras.saving.register_keras_serializable(package="cxr_tf")
+class ClasswiseDense(keras.layers.Layer):
+    """Logit k = w_k . x_k + b_k: one dense unit per class, on its own input.
+
+    Input shape:
+      `(B, K, C)`.
+
+    Output shape:
+      `(B, K)`.
+    """
+
+    def build(self, input_shape):
+        classes, channels = input_shape[-2], input_shape[-1]
+        self.kernel = self.add_weight(
+            name="kernel", shape=(classes, channels), initializer="glorot_uniform"
+        )
+        self.bias = self.add_weight(name="bias", shape=(classes,), initializer="zeros")
+
+    def call(self, inputs):
+        return ops.sum(inputs * self.kernel, axis=-1) + self.bias
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1])
 
 
 def _check_config(config):
@@ -126,18 +196,25 @@ def _build_pooling_model(config, inputs):
     )
 
 
-def _build_infomask_model(config, inputs, recipe):
-    width = config.infomask_width
-    features = infomask_net.encoder_trunk(inputs, recipe.normalization, width)
-    masked, mask = cxr_layers.InfoMask(
+def _info_mask(config, recipe, num_masks=1):
+    return cxr_layers.InfoMask(
         variant=config.infomask_variant,
         alpha=config.infomask_alpha,
         tau=config.infomask_tau,
         attention_activation=recipe.attention_activation,
         clip_gradient_leak=recipe.clip_gradient_leak,
         attention_bias_initializer=keras.initializers.Constant(recipe.attention_bias),
+        num_masks=num_masks,
         name="infomask",
-    )([features, inputs])
+    )
+
+
+def _build_infomask_model(config, inputs, recipe):
+    if recipe.mask_site == "features":
+        return _build_feature_mask_model(config, inputs, recipe)
+    width = config.infomask_width
+    features = infomask_net.encoder_trunk(inputs, recipe.normalization, width)
+    masked, mask = _info_mask(config, recipe)([features, inputs])
     class_features = keras.layers.Identity(name=FEATURES_LAYER)(
         infomask_net.classifier_trunk(masked, recipe.normalization, width)
     )
@@ -151,6 +228,30 @@ def _build_infomask_model(config, inputs, recipe):
     maps = ClassBroadcast(
         config.num_classes, dtype="float32", name="localization_maps"
     )(coarse)
+    return keras.Model(
+        inputs, _outputs(logits, maps), name=f"infomask_{config.infomask_variant}"
+    )
+
+
+def _build_feature_mask_model(config, inputs, recipe):
+    if config.infomask_width != 1.0:
+        raise ValueError(
+            "`infomask_width` scales the paper's image-mask network "
+            "(`build_infomask_model` with `infomask_net.STABLE`); the mask on "
+            "the compact trunk's features has no width. "
+            f"Received: infomask_width={config.infomask_width!r}"
+        )
+    features = keras.layers.Identity(name=FEATURES_LAYER)(compact.compact_trunk(inputs))
+    # One mask per finding: each finding's logit reads the features its own
+    # mask keeps, and its map is that mask.
+    _, masks = _info_mask(config, recipe, num_masks=config.num_classes)(
+        [features, features]
+    )
+    pooled = MaskNormalizedPooling(name="classifier_pool")([features, masks])
+    logits = ClasswiseDense(name="classifier_dense")(pooled)
+    maps = keras.layers.Activation("linear", dtype="float32", name="localization_maps")(
+        masks
+    )
     return keras.Model(
         inputs, _outputs(logits, maps), name=f"infomask_{config.infomask_variant}"
     )
@@ -188,7 +289,7 @@ def build_model(config):
         shape=(config.image_size, config.image_size, config.channels), name="image"
     )
     if choices.BACKBONE_REGISTRY[config.backbone].trunk is None:  # InfoMask
-        return _build_infomask_model(config, inputs, infomask_net.STABLE)
+        return _build_infomask_model(config, inputs, infomask_net.FEATURES)
     return _build_pooling_model(config, inputs)
 
 

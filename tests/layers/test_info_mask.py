@@ -297,3 +297,33 @@ def test_bad_arguments_are_named(kwargs, text):
 def test_single_input_is_rejected():
     with pytest.raises(ValueError, match="encoder_features, images"):
         InfoMask().build((None, H, W, CI))
+
+
+def test_num_masks_gives_each_mask_its_own_parameters_and_kl():
+    # K masks are K one-mask layers side by side: mask k equals the
+    # one-mask layer built from column k of every weight, and the KL is
+    # their mean.
+    k_masks = 3
+    layer = _layer(num_masks=k_masks)
+    features, images = _inputs()
+    masked, masks = layer([features, images], training=False)
+    assert masks.shape == (B, H, W, k_masks)
+    assert masked.shape == (B, H, W, k_masks, CI)
+    kls = []
+    for k in range(k_masks):
+        single = _layer()
+        for mine, theirs in zip(single.weights, layer.weights):
+            mine.assign(np.asarray(theirs)[..., k : k + 1])
+        one_masked, one_mask = single([features, images], training=False)
+        np.testing.assert_allclose(masks[..., k : k + 1], one_mask, atol=1e-6)
+        np.testing.assert_allclose(masked[..., k, :], one_masked, atol=1e-6)
+        kls.append(float(single.losses[0]))
+    np.testing.assert_allclose(float(layer.losses[0]), np.mean(kls), rtol=1e-5)
+    clone = InfoMask.from_config(layer.get_config())
+    assert clone.num_masks == k_masks
+
+
+@pytest.mark.parametrize("num_masks", [0, 1.5, True])
+def test_num_masks_must_be_a_positive_int(num_masks):
+    with pytest.raises(ValueError, match="num_masks"):
+        InfoMask(num_masks=num_masks)

@@ -93,8 +93,11 @@ def test_width_scales_every_conv_of_the_model():
 
     from cxr_tf.models import ModelConfig, build_model
 
+    from cxr_tf.models import infomask_net
+    from cxr_tf.models.localizer import build_infomask_model
+
     config = ModelConfig(backbone="infomask", image_size=32, infomask_width=0.25)
-    model = build_model(config)
+    model = build_infomask_model(config, infomask_net.STABLE)
     convs = {
         layer.name: layer.filters
         for layer in model.layers

@@ -23,7 +23,7 @@ FEATURES = {
     "resnet34": 512,
     "densenet121": 1024,
     "resnet50": 2048,
-    "infomask": 64,
+    "infomask": 128,  # The compact trunk's features, before the masks.
     "compact": 128,
 }
 
@@ -34,7 +34,7 @@ def _images(seed=0, batch=2, channels=1):
 
 
 def _grid(backbone):
-    return SIZE // {"infomask": 4, "compact": 8}.get(backbone, 32)
+    return SIZE // {"infomask": 8, "compact": 8}.get(backbone, 32)
 
 
 def _check_outputs(outputs, backbone, batch=2):
@@ -117,19 +117,39 @@ def test_pooling_options_reach_the_layer_and_survive_serialization():
 
 
 @pytest.mark.parametrize("variant", ["infomask", "featuremask", "regl1"])
-def test_infomask_maps_are_the_pooled_class_agnostic_mask(variant):
+def test_infomask_maps_are_the_per_finding_masks(variant):
     config = ModelConfig(backbone="infomask", infomask_variant=variant, image_size=SIZE)
     model = build_model(config)
     assert map_kind_for(config) == "probability"
     images = _images(2)
     maps = np.asarray(model(images, training=False)["localization_maps"])
     mask_model = keras.Model(model.input, model.get_layer("infomask").output[1])
-    mask = np.asarray(mask_model(images, training=False))
-    assert mask.shape == (2, SIZE, SIZE, 1)
-    pooled = mask.reshape(2, SIZE // 4, 4, SIZE // 4, 4).mean(axis=(2, 4))
-    for k in range(K):
-        np.testing.assert_allclose(maps[..., k], pooled, atol=1e-6)
-    assert maps.min() >= 0.0 and maps.max() <= 1.0
+    masks = np.asarray(mask_model(images, training=False))
+    # One mask per finding, on the trunk's stride-8 grid: the maps.
+    assert masks.shape == (2, SIZE // 8, SIZE // 8, K)
+    np.testing.assert_allclose(maps, masks, atol=1e-6)
+    assert maps.min() >= 0.0 and maps.max() <= 1.0 - config.infomask_tau + 1e-6
+
+
+def test_infomask_logit_reads_the_features_its_mask_keeps():
+    model = build_model(ModelConfig(backbone="infomask", image_size=SIZE))
+    probe = keras.Model(
+        model.input,
+        [
+            model.get_layer("features").output,
+            model.get_layer("infomask").output[1],
+            model.output["logits"],
+        ],
+    )
+    features, masks, logits = map(np.asarray, probe(_images(5), training=False))
+    pooled = np.einsum("bhwk,bhwc->bkc", masks, features) / (
+        masks.sum(axis=(1, 2))[..., None] + 1e-3
+    )
+    dense = model.get_layer("classifier_dense")
+    kernel, bias = (np.asarray(w) for w in dense.weights)
+    np.testing.assert_allclose(
+        logits, (pooled * kernel).sum(-1) + bias, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_infomask_regulariser_and_sampling_only_when_training():
@@ -229,6 +249,7 @@ def test_config_round_trip_rebuilds_the_same_model():
         ),
         ({"backbone": "infomask", "infomask_tau": 1.5}, "1.5"),
         ({"backbone": "infomask", "infomask_width": 0.0}, "infomask_width=0.0"),
+        ({"backbone": "infomask", "infomask_width": 0.5}, "infomask_width=0.5"),
     ],
 )
 def test_invalid_configs_name_the_value(changes, message):
