@@ -722,6 +722,50 @@ def default_box_thresholds(loaded, map_kind):
     return DEFAULT_BOX_THRESHOLDS[map_kind]
 
 
+def box_threshold_floor(loaded):
+    """The mask value a box threshold must exceed: sigmoid(0) - tau, for InfoMask.
+
+    Where the network says nothing about a pixel, its z sits at the KL
+    prior's mean 0 and the mask at sigmoid(0) - tau (0.3 at tau 0.2); the
+    KL pulls every pixel the classifier does not need there. A box drawn at
+    or below that value boxes the prior, not the evidence: on the demo
+    films the IoP rule chose exactly 0.30 and boxed most of the lungs
+    (docs/design/infomask.md, "Boxes above the prior's mask").
+
+    Returns:
+      float, or None for models without an InfoMask mask.
+    """
+    config = loaded.model_config
+    if config.backbone != "infomask":
+        return None
+    return 0.5 - float(config.infomask_tau)
+
+
+def box_choice(table, floor, pairs):
+    """The IoP rule's least-error threshold among the candidates above `floor`.
+
+    Args:
+      table: `choose_mask_threshold`'s rows ({"threshold", "error", ...}).
+      floor: None (every candidate) or the value a threshold must exceed.
+      pairs: the boxed pairs the table was measured on.
+
+    Returns:
+      {"threshold", "error", "pairs"}, or None when no candidate is above
+      `floor`. Ties go to the smallest threshold.
+    """
+    rows = [
+        r for r in table if floor is None or r["threshold"] > floor + 1e-9
+    ]
+    if not rows:
+        return None
+    best = min(rows, key=lambda r: (r["error"], r["threshold"]))
+    return {
+        "threshold": float(best["threshold"]),
+        "error": float(best["error"]),
+        "pairs": pairs,
+    }
+
+
 def choose_mask_threshold_on_split(loaded, computer, data_dir, split, candidates,
                                    batch_size=8, max_images=None):
     """The IoP (and mask box) threshold of a model's maps, chosen on a split.
@@ -742,8 +786,10 @@ def choose_mask_threshold_on_split(loaded, computer, data_dir, split, candidates
       max_images: read at most this many images of the split (None: all).
 
     Returns:
-      {"threshold", "error", "pairs"}; threshold and error are None when the
-      split has no boxed pair of the model's findings.
+      {"threshold", "error", "pairs", "box"}; threshold and error are None
+      when the split has no boxed pair of the model's findings. "box" is
+      the box threshold from the same pass (`box_choice` above
+      `box_threshold_floor`), or None.
 
     Raises:
       FileNotFoundError: the split has no record file.
@@ -762,7 +808,7 @@ def choose_mask_threshold_on_split(loaded, computer, data_dir, split, candidates
     wanted = [f for f in findings if f in schema.BOXED_FINDINGS]
     masks = soft_masks(results, wanted)
     if not masks:
-        return {"threshold": None, "error": None, "pairs": 0}
+        return {"threshold": None, "error": None, "pairs": 0, "box": None}
     choice = loc_metrics.choose_mask_threshold(
         [m for _, m, _ in masks], [g for _, _, g in masks], candidates
     )
@@ -770,6 +816,7 @@ def choose_mask_threshold_on_split(loaded, computer, data_dir, split, candidates
         "threshold": float(choice["threshold"]),
         "error": float(choice["error"]),
         "pairs": len(masks),
+        "box": box_choice(choice["table"], box_threshold_floor(loaded), len(masks)),
     }
 
 
@@ -777,7 +824,8 @@ def choose_box_threshold(loaded, data_dir, split="val", batch_size=8, max_images
     """Box threshold of a model's own maps, chosen on a split with boxes.
 
     The IoP rule of `choose_mask_threshold_on_split` over
-    `DEFAULT_MASK_THRESHOLDS` of the model's map kind.
+    `DEFAULT_MASK_THRESHOLDS` of the model's map kind, among the candidates
+    above `box_threshold_floor` (the InfoMask mask's value at the prior).
 
     Args:
       loaded: a `model_dir.LoadedModel`.
@@ -798,9 +846,9 @@ def choose_box_threshold(loaded, data_dir, split="val", batch_size=8, max_images
         )
     except FileNotFoundError:
         return None
-    if choice["threshold"] is None:
+    if choice["box"] is None:
         return None
-    return {**choice, "split": split}
+    return {**choice["box"], "split": split}
 
 
 def store_box_threshold(directory, data_dir, split="val", checkpoint="final",
@@ -855,8 +903,9 @@ def store_mask_threshold_choices(directory, data_dir, split="val",
     split's record files (`model_dir.LoadedModel.mask_threshold_choice`).
 
     The box threshold of a mask model follows the same rule on the same
-    split (`choose_box_threshold`), so `box_threshold_of` stores it from
-    this pass instead of a second one (`store_box_threshold`).
+    split, over the candidates above `box_threshold_floor`
+    (`choose_box_threshold`), so `box_threshold_of` stores it from this
+    pass instead of a second one (`store_box_threshold`).
 
     Args:
       directory: the model directory.
@@ -879,13 +928,13 @@ def store_mask_threshold_choices(directory, data_dir, split="val",
             _warn_no_box_threshold(directory, data_dir, split, "probability")
         return []
     choices = []
-    by_digest, by_name = {}, {}
+    by_digest, by_name, box_by_digest, digest_of = {}, {}, {}, {}
     for name in checkpoints:
         try:
             loaded = model_dir.load(directory, name)
         except errors.UserFileError:
             continue
-        digest = model_dir.file_sha256(loaded.path)
+        digest = digest_of[name] = model_dir.file_sha256(loaded.path)
         if digest in by_digest:
             by_name[name] = by_digest[digest]
             continue
@@ -894,6 +943,7 @@ def store_mask_threshold_choices(directory, data_dir, split="val",
         choice = choose_mask_threshold_on_split(
             loaded, computer, data_dir, split, candidates, batch_size
         )
+        box_by_digest[digest] = choice.pop("box")
         logging.info(
             "IoP threshold of %s chosen on %d boxed %s pairs: %s",
             loaded.path, choice["pairs"], split, choice["threshold"],
@@ -909,11 +959,12 @@ def store_mask_threshold_choices(directory, data_dir, split="val",
     model_dir.write_mask_threshold_choices(directory, choices)
     if box_threshold_of:
         chosen = by_name.get(box_threshold_of)
-        if chosen is None or chosen["threshold"] is None:
+        box = box_by_digest.get(digest_of.get(box_threshold_of))
+        if chosen is None or box is None:
             kind = chosen["map_kind"] if chosen else "probability"
             _warn_no_box_threshold(directory, data_dir, split, kind)
         else:
-            _write_box_threshold(directory, chosen["map_kind"], chosen, split)
+            _write_box_threshold(directory, chosen["map_kind"], box, split)
     return choices
 
 
@@ -936,6 +987,7 @@ def _validation_mask_threshold(config, loaded, computer, candidates, model_sha25
         loaded, computer, config.data_dir, config.val_split, candidates,
         config.batch_size, config.max_images,
     )
+    choice.pop("box")  # The IoP threshold only; boxes come from config.json.
     return choice, False
 
 

@@ -257,6 +257,23 @@ def test_model_on_records_writes_metrics_and_plots(
             assert b["y"] >= 0 and b["y"] + b["h"] <= record["height"] + 1e-6
 
 
+def test_box_choice_is_the_least_error_above_the_floor():
+    table = [
+        {"threshold": 0.25, "error": 0.10},
+        {"threshold": 0.30, "error": 0.12},
+        {"threshold": 0.35, "error": 0.20},
+        {"threshold": 0.40, "error": 0.20},
+        {"threshold": 0.45, "error": 0.30},
+    ]
+    assert evaluate_lib.box_choice(table, None, 7) == {
+        "threshold": 0.25, "error": 0.10, "pairs": 7
+    }
+    # The floor itself is excluded (the prior's mask is not evidence); ties
+    # go to the smaller threshold.
+    assert evaluate_lib.box_choice(table, 0.30, 7)["threshold"] == 0.35
+    assert evaluate_lib.box_choice(table, 0.45, 7) is None
+
+
 def test_box_threshold_is_chosen_on_val_and_becomes_the_default(tmp_path):
     from cxr_tf import model_dir as model_dir_lib
     from cxr_tf.models import ModelConfig
@@ -273,6 +290,8 @@ def test_box_threshold_is_chosen_on_val_and_becomes_the_default(tmp_path):
     choice = evaluate_lib.store_box_threshold(directory, str(data), "val")
     grid = evaluate_lib.DEFAULT_MASK_THRESHOLDS["probability"]
     assert choice["threshold"] in grid and choice["pairs"] > 0
+    # Above the mask of a pixel at the KL prior, sigmoid(0) - tau.
+    assert choice["threshold"] > 0.5 - config.infomask_tau
     loaded = model_dir_lib.load(directory)
     assert loaded.box_threshold == choice["threshold"]
     assert evaluate_lib.default_box_thresholds(loaded, "probability") == (
@@ -286,12 +305,12 @@ def test_box_threshold_is_chosen_on_val_and_becomes_the_default(tmp_path):
     # No such split: nothing chosen, nothing written.
     assert evaluate_lib.store_box_threshold(directory, str(data), "test") is None
     assert model_dir_lib.load(directory).box_threshold == choice["threshold"]
-    # Training's one pass: the final model's IoP choice is its box threshold.
+    # Training's one pass chooses the IoP threshold and the box threshold.
     model_dir_lib.write_box_thresholds(directory, {"probability": 0.99})  # off the grid
     stored = evaluate_lib.store_mask_threshold_choices(
         directory, str(data), "val", box_threshold_of="final"
     )
-    assert [c["threshold"] for c in stored] == [choice["threshold"]]
+    assert len(stored) == 1 and "box" not in stored[0]
     assert model_dir_lib.load(directory).box_threshold == choice["threshold"]
     evaluate_lib.store_mask_threshold_choices(
         directory, str(data), "test", box_threshold_of="final"
