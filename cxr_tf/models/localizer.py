@@ -263,9 +263,10 @@ def build_model(config):
     Pooling backbones (resnet34, densenet121, resnet50: stride 32; compact,
     the CPU demo's: stride 8): trunk -> features ->
     `get_pooling(config.pooling, ...)` -> logits and maps.
-    InfoMask: encoder -> `InfoMask` -> masked image -> classifier -> global
-    average pooling -> dense logits; the maps are the mask averaged to the
-    classifier's stride-4 grid, the same for every class.
+    InfoMask (`infomask_net.FEATURES`): the compact trunk -> features F ->
+    `InfoMask` with one mask per class -> per class, the mask-weighted
+    average of F (`MaskNormalizedPooling`) -> one dense unit
+    (`ClasswiseDense`); class k's map is mask k (docs/design/infomask.md).
 
     Args:
       config: a `ModelConfig`.
@@ -275,14 +276,15 @@ def build_model(config):
       already normalised with `config.normalization`, and returning a dict:
       "logits" `(B, K)`, "probabilities" `(B, K)` (sigmoid of the logits),
       "localization_maps" `(B, h, w, K)` with h = w = S/32 (S/8 for
-      compact, S/4 for InfoMask); all float32 under any dtype policy. The
+      compact and InfoMask); all float32 under any dtype policy. The
       layer named `gradcam_target_layer(model)` outputs the backbone
       feature map.
 
     Raises:
       TypeError: `config` is not a `ModelConfig`.
       ValueError: `image_size` not a multiple of 32, unknown pooling name or
-        bad pooling options, bad InfoMask settings.
+        bad pooling options, bad InfoMask settings (an `infomask_width`
+        other than 1.0).
     """
     _check_config(config)
     inputs = keras.Input(
