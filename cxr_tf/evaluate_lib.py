@@ -730,7 +730,7 @@ def box_threshold_floor(loaded):
     KL pulls every pixel the classifier does not need there. A box drawn at
     or below that value boxes the prior, not the evidence: on the demo
     films the IoP rule chose exactly 0.30 and boxed most of the lungs
-    (docs/design/infomask.md, "Boxes above the prior's mask").
+    (docs/design/infomask.md, "The mask on the trunk's features", 5).
 
     Returns:
       float, or None for models without an InfoMask mask.
@@ -928,13 +928,14 @@ def store_mask_threshold_choices(directory, data_dir, split="val",
             _warn_no_box_threshold(directory, data_dir, split, "probability")
         return []
     choices = []
-    by_digest, by_name, box_by_digest, digest_of = {}, {}, {}, {}
+    # Checkpoint name (and file digest) -> (its stored choice, its box choice).
+    by_digest, by_name = {}, {}
     for name in checkpoints:
         try:
             loaded = model_dir.load(directory, name)
         except errors.UserFileError:
             continue
-        digest = digest_of[name] = model_dir.file_sha256(loaded.path)
+        digest = model_dir.file_sha256(loaded.path)
         if digest in by_digest:
             by_name[name] = by_digest[digest]
             continue
@@ -943,7 +944,7 @@ def store_mask_threshold_choices(directory, data_dir, split="val",
         choice = choose_mask_threshold_on_split(
             loaded, computer, data_dir, split, candidates, batch_size
         )
-        box_by_digest[digest] = choice.pop("box")
+        box = choice.pop("box")
         logging.info(
             "IoP threshold of %s chosen on %d boxed %s pairs: %s",
             loaded.path, choice["pairs"], split, choice["threshold"],
@@ -955,12 +956,11 @@ def store_mask_threshold_choices(directory, data_dir, split="val",
             "candidates": [float(c) for c in candidates],
             **choice,
         })
-        by_digest[digest] = by_name[name] = choices[-1]
+        by_digest[digest] = by_name[name] = (choices[-1], box)
     model_dir.write_mask_threshold_choices(directory, choices)
     if box_threshold_of:
-        chosen = by_name.get(box_threshold_of)
-        box = box_by_digest.get(digest_of.get(box_threshold_of))
-        if chosen is None or box is None:
+        chosen, box = by_name.get(box_threshold_of, (None, None))
+        if box is None:
             kind = chosen["map_kind"] if chosen else "probability"
             _warn_no_box_threshold(directory, data_dir, split, kind)
         else:

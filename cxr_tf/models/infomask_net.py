@@ -28,10 +28,11 @@ class Recipe:
       attention_bias: start value of the `InfoMask` attention conv's bias.
       mask_site: "image" (the paper: the encoder's mask multiplies the
         film, and the classification block reads the masked film) or
-        "features" (one compact ResNet trunk; the mask, computed from its
-        feature map, multiplies that feature map, and the classifier is
-        global average pooling and a dense layer, so the mask is the only
-        path from the features to the logits).
+        "features" (`build_model`'s: one mask per finding on the compact
+        ResNet trunk's feature map, each finding's logit a dense unit on
+        the mask-weighted average of the features, so a mask is the only
+        path from the features to its logit). The compact trunk has its
+        own batch norm: "features" reads only the `InfoMask` fields.
     """
 
     normalization: str
@@ -63,7 +64,6 @@ FEATURES = Recipe(
     mask_site="features",
 )
 NORMALIZATIONS = ("none", "batch", "group")
-MASK_SITES = ("image", "features")
 # Batch-norm statistics must settle within the few dozen steps of a CPU run
 # (Keras's 0.99 left inference accuracy at chance after 30 steps); group norm
 # has no statistics to settle: the same in training and inference.
