@@ -240,6 +240,30 @@ def parse_argv(define_flags, argv, program, known_only=False):
     return holders
 
 
+def config_from_argv(define_flags, config_from_flags, argv, program):
+    """The config that `python -m PROGRAM ARGV` would run with.
+
+    The flags are parsed on a registry of their own (`parse_argv`), then the
+    command's `config_from_flags` checks them and builds its config, so a
+    flagfile means here what it means on the command line.
+
+    Args:
+      define_flags: the command's `define_flags(registry) -> holders`.
+      config_from_flags: the command's `config_from_flags(holders) -> config`.
+      argv: the flags, e.g. ["--flagfile=configs/demo.flags", "--max_images=8"];
+        later ones win.
+      program: the command's name, for messages.
+
+    Returns:
+      The command's config.
+
+    Raises:
+      cxr_tf.errors.UserError: a flag, a value or a path is wrong; the
+        message is the line the command would print.
+    """
+    return config_from_flags(parse_argv(define_flags, argv, program))
+
+
 def make_config(cls, **fields):
     """`cls(**fields)` from flag values; a value the class refuses is a user error.
 

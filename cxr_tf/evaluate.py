@@ -173,11 +173,11 @@ def config_from_flags(f):
 def config_from_argv(argv):
     """The `EvalConfig` that `python -m cxr_tf.evaluate ARGV` would evaluate.
 
-    Raises:
-      cxr_tf.errors.UserError: a flag, a value or a path is wrong; the
-        message is the line the command would print.
+    As `cli.config_from_argv`: a mistake is a one-line `cxr_tf.errors.UserError`.
     """
-    return config_from_flags(cli.parse_argv(define_flags, argv, "cxr_tf.evaluate"))
+    return cli.config_from_argv(
+        define_flags, config_from_flags, argv, "cxr_tf.evaluate"
+    )
 
 
 def main(argv):

@@ -153,11 +153,11 @@ def config_from_flags(f):
 def config_from_argv(argv):
     """The `ExportConfig` that `python -m cxr_tf.export ARGV` would export.
 
-    Raises:
-      cxr_tf.errors.UserError: a flag, a value or a path is wrong; the
-        message is the line the command would print.
+    As `cli.config_from_argv`: a mistake is a one-line `cxr_tf.errors.UserError`.
     """
-    return config_from_flags(cli.parse_argv(define_flags, argv, "cxr_tf.export"))
+    return cli.config_from_argv(
+        define_flags, config_from_flags, argv, "cxr_tf.export"
+    )
 
 
 def export(config):
