@@ -371,10 +371,39 @@ def render_overlay(
     max_side=OVERLAY_MAX_SIDE,
     frame_hw=None,
 ):
-    """The overlay of `overlay_figure`, drawn with NumPy and Pillow.
+    """The PCAM paper's Figure 2 layout for one image (`overlay_figure`: as a PNG).
+
+    Panel 1: the X-ray with the ground-truth boxes (green, the finding's
+    name on the first). Then one panel per finding in `maps` (highest
+    probability first): its map upsampled to the image and blended over it
+    (jet, alpha 0.4), with the predicted boxes (blue, with their scores) and
+    the truth boxes of that finding (dashed green). One colour bar beside
+    the last panel; a legend under the panels names the two colours. The
+    film is drawn from a block-mean copy whose longer side is at most
+    `max_side`, so the cost does not grow with the film; boxes are given in
+    the film's own pixels. Drawn with NumPy and Pillow: tens of
+    milliseconds a film, where a matplotlib figure took seconds.
+
+    Args:
+      image: array (H, W), the original image (any numeric range).
+      maps: {finding: array (h, w)}, the maps to show (e.g. the positive
+        findings' maps), covering the film (no padding).
+      boxes: {finding: [Box, ...]} predicted boxes in image pixels.
+      probabilities: {finding: float}, image-level probabilities.
+      gt_boxes: optional {finding: [(x, y, w, h), ...]} in image pixels;
+        None: not known (the panel says so), {}: known to have none.
+      map_kind: "probability" (shown on 0..1) or "cam" (normalised to
+        0..255 per image, as thresholded).
+      title: optional figure title (e.g. the image id).
+      max_side: longer side of the drawn copy of the film (None: full size).
+      frame_hw: (H, W) of the film the boxes are measured in, when `image`
+        is a resized copy of it (e.g. an ingested record); None: image.shape.
 
     Returns:
-      an `Overlay` (the canvas and each panel's geometry).
+      An `Overlay` (the canvas and each panel's geometry).
+
+    Raises:
+      ValueError: a bad image shape or map_kind.
     """
     from PIL import Image  # pylint: disable=import-outside-toplevel
     from PIL import ImageColor  # pylint: disable=import-outside-toplevel
@@ -504,46 +533,14 @@ def _draw_legend(picture, draw, texts, colours, size):
         x += sample + 6 + width + gap
 
 
-def overlay_figure(
-    image,
-    maps,
-    boxes,
-    probabilities,
-    gt_boxes=None,
-    map_kind="probability",
-    path=None,
-    title=None,
-    max_side=OVERLAY_MAX_SIDE,
-    frame_hw=None,
-):
-    """The PCAM paper's Figure 2 layout for one image, as a PNG.
-
-    Panel 1: the X-ray with the ground-truth boxes (green, the finding's
-    name on the first). Then one panel per finding in `maps` (highest
-    probability first): its map upsampled to the image and blended over it
-    (jet, alpha 0.4), with the predicted boxes (blue, with their scores) and
-    the truth boxes of that finding (dashed green). One colour bar beside
-    the last panel; a legend under the panels names the two colours. The
-    film is drawn from a block-mean copy whose longer side is at most
-    `max_side`, so the cost does not grow with the film; boxes are given in
-    the film's own pixels. Drawn with NumPy and Pillow (`render_overlay`):
-    tens of milliseconds a film, where a matplotlib figure took seconds.
+def overlay_figure(image, maps, boxes, probabilities, *, path=None, **options):
+    """The `render_overlay` figure of one image as a PNG.
 
     Args:
-      image: array (H, W), the original image (any numeric range).
-      maps: {finding: array (h, w)}, the maps to show (e.g. the positive
-        findings' maps), covering the film (no padding).
-      boxes: {finding: [Box, ...]} predicted boxes in image pixels.
-      probabilities: {finding: float}, image-level probabilities.
-      gt_boxes: optional {finding: [(x, y, w, h), ...]} in image pixels;
-        None: not known (the panel says so), {}: known to have none.
-      map_kind: "probability" (shown on 0..1) or "cam" (normalised to
-        0..255 per image, as thresholded).
+      image, maps, boxes, probabilities: as in `render_overlay`.
       path: optional file to write the PNG to.
-      title: optional figure title (e.g. the image id).
-      max_side: longer side of the drawn copy of the film (None: full size).
-      frame_hw: (H, W) of the film the boxes are measured in, when `image`
-        is a resized copy of it (e.g. an ingested record); None: image.shape.
+      **options: the keyword arguments of `render_overlay` (gt_boxes,
+        map_kind, title, max_side, frame_hw).
 
     Returns:
       The PNG as bytes.
@@ -551,18 +548,7 @@ def overlay_figure(
     Raises:
       ValueError: a bad image shape or map_kind.
     """
-    overlay = render_overlay(
-        image,
-        maps,
-        boxes,
-        probabilities,
-        gt_boxes,
-        map_kind,
-        title,
-        max_side,
-        frame_hw,
-    )
-    return overlay.png(path)
+    return render_overlay(image, maps, boxes, probabilities, **options).png(path)
 
 
 def roc_figure(curves, aucs=None, title="ROC"):
