@@ -37,7 +37,6 @@ import os
 import pathlib
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -164,8 +163,7 @@ def _build(pooling, jit_compile):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.reject_arguments(argv)
     _check_flags()
     _configure_environment()
     import keras  # pylint: disable=import-outside-toplevel

@@ -98,6 +98,15 @@ def run(main, flags_parser=None):
     app.run(_wrap(main), flags_parser=lambda argv: _parse(parser, argv))
 
 
+def reject_arguments(argv):
+    """Raises `app.UsageError` when a command's `main(argv)` got more than flags.
+
+    Our commands take flags only; under `run` the error is one line.
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+
+
 def parse_known_flags(argv):
     """The `flags_parser` of commands that pass flags they do not define on.
 

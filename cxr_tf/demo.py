@@ -14,7 +14,6 @@ import json
 import os
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -300,8 +299,7 @@ def run_demo(output_dir):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.reject_arguments(argv)
     cli.check_file(_TRAIN_FLAGFILE)
     cli.check_writable_dir(_OUTPUT_DIR)
     summary = run_demo(_OUTPUT_DIR.value)

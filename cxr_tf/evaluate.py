@@ -10,7 +10,6 @@ import fnmatch
 import json
 import types
 
-from absl import app
 from absl import flags
 
 from cxr_tf import choices
@@ -181,8 +180,7 @@ def config_from_argv(argv):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.reject_arguments(argv)
     config = config_from_flags(_FLAGS)
     from cxr_tf import evaluate_lib  # pylint: disable=import-outside-toplevel
 

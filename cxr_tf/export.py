@@ -11,7 +11,6 @@ import json
 import os
 import types
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -186,8 +185,7 @@ def export(config):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.reject_arguments(argv)
     print(export(config_from_flags(_FLAGS)))
     return 0
 

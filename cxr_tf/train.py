@@ -11,7 +11,6 @@ import os
 import sys
 import types
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -339,8 +338,7 @@ def config_from_argv(argv, paths=True):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.reject_arguments(argv)
     f = _FLAGS
     check_flags(f)
     if not f.dry_run.value:

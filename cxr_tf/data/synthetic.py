@@ -976,8 +976,7 @@ if __name__ == "__main__":
     )
 
     def main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        cli.reject_arguments(argv)
         # The library module, not __main__: worker processes unpickle its types.
         from cxr_tf.data import synthetic as lib  # pylint: disable=import-self
 
