@@ -15,6 +15,7 @@ import tempfile
 
 from absl import logging
 
+from cxr_tf import choices
 from cxr_tf import errors
 from cxr_tf import model_dir as model_dir_lib
 from cxr_tf.data import schema
@@ -128,6 +129,17 @@ class TrainResult:
     best_val_mean_auc: float | None
 
 
+def _model_label(model):
+    """A `ModelConfig`'s model as the log names it: "backbone/pooling".
+
+    An InfoMask network has no pooling head (its `choices.Backbone` has no
+    trunk), so it is named by backbone and variant: "infomask (variant V)".
+    """
+    if choices.BACKBONE_REGISTRY[model.backbone].trunk is None:
+        return f"{model.backbone} (variant {model.infomask_variant})"
+    return f"{model.backbone}/{model.pooling}"
+
+
 def train(config):
     """Trains a model as configured; resumes from `model_dir/backup` if present.
 
@@ -196,10 +208,9 @@ def _train(config):
                 sort_keys=True,
             )
     logging.info(
-        "Training %s/%s at %d px: %d epochs x %d steps, global batch %d on %d "
+        "Training %s at %d px: %d epochs x %d steps, global batch %d on %d "
         "replica(s).",
-        config.model.backbone,
-        config.model.pooling,
+        _model_label(config.model),
         config.model.image_size,
         config.epochs,
         steps_per_epoch,
