@@ -272,7 +272,9 @@ def _box_section(evaluation):
     loc = evaluation["localization"]
     kind = evaluation["source"]["map_kind"]
     key = "0.9" if kind == "probability" else "180"
-    return loc.get(key) or next(iter(loc.values())), key
+    if key not in loc:  # the model's own threshold(s), e.g. InfoMask's per finding
+        key = next(iter(loc))
+    return loc[key], key
 
 
 def _mean(values):

@@ -175,6 +175,8 @@ class ImageResult:
 
 
 def _key(t):
+    if isinstance(t, model_dir.FindingThresholds):
+        return t.key()
     return f"{t:g}"
 
 
@@ -291,12 +293,14 @@ def _run_on_split(
     keep_all,
     keep_images=0,
     boxed_only=False,
+    on_batch=None,
 ):
     """Runs the model over a split of records; one `ImageResult` per image.
 
     The first `keep_images` images with gt boxes keep their film pixels.
     With `boxed_only`, films without a box are dropped before they are
     decoded (unless `config.max_images` counts the split's films).
+    `on_batch(probs, maps)`, when given, sees every batch the model ran on.
     """
     from cxr_tf.data import input_pipeline
 
@@ -346,7 +350,7 @@ def _run_on_split(
                         hw,
                         size,
                         computer.map_kind,
-                        t,
+                        model_dir.box_threshold_for(t, f),
                         config.work_size,
                         stored,
                     )
@@ -398,6 +402,8 @@ def _run_on_split(
             # an op dispatch each, more than the boxes of a small film.
             batch = {k: v.numpy() for k, v in features.items()}
             probs, maps = computer(batch["image"])
+            if on_batch is not None:
+                on_batch(probs, maps)
             labels = labels.numpy()[:, columns]
             pending.append(worker.submit(batch_results, batch, probs, maps, labels))
             while len(pending) > _BOX_BATCHES_AHEAD:
@@ -741,28 +747,173 @@ def box_threshold_floor(loaded):
     return 0.5 - float(config.infomask_tau)
 
 
-def box_choice(table, floor, pairs):
-    """The IoP rule's least-error threshold among the candidates above `floor`.
+BOX_QUANTILES = (0.8, 0.85, 0.9, 0.95, 0.98)
+DEFAULT_BOX_QUANTILE = 0.9
+_HISTOGRAM_BINS = 10000
+_FLOOR_MARGIN = 1e-3
 
-    Args:
-      table: `choose_mask_threshold`'s rows ({"threshold", "error", ...}).
-      floor: None (every candidate) or the value a threshold must exceed.
-      pairs: the boxed pairs the table was measured on.
+
+class MaskHistograms:
+    """Each finding's mask values over a split, on the films called positive.
+
+    A histogram of 10,000 bins over [0, 1] per finding (a mask lies in
+    [0, 1 - tau]): memory does not grow with the split, and quantiles are
+    exact to 1e-4. A finding no film is called positive for keeps the
+    histogram of all films, so it still gets a threshold.
+    """
+
+    def __init__(self, findings, positive_threshold=0.5):
+        self.findings = list(findings)
+        self.positive_threshold = positive_threshold
+        shape = (len(self.findings), _HISTOGRAM_BINS)
+        self.positive = np.zeros(shape, np.int64)
+        self.every = np.zeros(shape, np.int64)
+
+    def add(self, probs, maps):
+        """Adds a batch: probs (B, K), maps (B, h, w, K)."""
+        bins = np.clip(
+            (np.asarray(maps, np.float64) * _HISTOGRAM_BINS).astype(np.int64),
+            0, _HISTOGRAM_BINS - 1,
+        )
+        for k in range(len(self.findings)):
+            cells = bins[..., k]
+            self.every[k] += np.bincount(cells.ravel(), minlength=_HISTOGRAM_BINS)
+            called = np.asarray(probs)[:, k] >= self.positive_threshold
+            if called.any():
+                self.positive[k] += np.bincount(
+                    cells[called].ravel(), minlength=_HISTOGRAM_BINS
+                )
+
+    def quantile(self, finding, q):
+        """The q-quantile of `finding`'s mask (upper bin edge), or None."""
+        k = self.findings.index(finding)
+        counts = self.positive[k] if self.positive[k].any() else self.every[k]
+        total = counts.sum()
+        if not total:
+            return None
+        index = int(np.searchsorted(np.cumsum(counts), q * total))
+        return min(index + 1, _HISTOGRAM_BINS) / _HISTOGRAM_BINS
+
+
+def quantile_thresholds(histograms, q, floor):
+    """Per finding: the q-quantile of its mask, kept above `floor`.
 
     Returns:
-      {"threshold", "error", "pairs"}, or None when no candidate is above
-      `floor`. Ties go to the smallest threshold.
+      `model_dir.FindingThresholds` of the findings with a histogram.
     """
-    rows = [
-        r for r in table if floor is None or r["threshold"] > floor + 1e-9
+    values = {}
+    for finding in histograms.findings:
+        value = histograms.quantile(finding, q)
+        if value is not None:
+            values[finding] = max(value, floor + _FLOOR_MARGIN)
+    return model_dir.FindingThresholds.of(values)
+
+
+def _box_accuracy(results, findings, thresholds, image_size, map_kind,
+                  positive_threshold, work_size):
+    """Mean over findings of the mean accuracy over IOBB_THRESHOLDS.
+
+    Boxes as predict draws them by default: only for findings called
+    positive, at `thresholds` (`model_dir.FindingThresholds`); `findings`
+    are the model's output columns. None when no result has a box.
+    """
+    wanted = thresholds.as_dict()
+    predictions, ground_truth = {}, {}
+    for r in results:
+        if not r.gt_boxes or r.maps is None:
+            continue
+        pred = {}
+        for finding in r.gt_boxes:
+            k = findings.index(finding)
+            if finding not in wanted or r.probabilities[k] < positive_threshold:
+                continue
+            pred[finding] = predict_lib.boxes_in_original(
+                r.maps[..., k], r.original_hw, image_size, map_kind,
+                wanted[finding], work_size, r.ingest_size,
+            )
+        predictions[r.image_id] = pred
+        ground_truth[r.image_id] = {
+            f: [tuple(map(float, b)) for b in boxes] for f, boxes in r.gt_boxes.items()
+        }
+    table = loc_metrics.localization_accuracy(
+        predictions, ground_truth, IOBB_THRESHOLDS, "iobb",
+        [f for f in findings if f in schema.BOXED_FINDINGS],
+    )
+    scores = [
+        np.mean([v["accuracy"][t] for t in IOBB_THRESHOLDS])
+        for v in table.values() if v["num_gt_boxes"]
     ]
-    if not rows:
+    return float(np.mean(scores)) if scores else None
+
+
+def choose_mask_box_thresholds(loaded, computer, data_dir, split, batch_size=8,
+                               max_images=None, positive_threshold=0.5):
+    """An InfoMask model's box threshold per finding, chosen on a split.
+
+    The rule (docs/design/infomask.md, "Box thresholds per finding"): a
+    finding's threshold is the q-quantile of its mask over the split's films
+    the model calls positive for it (probability >= `positive_threshold`),
+    kept above `box_threshold_floor`; boxes then enclose the top 1 - q of
+    the mask where the finding is called. q is the candidate of
+    BOX_QUANTILES whose boxes (drawn as predict draws them) localize the
+    split's boxed (image, finding) pairs best, mean accuracy over
+    IOBB_THRESHOLDS; without a boxed pair (ChestX-ray14's own validation
+    films have none) q is DEFAULT_BOX_QUANTILE.
+
+    Args:
+      loaded: a `model_dir.LoadedModel` of an InfoMask model.
+      computer: its `predict_lib.MapComputer`.
+      data_dir: ingested TFRecords.
+      split: the split to choose on.
+      batch_size: images per forward pass.
+      max_images: read at most this many images (None: all).
+      positive_threshold: predict's probability cut for boxes.
+
+    Returns:
+      {"threshold": `model_dir.FindingThresholds`, "quantile", "score"
+      (None without boxed pairs), "pairs", "films"}, or None when the split
+      has no film.
+
+    Raises:
+      FileNotFoundError: the split has no record file.
+    """
+    floor = box_threshold_floor(loaded)
+    config = EvalConfig(
+        output_dir=".", model_dir=loaded.path, data_dir=data_dir,
+        batch_size=batch_size, max_images=max_images,
+    )
+    histograms = MaskHistograms(loaded.findings, positive_threshold)
+    results = _run_on_split(
+        loaded, computer, data_dir, split, (), config, keep_all=False,
+        on_batch=histograms.add,
+    )
+    if not results:
         return None
-    best = min(rows, key=lambda r: (r["error"], r["threshold"]))
+    boxed = [r for r in results if r.gt_boxes]
+    pairs = sum(len(r.gt_boxes) for r in boxed)
+    scored = []
+    for q in BOX_QUANTILES:
+        thresholds = quantile_thresholds(histograms, q, floor)
+        score = _box_accuracy(
+            boxed, list(loaded.findings), thresholds, loaded.image_size,
+            computer.map_kind,
+            positive_threshold, config.work_size,
+        ) if boxed else None
+        scored.append((q, thresholds, score))
+    if any(score is not None for _, _, score in scored):
+        # Ties go to the quantile nearest the default.
+        q, thresholds, score = max(
+            (x for x in scored if x[2] is not None),
+            key=lambda x: (x[2], -abs(x[0] - DEFAULT_BOX_QUANTILE)),
+        )
+    else:
+        q, thresholds, score = next(x for x in scored if x[0] == DEFAULT_BOX_QUANTILE)
     return {
-        "threshold": float(best["threshold"]),
-        "error": float(best["error"]),
+        "threshold": thresholds,
+        "quantile": q,
+        "score": score,
         "pairs": pairs,
+        "films": len(results),
     }
 
 
@@ -786,10 +937,8 @@ def choose_mask_threshold_on_split(loaded, computer, data_dir, split, candidates
       max_images: read at most this many images of the split (None: all).
 
     Returns:
-      {"threshold", "error", "pairs", "box"}; threshold and error are None
-      when the split has no boxed pair of the model's findings. "box" is
-      the box threshold from the same pass (`box_choice` above
-      `box_threshold_floor`), or None.
+      {"threshold", "error", "pairs"}; threshold and error are None when
+      the split has no boxed pair of the model's findings.
 
     Raises:
       FileNotFoundError: the split has no record file.
@@ -808,7 +957,7 @@ def choose_mask_threshold_on_split(loaded, computer, data_dir, split, candidates
     wanted = [f for f in findings if f in schema.BOXED_FINDINGS]
     masks = soft_masks(results, wanted)
     if not masks:
-        return {"threshold": None, "error": None, "pairs": 0, "box": None}
+        return {"threshold": None, "error": None, "pairs": 0}
     choice = loc_metrics.choose_mask_threshold(
         [m for _, m, _ in masks], [g for _, _, g in masks], candidates
     )
@@ -816,16 +965,16 @@ def choose_mask_threshold_on_split(loaded, computer, data_dir, split, candidates
         "threshold": float(choice["threshold"]),
         "error": float(choice["error"]),
         "pairs": len(masks),
-        "box": box_choice(choice["table"], box_threshold_floor(loaded), len(masks)),
     }
 
 
 def choose_box_threshold(loaded, data_dir, split="val", batch_size=8, max_images=None):
-    """Box threshold of a model's own maps, chosen on a split with boxes.
+    """Box threshold of a model's own maps, chosen on a split.
 
-    The IoP rule of `choose_mask_threshold_on_split` over
-    `DEFAULT_MASK_THRESHOLDS` of the model's map kind, among the candidates
-    above `box_threshold_floor` (the InfoMask mask's value at the prior).
+    InfoMask models (`box_threshold_floor` is not None): one threshold per
+    finding (`choose_mask_box_thresholds`). Other models: the IoP rule of
+    `choose_mask_threshold_on_split` over `DEFAULT_MASK_THRESHOLDS` of the
+    model's map kind, which needs boxed films.
 
     Args:
       loaded: a `model_dir.LoadedModel`.
@@ -835,25 +984,31 @@ def choose_box_threshold(loaded, data_dir, split="val", batch_size=8, max_images
       max_images: read at most this many images of the split (None: all).
 
     Returns:
-      {"threshold", "error", "pairs", "split"}, or None when the split has
-      no boxed image of the model's findings (or no records).
+      {"threshold" (a float or `model_dir.FindingThresholds`), "pairs",
+      "split", ...}, or None when nothing can be chosen (no records; for
+      other models also no boxed image of the model's findings).
     """
     computer = predict_lib.MapComputer(loaded, "model")
     try:
-        choice = choose_mask_threshold_on_split(
-            loaded, computer, data_dir, split,
-            DEFAULT_MASK_THRESHOLDS[computer.map_kind], batch_size, max_images,
-        )
+        if box_threshold_floor(loaded) is not None:
+            choice = choose_mask_box_thresholds(
+                loaded, computer, data_dir, split, batch_size, max_images
+            )
+        else:
+            choice = choose_mask_threshold_on_split(
+                loaded, computer, data_dir, split,
+                DEFAULT_MASK_THRESHOLDS[computer.map_kind], batch_size, max_images,
+            )
     except FileNotFoundError:
         return None
-    if choice["box"] is None:
+    if choice is None or choice["threshold"] is None:
         return None
-    return {**choice["box"], "split": split}
+    return {**choice, "split": split}
 
 
 def store_box_threshold(directory, data_dir, split="val", checkpoint="final",
                         batch_size=8, max_images=None):
-    """Chooses a mask model's box threshold on `split` and writes it to config.json.
+    """Chooses a model's box threshold on `split` and writes it to config.json.
 
     Args:
       directory: the model directory.
@@ -865,7 +1020,7 @@ def store_box_threshold(directory, data_dir, split="val", checkpoint="final",
 
     Returns:
       The choice (see `choose_box_threshold`), or None when nothing was
-      written (no boxed image in `split`).
+      written.
     """
     loaded = model_dir.load(directory, checkpoint)
     choice = choose_box_threshold(loaded, data_dir, split, batch_size, max_images)
@@ -878,16 +1033,27 @@ def store_box_threshold(directory, data_dir, split="val", checkpoint="final",
 
 def _write_box_threshold(directory, map_kind, choice, split):
     model_dir.write_box_thresholds(directory, {map_kind: choice["threshold"]})
-    logging.info(
-        "Box threshold %.2f chosen on %d boxed %s pairs (error %.4f), in %s",
-        choice["threshold"], choice["pairs"], split, choice["error"], directory,
-    )
+    threshold = choice["threshold"]
+    if isinstance(threshold, model_dir.FindingThresholds):
+        shown = ", ".join(f"{f} {t:.4f}" for f, t in threshold.values)
+        how = (
+            f"quantile {choice['quantile']} of each finding's mask on "
+            f"{choice['films']} {split} films"
+        )
+        how += (
+            f", localizing {choice['score']:.3f} of {choice['pairs']} boxed pairs"
+            if choice["score"] is not None else " (no boxed pair: the default)"
+        )
+    else:
+        shown = f"{threshold:.2f}"
+        how = f"{choice['pairs']} boxed {split} pairs (error {choice['error']:.4f})"
+    logging.info("Box threshold %s chosen by %s, in %s", shown, how, directory)
 
 
 def _warn_no_box_threshold(directory, data_dir, split, kind):
     logging.warning(
-        "No boxed %s image in %s: no box threshold chosen for %s; the %s "
-        "default %s applies.", split, data_dir, directory, kind,
+        "No %s film in %s to choose a box threshold on: none chosen for %s; "
+        "the %s default %s applies.", split, data_dir, directory, kind,
         localization.DEFAULT_THRESHOLDS[kind],
     )
 
@@ -902,11 +1068,6 @@ def store_mask_threshold_choices(directory, data_dir, split="val",
     split. Each choice is tied to its checkpoint file's sha256 and to the
     split's record files (`model_dir.LoadedModel.mask_threshold_choice`).
 
-    The box threshold of a mask model follows the same rule on the same
-    split, over the candidates above `box_threshold_floor`
-    (`choose_box_threshold`), so `box_threshold_of` stores it from this
-    pass instead of a second one (`store_box_threshold`).
-
     Args:
       directory: the model directory.
       data_dir: ingested TFRecords with `split`.
@@ -914,9 +1075,9 @@ def store_mask_threshold_choices(directory, data_dir, split="val",
       checkpoints: which checkpoints of `directory` (missing ones are skipped;
         files with equal bytes are chosen for once).
       batch_size: images per forward pass.
-      box_threshold_of: None, or the name in `checkpoints` whose choice also
-        becomes the model's box threshold (config.json `box_thresholds`);
-        nothing is written when its split has no boxed pair.
+      box_threshold_of: None, or the name in `checkpoints` whose box
+        threshold (`choose_box_threshold`, on the same split) becomes the
+        model's (config.json `box_thresholds`).
 
     Returns:
       The list of choices written (empty when the split has no records).
@@ -928,7 +1089,7 @@ def store_mask_threshold_choices(directory, data_dir, split="val",
             _warn_no_box_threshold(directory, data_dir, split, "probability")
         return []
     choices = []
-    # Checkpoint name (and file digest) -> (its stored choice, its box choice).
+    # Checkpoint name (and file digest) -> (its stored choice, its model).
     by_digest, by_name = {}, {}
     for name in checkpoints:
         try:
@@ -944,7 +1105,6 @@ def store_mask_threshold_choices(directory, data_dir, split="val",
         choice = choose_mask_threshold_on_split(
             loaded, computer, data_dir, split, candidates, batch_size
         )
-        box = choice.pop("box")
         logging.info(
             "IoP threshold of %s chosen on %d boxed %s pairs: %s",
             loaded.path, choice["pairs"], split, choice["threshold"],
@@ -956,10 +1116,13 @@ def store_mask_threshold_choices(directory, data_dir, split="val",
             "candidates": [float(c) for c in candidates],
             **choice,
         })
-        by_digest[digest] = by_name[name] = (choices[-1], box)
+        by_digest[digest] = by_name[name] = (choices[-1], loaded)
     model_dir.write_mask_threshold_choices(directory, choices)
     if box_threshold_of:
-        chosen, box = by_name.get(box_threshold_of, (None, None))
+        chosen, loaded = by_name.get(box_threshold_of, (None, None))
+        box = None if loaded is None else choose_box_threshold(
+            loaded, data_dir, split, batch_size
+        )
         if box is None:
             kind = chosen["map_kind"] if chosen else "probability"
             _warn_no_box_threshold(directory, data_dir, split, kind)
@@ -987,7 +1150,6 @@ def _validation_mask_threshold(config, loaded, computer, candidates, model_sha25
         loaded, computer, config.data_dir, config.val_split, candidates,
         config.batch_size, config.max_images,
     )
-    choice.pop("box")  # The IoP threshold only; boxes come from config.json.
     return choice, False
 
 

@@ -636,8 +636,14 @@ def export_saved_model(config):
     )
     # No --threshold: the model's own, chosen on validation at training.
     threshold = trained.box_threshold if config.threshold is None else config.threshold
+    per_finding = {}
+    if isinstance(threshold, model_dir.FindingThresholds):
+        per_finding, threshold = threshold.as_dict(), None
     thresholds = resolve_thresholds(
-        trained.findings, trained.map_kind, threshold, config.class_thresholds
+        trained.findings,
+        trained.map_kind,
+        threshold,
+        {**per_finding, **dict(config.class_thresholds)},
     )
     version = config.version or next_version(config.export_dir)
     final = os.path.join(config.export_dir, str(version))

@@ -27,7 +27,9 @@ config.json holds:
     layout.
   box_thresholds (optional): {map kind: map threshold} chosen for this
     model on its validation split (`write_box_thresholds`); evaluate,
-    predict and export use it instead of the kind's default.
+    predict and export use it instead of the kind's default. A threshold is
+    one number, or {finding: number} (`FindingThresholds`: an InfoMask
+    model's masks end at a different height for each finding).
   mask_threshold_choices (optional): the IoP mask threshold of each
     checkpoint file, chosen on a validation split when training ended
     (`write_mask_threshold_choices`). A choice holds only for the file it was
@@ -219,19 +221,68 @@ def write_config(
     return path
 
 
+@dataclasses.dataclass(frozen=True)
+class FindingThresholds:
+    """A box threshold per finding (hashable, so it can key result tables).
+
+    Attributes:
+      values: ((finding, threshold), ...) in the model's finding order.
+    """
+
+    values: tuple
+
+    @classmethod
+    def of(cls, mapping):
+        return cls(tuple((str(f), float(t)) for f, t in dict(mapping).items()))
+
+    def as_dict(self):
+        return dict(self.values)
+
+    def key(self):
+        """The name of these thresholds in metrics.json ("per_finding")."""
+        return "per_finding"
+
+
+def box_threshold_for(threshold, finding):
+    """The map threshold of `finding` under a box threshold setting.
+
+    Args:
+      threshold: None (the kind's default), a number, or `FindingThresholds`.
+      finding: the finding's name.
+
+    Returns:
+      A float, or None (the kind's default; also for a finding that
+      `FindingThresholds` does not name).
+    """
+    if isinstance(threshold, FindingThresholds):
+        return threshold.as_dict().get(finding)
+    return threshold
+
+
+def _clean_threshold(kind, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        float("-inf") < float(value) < float("inf")
+    ):
+        raise ValueError(
+            f"box threshold must be a finite number. Received: {kind}={value!r}"
+        )
+    return float(value)
+
+
 def write_box_thresholds(directory, thresholds):
     """Adds (or replaces) the `box_thresholds` of a model directory's config.json.
 
     Args:
       directory: the model directory (its config.json must exist).
-      thresholds: {map kind: finite float}, e.g. {"probability": 0.45}.
+      thresholds: {map kind: finite float, {finding: finite float} or
+        `FindingThresholds`}, e.g. {"probability": 0.45}.
 
     Returns:
       The path written.
 
     Raises:
-      UserFileError: no config.json; ValueError: an unknown map kind or a
-        non-finite threshold.
+      UserFileError: no config.json; ValueError: an unknown map kind or
+        finding, or a non-finite threshold.
     """
     clean = {}
     for kind, value in dict(thresholds).items():
@@ -239,13 +290,18 @@ def write_box_thresholds(directory, thresholds):
             raise ValueError(
                 f"box threshold map kind must be one of {MAP_KINDS}. Received: {kind!r}"
             )
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            float("-inf") < float(value) < float("inf")
-        ):
-            raise ValueError(
-                f"box threshold must be a finite number. Received: {kind}={value!r}"
-            )
-        clean[kind] = float(value)
+        if isinstance(value, FindingThresholds):
+            value = value.as_dict()
+        if isinstance(value, dict):
+            for finding, t in value.items():
+                if finding not in schema.FINDINGS:
+                    raise ValueError(
+                        f"box threshold names an unknown finding {finding!r}; "
+                        f"the findings are {schema.FINDINGS}"
+                    )
+            clean[kind] = {f: _clean_threshold(f"{kind}.{f}", t) for f, t in value.items()}
+        else:
+            clean[kind] = _clean_threshold(kind, value)
     return _set_config_entry(directory, "box_thresholds", clean, "box thresholds")
 
 
@@ -464,8 +520,15 @@ class LoadedModel:
 
     @property
     def box_threshold(self):
-        """Box threshold of the model's own map kind chosen on validation, or None."""
+        """Box threshold of the model's own map kind chosen on validation, or None.
+
+        A float, or `FindingThresholds` where one was chosen per finding.
+        """
         value = (self.payload.get("box_thresholds") or {}).get(self.map_kind)
+        if isinstance(value, dict):
+            return FindingThresholds.of(
+                {f: value[f] for f in self.findings if f in value}
+            )
         return None if value is None else float(value)
 
     @property

@@ -18,6 +18,7 @@ from scipy import special
 from cxr_tf import choices
 from cxr_tf import config_dict
 from cxr_tf import localization
+from cxr_tf import model_dir
 from cxr_tf.data import preprocess
 from cxr_tf.data import schema
 
@@ -401,7 +402,8 @@ def prediction_record(
       findings: K finding names.
       image_size: network input side.
       map_kind: "probability" or "cam".
-      box_threshold: map threshold (None: the kind's default).
+      box_threshold: map threshold: a float, `model_dir.FindingThresholds`
+        or None (the kind's default).
       positive_threshold: probability from which a finding is present.
       box_findings: "positive" or "all".
       work_size: see `extract_boxes`.
@@ -419,7 +421,7 @@ def prediction_record(
             original_hw,
             image_size,
             map_kind,
-            box_threshold,
+            model_dir.box_threshold_for(box_threshold, finding),
             work_size,
             ingest_size,
         ):
@@ -511,7 +513,7 @@ class _FinishSettings:
     findings: tuple
     image_size: int
     map_kind: str
-    box_threshold: float | None
+    box_threshold: object  # float, model_dir.FindingThresholds or None
     positive_threshold: float
     box_findings: str
     work_size: int | None
@@ -596,7 +598,6 @@ def predict(config, inputs):
     """
     from concurrent import futures  # pylint: disable=import-outside-toplevel
 
-    from cxr_tf import model_dir
     from cxr_tf import predict_pipeline
     from cxr_tf.data import synthetic
 

@@ -334,7 +334,8 @@ def _train(config):
         # Evaluate's IoP threshold of the final and best models, chosen on val
         # once here rather than in every evaluation. A mask's values end at
         # 1 - tau, so no fixed box threshold fits every InfoMask model: the
-        # final model's choice (the same rule) becomes its box threshold.
+        # final model gets one per finding, chosen on val
+        # (`evaluate_lib.choose_mask_box_thresholds`).
         evaluate_lib.store_mask_threshold_choices(
             model_dir,
             config.data_dir,

@@ -9,6 +9,7 @@ import pytest
 
 from cxr_tf import evaluate_lib
 from cxr_tf import localization
+from cxr_tf import model_dir
 from cxr_tf import predict_lib
 from cxr_tf.data import schema
 
@@ -257,21 +258,31 @@ def test_model_on_records_writes_metrics_and_plots(
             assert b["y"] >= 0 and b["y"] + b["h"] <= record["height"] + 1e-6
 
 
-def test_box_choice_is_the_least_error_above_the_floor():
-    table = [
-        {"threshold": 0.25, "error": 0.10},
-        {"threshold": 0.30, "error": 0.12},
-        {"threshold": 0.35, "error": 0.20},
-        {"threshold": 0.40, "error": 0.20},
-        {"threshold": 0.45, "error": 0.30},
-    ]
-    assert evaluate_lib.box_choice(table, None, 7) == {
-        "threshold": 0.25, "error": 0.10, "pairs": 7
-    }
-    # The floor itself is excluded (the prior's mask is not evidence); ties
-    # go to the smaller threshold.
-    assert evaluate_lib.box_choice(table, 0.30, 7)["threshold"] == 0.35
-    assert evaluate_lib.box_choice(table, 0.45, 7) is None
+def test_mask_box_thresholds_are_quantiles_of_the_called_films_above_the_floor():
+    findings = ["Mass", "Nodule", "Hernia"]
+    hist = evaluate_lib.MaskHistograms(findings, positive_threshold=0.5)
+    maps = np.zeros((2, 4, 4, 3), np.float32)
+    # Film 0 is called positive for Mass only: its Mass mask ramps 0.30 ..
+    # 0.75 (16 cells); film 1 (called for nothing) would pull the quantile
+    # down if it counted.
+    maps[0, ..., 0] = np.linspace(0.30, 0.75, 16).reshape(4, 4)
+    maps[1, ..., 0] = 0.0
+    maps[..., 1] = 0.31  # Nodule: flat at the prior on every film
+    probs = np.array([[0.9, 0.1, 0.1], [0.2, 0.1, 0.1]], np.float32)
+    hist.add(probs, maps)
+    assert hist.quantile("Mass", 0.9) == pytest.approx(0.72, abs=2e-4)
+    # No film called positive for Nodule: all films' masks count.
+    assert hist.quantile("Nodule", 0.9) == pytest.approx(0.3101, abs=2e-4)
+    thresholds = evaluate_lib.quantile_thresholds(hist, 0.9, floor=0.3)
+    values = thresholds.as_dict()
+    assert values["Mass"] == pytest.approx(0.72, abs=2e-4)
+    # Never at or below the prior's mask value (plus a margin).
+    assert values["Nodule"] == pytest.approx(0.3101, abs=2e-4)
+    assert values["Hernia"] == pytest.approx(0.301)
+    assert thresholds.key() == "per_finding"
+    assert model_dir.box_threshold_for(thresholds, "Mass") == values["Mass"]
+    assert model_dir.box_threshold_for(thresholds, "Edema") is None
+    assert model_dir.box_threshold_for(0.4, "Edema") == 0.4
 
 
 def test_box_threshold_is_chosen_on_val_and_becomes_the_default(tmp_path):
@@ -288,10 +299,12 @@ def test_box_threshold_is_chosen_on_val_and_becomes_the_default(tmp_path):
     build_model(config).save(os.path.join(directory, "model.keras"))
 
     choice = evaluate_lib.store_box_threshold(directory, str(data), "val")
-    grid = evaluate_lib.DEFAULT_MASK_THRESHOLDS["probability"]
-    assert choice["threshold"] in grid and choice["pairs"] > 0
+    assert choice["quantile"] in evaluate_lib.BOX_QUANTILES
+    assert choice["pairs"] > 0 and choice["films"] == 4
+    thresholds = choice["threshold"].as_dict()
+    assert set(thresholds) == set(schema.FINDINGS)
     # Above the mask of a pixel at the KL prior, sigmoid(0) - tau.
-    assert choice["threshold"] > 0.5 - config.infomask_tau
+    assert min(thresholds.values()) > 0.5 - config.infomask_tau
     loaded = model_dir_lib.load(directory)
     assert loaded.box_threshold == choice["threshold"]
     assert evaluate_lib.default_box_thresholds(loaded, "probability") == (
@@ -299,14 +312,14 @@ def test_box_threshold_is_chosen_on_val_and_becomes_the_default(tmp_path):
     )
     # Grad-CAM maps of the same model keep the CAM defaults.
     assert evaluate_lib.default_box_thresholds(loaded, "cam") == (180.0, 60.0)
-    # The rule is evaluate's IoP rule: the same masks give the same choice.
+    # The same masks give the same choice.
     again = evaluate_lib.choose_box_threshold(loaded, str(data), "val")
     assert again["threshold"] == choice["threshold"]
     # No such split: nothing chosen, nothing written.
     assert evaluate_lib.store_box_threshold(directory, str(data), "test") is None
     assert model_dir_lib.load(directory).box_threshold == choice["threshold"]
-    # Training's one pass chooses the IoP threshold and the box threshold.
-    model_dir_lib.write_box_thresholds(directory, {"probability": 0.99})  # off the grid
+    # Training's call chooses the IoP threshold and the box threshold.
+    model_dir_lib.write_box_thresholds(directory, {"probability": 0.99})
     stored = evaluate_lib.store_mask_threshold_choices(
         directory, str(data), "val", box_threshold_of="final"
     )

@@ -412,3 +412,15 @@ def test_box_threshold_chosen_at_training_is_the_export_default(tmp_path):
         assert int(out["num_boxes"][0, k]) == len(want), k
     # Maps of an untrained PCAM are near 0.5: boxes at 0.35, none at 0.9.
     assert int(np.sum(out["num_boxes"])) > 0
+    # One threshold per finding (an InfoMask model's choice): each finding
+    # keeps its own; one it does not name keeps the kind's default.
+    model_dir_lib.write_box_thresholds(
+        model_dir, {"probability": {"Mass": 0.2, "Nodule": 0.4}}
+    )
+    path = export_lib.export_saved_model(
+        export_lib.ExportConfig(model_dir, str(tmp_path / "e"), max_boxes=10)
+    )
+    with open(os.path.join(path, "assets", "thresholds.json")) as f:
+        served = json.load(f)["thresholds"]
+    assert served["Mass"] == 0.2 and served["Nodule"] == 0.4
+    assert served["Hernia"] == localization.DEFAULT_THRESHOLDS["probability"]

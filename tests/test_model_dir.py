@@ -206,12 +206,24 @@ def test_box_thresholds_are_stored_and_read_for_the_model_map_kind(tmp_path):
     assert loaded("probability", payload).box_threshold == 0.35
     assert loaded("cam", payload).box_threshold is None
     assert loaded("probability", {}).box_threshold is None
+    # One threshold per finding (an InfoMask model's): read back in the
+    # model's finding order; a finding it does not name has no threshold.
+    model_dir.write_box_thresholds(
+        directory, {"probability": {"Nodule": 0.31, "Mass": 0.6}}
+    )
+    payload = model_dir.read_config(path)
+    per = loaded("probability", payload).box_threshold
+    assert per == model_dir.FindingThresholds((("Mass", 0.6), ("Nodule", 0.31)))
+    assert model_dir.box_threshold_for(per, "Nodule") == 0.31
+    assert model_dir.box_threshold_for(per, "Hernia") is None
 
 
 @pytest.mark.parametrize(
     "thresholds, text",
     [({"heat": 0.5}, "'heat'"), ({"probability": float("nan")}, "nan"),
-     ({"probability": "0.5"}, "'0.5'")],
+     ({"probability": "0.5"}, "'0.5'"),
+     ({"probability": {"Nodules": 0.5}}, "'Nodules'"),
+     ({"probability": {"Nodule": float("inf")}}, "probability.Nodule=inf")],
 )
 def test_bad_box_thresholds_are_named(tmp_path, thresholds, text):
     from cxr_tf.models import ModelConfig

@@ -457,3 +457,8 @@ def test_infomask_boxes_use_the_threshold_stored_at_training(tiny_model_dir, tmp
     # Every map value is >= 0: one box per finding, over most of the film.
     assert len(found) == schema.NUM_FINDINGS
     assert all(b["w"] > 40 and b["h"] > 48 for b in found), found
+    # Per finding: only the finding given a reachable threshold is boxed.
+    model_dir_lib.write_box_thresholds(
+        directory, {"probability": {"Nodule": 0.0, "Mass": 1.5}}
+    )
+    assert [b["finding"] for b in boxes()] == ["Nodule"]

@@ -531,6 +531,8 @@ def test_infomask_training_stores_a_box_threshold_chosen_on_val(tiny_data, tmp_p
     )
     assert run.returncode == 0, run.stderr[-3000:]
     loaded = _load(model_dir)
-    # Chosen on val by evaluate's IoP rule, from its candidate grid: predict
-    # and export use it with no flag.
-    assert loaded.box_threshold in evaluate_lib.DEFAULT_MASK_THRESHOLDS["probability"]
+    # Chosen on val, one per finding above the prior's mask: predict and
+    # export use them with no flag.
+    thresholds = loaded.box_threshold.as_dict()
+    assert set(thresholds) == set(loaded.findings)
+    assert min(thresholds.values()) > 0.5 - loaded.model_config.infomask_tau
