@@ -382,3 +382,29 @@ def test_stored_mask_threshold_is_read_only_where_it_holds(tiny_model_dir, tmp_p
     again = run("again")
     assert again["source"]["mask_threshold_stored_at_training"] is False
     assert again["mask"] == computed["mask"]
+
+
+def test_mask_box_thresholds_without_boxed_val_films_take_the_default_quantile(
+    tmp_path,
+):
+    # ChestX-ray14's own validation films carry no box: the model still gets
+    # a threshold per finding (q = DEFAULT_BOX_QUANTILE), so it boxes.
+    from cxr_tf import model_dir as model_dir_lib
+    from cxr_tf.models import ModelConfig
+    from cxr_tf.models import build_model
+    from tests.test_train import write_tiny_records
+
+    data = tmp_path / "data"
+    write_tiny_records(str(data), counts={"val": 4})
+    directory = str(tmp_path / "model")
+    # Findings without boxes in ChestX-ray14: no val film has a pair.
+    findings = ["Edema", "Hernia"]
+    config = ModelConfig(image_size=64, backbone="infomask", num_classes=2)
+    model_dir_lib.write_config(directory, config, findings)
+    build_model(config).save(os.path.join(directory, "model.keras"))
+
+    choice = evaluate_lib.store_box_threshold(directory, str(data), "val")
+    assert choice["pairs"] == 0 and choice["score"] is None
+    assert choice["quantile"] == evaluate_lib.DEFAULT_BOX_QUANTILE
+    assert set(choice["threshold"].as_dict()) == set(findings)
+    assert model_dir_lib.load(directory).box_threshold == choice["threshold"]
